@@ -1,0 +1,36 @@
+# Two commands do all set-up from a fresh clone (README):
+#   make demo   create .venv, install, generate the demo dataset, run the main job on it
+#   make test   create/update .venv and run the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO_DATA ?= data/demo
+
+.PHONY: demo test install lint clean
+
+# Re-install only when the package definition changes.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet "pip>=23"
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DEMO_DATA)/class_index.json: | $(VENV)/.installed
+	$(PY) -m data_pipeline demo $(DEMO_DATA)
+
+demo: $(VENV)/.installed $(DEMO_DATA)/class_index.json
+	$(PY) -m train --config demo data.root=$(DEMO_DATA)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs data/demo .pytest_cache .ruff_cache *.egg-info
