@@ -1,0 +1,153 @@
+"""Reading model weights from checkpoints: ours (`{'model': state_dict, ...}`), other trainers'
+(`{'state_dict': ...}`) and torchvision's released files (a bare state_dict), all loaded with
+`torch.load(weights_only=True)`.
+
+    from train.checkpoint import load_weights
+    load_weights(model, "runs/vgg16_bn/last.pt", arch="vgg16_bn")
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "extract_state_dict", "load_state_dict_file", "load_weights"]
+
+# Added by DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`), possibly both, either order.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Keys listed in an error message before "...".
+_MAX_KEYS_SHOWN = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or state dict that cannot be used; the message is one line."""
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix) :], True
+    return key
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The model state dict inside `obj`, with DDP / torch.compile prefixes stripped.
+
+    Accepts `{'model': sd, ...}` (our checkpoints), `{'state_dict': sd, ...}` or a bare state dict
+    (torchvision's released weights). Raises CheckpointError when there is none.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"not a checkpoint: expected a dict of tensors, got {type(obj).__name__}")
+    source = "the checkpoint"
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), Mapping):
+            obj, source = obj[key], f"the checkpoint's {key!r} entry"
+            break
+    if not obj:
+        raise CheckpointError(f"not a checkpoint: {source} holds no tensors")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        shown = ", ".join(repr(k) for k in not_tensors[:_MAX_KEYS_SHOWN])
+        raise CheckpointError(
+            f"not a checkpoint: {source} has entries that are not tensors ({shown}); expected a state dict, "
+            "or a dict with a 'model' or 'state_dict' entry"
+        )
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        name = _strip_prefixes(str(key))
+        if name in state_dict:
+            raise CheckpointError(f"not a checkpoint: key {name!r} appears twice once prefixes are stripped")
+        state_dict[name] = value
+    return state_dict
+
+
+def _weights_only_reason(message: str) -> str:
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. Please use|\n|$)", message)
+    return match.group(1).strip() if match else "it holds Python objects other than tensors and containers"
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file on the CPU with `weights_only=True` and return its model state dict.
+
+    Raises CheckpointError (one line) for a missing, truncated or corrupt file, or a non-checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}")
+    try:
+        with warnings.catch_warnings():
+            # Plain pickles (protocol 4) warn before being refused; the refusal below says it in one line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    except Exception as e:  # a damaged file can fail anywhere in the unpickler: IndexError, KeyError, ...
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path} is not a weights-only checkpoint (torch.load(weights_only=True) refused it: "
+                f"{_weights_only_reason(str(e))})"
+            ) from e
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path} ({size:,} bytes) is truncated, corrupt or not a PyTorch checkpoint ({_first_line(e)})"
+        ) from e
+    try:
+        return extract_state_dict(obj)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The exception's type and first sentence (torch's messages run on for several lines)."""
+    text = str(e).strip().split("\n")[0].split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _keys_text(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_SHOWN])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _MAX_KEYS_SHOWN else "")
+
+
+def load_weights(
+    model: nn.Module,
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    strict: bool = True,
+    arch: str | None = None,
+) -> nn.Module:
+    """Load a checkpoint file or an in-memory checkpoint / state dict into `model`; return `model`.
+
+    `arch` only names the model in error messages ("checkpoint is not a vgg16_bn: ..."). With strict=False,
+    missing and unexpected keys are allowed; shape mismatches never are.
+    """
+    state_dict = extract_state_dict(source) if isinstance(source, Mapping) else load_state_dict_file(source)
+    what = f"checkpoint is not a {arch}" if arch else "checkpoint does not fit the model"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_keys_text(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_keys_text(unexpected)})")
+        raise CheckpointError(f"{what}: {'; '.join(parts)}")
+    for key, value in state_dict.items():
+        if key in own and own[key].shape != value.shape:
+            here, there = tuple(own[key].shape), tuple(value.shape)
+            raise CheckpointError(f"{what}: {key} has shape {here} here, {there} in the checkpoint")
+    model.load_state_dict(state_dict, strict=strict)
+    return model
