@@ -1,11 +1,29 @@
-"""Data tools. Generate the demo dataset (a small JPEG tree in ImageNet's layout, see data_pipeline/demo.py):
+r"""Data tools: the demo dataset, ImageNet val preparation, and a dataset check.
+
+Generate the demo dataset (a small JPEG tree in ImageNet's layout, see data_pipeline/demo.py):
 
     python -m data_pipeline demo data/demo                      # 10 classes, 100 train + 20 val images each
     python -m data_pipeline demo data/demo100 --classes 100 --train-per-class 50 --val-per-class 10
     python -m data_pipeline demo data/demo_big --min-size 256 --max-size 500   # ImageNet-like image sizes
 
-Running the same command again on a finished tree does nothing. Exit status: 0 done (or nothing to do),
-1 the output directory holds something else (another demo tree, other files), 2 bad arguments.
+Sort the official flat ILSVRC2012 val folder into val/<wnid>/ (data_pipeline/prepare.py), from the devkit's
+ground truth + meta.mat or from Kaggle's LOC_val_solution.csv; moves by default, --link keeps the flat files:
+
+    python -m data_pipeline prepare-val /datasets/imagenet/val \
+        --labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt \
+        --meta ILSVRC2012_devkit_t12/data/meta.mat
+    python -m data_pipeline prepare-val /datasets/imagenet/val --labels LOC_val_solution.csv --dry-run
+    python -m data_pipeline prepare-val /datasets/imagenet/val --labels LOC_val_solution.csv --link
+
+Check a dataset root: class folders, counts against ILSVRC2012's, every image decoded (data_pipeline/check.py):
+
+    python -m data_pipeline check /datasets/imagenet --workers 16
+    python -m data_pipeline check data/demo
+
+Running demo or prepare-val again on a finished tree does nothing and says so. Exit status: demo: 0 done (or
+nothing to do), 1 the output directory holds something else (another demo tree, other files); prepare-val: 0
+done, 1 labels and folder disagree (one error line per problem); check: 0 the tree is sound, 1 problems (one a
+line); all: 2 bad arguments (including paths that do not exist).
 """
 
 from __future__ import annotations
@@ -49,7 +67,152 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--max-size", type=int, metavar="N", default=160, help="largest longer image side in px (default 160)"
     )
+    prep = sub.add_parser(
+        "prepare-val",
+        help="sort the flat ILSVRC2012 val images into val/<wnid>/ class folders",
+        description="Sort VAL_DIR/ILSVRC2012_val_*.JPEG into VAL_DIR/<wnid>/ by the ground truth: the devkit's "
+        "ILSVRC2012_validation_ground_truth.txt with --meta meta.mat, or LOC_val_solution.csv. Idempotent: "
+        "rerun after an interruption to finish; rerun when finished does nothing.",
+    )
+    prep.add_argument("val_dir", metavar="VAL_DIR", help="folder holding the extracted val images")
+    prep.add_argument(
+        "--labels",
+        required=True,
+        metavar="FILE",
+        help="ILSVRC2012_validation_ground_truth.txt (needs --meta) or LOC_val_solution.csv",
+    )
+    prep.add_argument(
+        "--meta",
+        metavar="META_MAT",
+        help="the devkit's data/meta.mat (maps ILSVRC2012_IDs to wnids; with the CSV, checks its wnids)",
+    )
+    prep.add_argument(
+        "--link",
+        action="store_true",
+        help="hard-link into the class folders and keep the flat files (symbolic links where hard links fail)",
+    )
+    prep.add_argument("--dry-run", action="store_true", help="print what would be done; change nothing")
+    check = sub.add_parser(
+        "check",
+        help="verify a dataset root: class folders, counts, every image decoded",
+        description="Verify ROOT/{train,val}/<wnid>/: same class folders in both, no empty ones, every image "
+        "decoded with the DALI pipeline's decoder (CPU). Exit 0 when sound, else 1 with one problem a line.",
+    )
+    check.add_argument("root", metavar="ROOT", help="dataset root holding train/ and val/")
+    check.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        default=None,
+        help="reading and decoding threads (default: the CPU cores this process may use)",
+    )
+    check.add_argument(
+        "--full",
+        action="store_true",
+        help="also require the full ILSVRC2012 sizes (1000 classes, 1,281,167 / 50,000 images, 50 val per class)",
+    )
+    check.add_argument("--all-notes", action="store_true", help="list every note (default: 10 per kind)")
     return parser
+
+
+def _error(lines: list[str], status: int) -> int:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    return status
+
+
+def _prepare_val(args: argparse.Namespace) -> int:
+    from data_pipeline.prepare import PrepareError, UsageError, prepare_val
+
+    try:
+        plan, summary = prepare_val(
+            args.val_dir, args.labels, args.meta, link=args.link, dry_run=args.dry_run
+        )
+    except UsageError as e:
+        return _error(e.problems, 2)
+    except PrepareError as e:
+        return _error(e.problems, 1)
+    root, verb = summary.val_dir, "link" if args.link else "move"
+    if summary.ignored:
+        print(
+            f"left alone {len(summary.ignored):,} non-image file(s) in {root}: {', '.join(summary.ignored[:3])}"
+        )
+    pending = len(plan.todo) + len(plan.finish)
+    if pending == 0:
+        print(
+            f"{root} is already prepared: {summary.images:,} images in {summary.classes:,} class folders; "
+            "nothing to do",
+            flush=True,
+        )
+        return 0
+    if summary.dry_run:
+        for name, wnid in plan.todo:
+            print(f"would {verb} {name} -> {wnid}/{name}")
+        for name, wnid in plan.finish:
+            print(f"would remove {name} (already linked as {wnid}/{name})")
+        print(
+            f"dry run: would {verb} {len(plan.todo):,} images into {summary.classes:,} class folders of {root} "
+            f"({summary.already:,} already in place); nothing was changed",
+            flush=True,
+        )
+        return 0
+    if args.link:
+        what = f"hard-linked {summary.linked:,}"
+        if summary.symlinked:
+            what += f" and symbolically linked {summary.symlinked:,} (hard links refused: {summary.symlink_reason})"
+        print(f"{what} images into {summary.classes:,} class folders of {root}; the flat files are kept")
+    else:
+        print(f"moved {summary.moved:,} images into {summary.classes:,} class folders of {root}")
+    print(
+        f"{summary.images:,} images ({summary.already:,} were already in place), {summary.form} labels, "
+        f"{summary.seconds:.1f} s",
+        flush=True,
+    )
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from collections import Counter, defaultdict
+
+    from data_pipeline.check import FULL_CLASSES, FULL_COUNTS, check_root
+
+    if args.workers is not None and args.workers < 1:
+        return _error([f"--workers must be at least 1, got {args.workers}"], 2)
+    report = check_root(args.root, workers=args.workers, full=args.full)
+    print(f"root: {report.root.resolve()}")
+    for split in ("train", "val"):
+        if split in report.counts:
+            print(f"{split}: {report.counts[split]:,} images in {len(report.classes[split]):,} class folders")
+    if report.counts:
+        full = f"{FULL_CLASSES:,} classes, {FULL_COUNTS['train']:,} train / {FULL_COUNTS['val']:,} val images"
+        print(f"size: {'the full ILSVRC2012 set' if report.full else 'not the full ILSVRC2012 set'} ({full})")
+    if report.decoded or report.decode_seconds:
+        rate = report.decoded / report.decode_seconds if report.decode_seconds else 0.0
+        print(
+            f"decoded {report.decoded:,} images with DALI's CPU decoder in {report.decode_seconds:.1f} s "
+            f"({rate:,.0f} images/s, {report.workers} threads)"
+        )
+    by_kind: dict[str, list] = defaultdict(list)
+    for note in report.notes:
+        by_kind[note.kind].append(note)
+    if report.notes:
+        print(
+            "notes: "
+            + ", ".join(f"{n:,} {kind}" for kind, n in sorted(Counter(n.kind for n in report.notes).items()))
+        )
+    for kind, notes in sorted(by_kind.items()):
+        shown = notes if args.all_notes else notes[:10]
+        for note in shown:
+            print(f"note: {note.path}: {note.detail}")
+        if len(shown) < len(notes):
+            print(f"note: ... and {len(notes) - len(shown):,} more {kind} (--all-notes lists them)")
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    if report.sound:
+        print(f"OK: {report.root} is sound", flush=True)
+        return 0
+    print(f"FAILED: {len(report.problems):,} problem(s) in {report.root}", flush=True)
+    return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -91,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "prepare-val":
+        return _prepare_val(args)
+    if args.command == "check":
+        return _check(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse only accepts the commands above
 
 

@@ -1,15 +1,24 @@
-"""Evaluate a VGG checkpoint on ImageNet val: 1-crop top-1 / top-5 error against the reference table.
+"""Evaluate a VGG checkpoint on ImageNet val: 1-crop top-1 / top-5 error against the reference table, the
+paper's dense / multi-crop / multi-scale protocols, and top-5 predictions for image files.
 
-    python evaluate --reference                       # print the reference table (torchvision + paper rows)
-    python evaluate --checkpoint runs/torchvision-vgg16_bn/best.pth --data /datasets/imagenet
+    python evaluate --reference                       # the reference table (torchvision + paper rows)
+    python evaluate --checkpoint runs/torchvision-vgg16_bn/best.pth --data /datasets/imagenet --json eval.json
+    python evaluate --checkpoint vgg16_bn-6c64b313.pth --data /datasets/imagenet    # torchvision's weight file
+    torchrun --nproc_per_node=8 -m evaluate --checkpoint best.pth --data /datasets/imagenet --batch-size 128
+    srun --ntasks-per-node=8 --gpus-per-node=8 python evaluate --checkpoint best.pth --data /datasets/imagenet
+    python evaluate --checkpoint runs/paper-vgg16/best.pth --protocol dense --multi-scale
+    python evaluate --checkpoint runs/paper-vgg16/best.pth --protocol dense+multi-crop --scales 256,384,512
+    python evaluate --checkpoint runs/demo/best.pth data.val_resize=73 data.val_crop=64   # key=value overrides
+    python evaluate --checkpoint vgg16-397923af.pth --predict dog.jpg cat.jpg
 
-Status: the reference table is here; the evaluation itself (``--checkpoint``) is not implemented yet and
-exits with status 2 saying so.
+Exit status: 0 when the result is PASS or has no reference, 1 when it is FAIL, 2 for bad input (one
+``error:`` line: missing/truncated checkpoint, not a checkpoint, wrong-arch weights, class count mismatch).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -22,32 +31,155 @@ if not __package__:
 from evaluate.reference import format_table
 
 
+def _scales(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 256,384,512, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive test scales, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python evaluate",
-        description="1-crop top-1/top-5 error of a VGG checkpoint vs torchvision's reference table "
-        "(the vgg11_bn row corrected to 29.63/10.19). Only --reference works so far; "
-        "--checkpoint evaluation is not implemented yet.",
+        description="Top-1/top-5 error of a VGG checkpoint (ours, or torchvision's released weight file) on "
+        "ImageNet val, against torchvision's reference table (vgg11_bn row corrected to 29.63/10.19) or the "
+        "paper's Tables 3-5.",
+        epilog="Exit status: 0 PASS or no reference, 1 FAIL, 2 bad input.",
     )
     p.add_argument("--reference", action="store_true", help="print the reference table and exit")
-    p.add_argument("--checkpoint", help="checkpoint to evaluate (not implemented yet: exits 2)")
+    p.add_argument("--checkpoint", help="our checkpoint ({'model', 'config', ...}) or a bare state_dict file")
+    p.add_argument(
+        "--arch", help="expected arch; refused if the checkpoint holds another (default: inferred)"
+    )
+    p.add_argument("--data", help="data root holding val/<wnid>/*.JPEG (default: the checkpoint's data.root)")
+    p.add_argument("--backend", choices=("dali", "torchvision"), help="1-crop loader (default: checkpoint's)")
+    p.add_argument("--batch-size", type=int, help="images per process and step (default 64)")
+    p.add_argument("--workers", type=int, help="loader threads/processes per process (default: data.workers)")
+    p.add_argument(
+        "--protocol",
+        default="1-crop",
+        choices=("1-crop", "dense", "multi-crop", "dense+multi-crop"),
+        help="1-crop: resize + centre crop (the reference table's); the others: arXiv 1409.1556 §3.2",
+    )
+    p.add_argument("--scales", type=_scales, help="test scales Q for dense/multi-crop, e.g. 256,384,512")
+    p.add_argument(
+        "--multi-scale",
+        action="store_true",
+        help="the paper's three test scales: {S-32, S, S+32} for fixed-S models, {Smin, mid, Smax} for "
+        "jittered S, {1, 1.5, 2} x data.val_resize otherwise",
+    )
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16", "fp16"))
+    p.add_argument(
+        "--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)"
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=0.3, help="PASS if |top-1 err - reference| <= this (pp)"
+    )
+    p.add_argument("--json", dest="json_path", help="write the result (and checkpoint hash, versions) here")
+    p.add_argument("--predict", nargs="+", metavar="IMAGE", help="print top-5 classes of these images")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log to W&B: the checkpoint's training run if it stores an id, else a new run",
+    )
+    p.add_argument("--wandb-run", metavar="ID", help="log to this W&B run id (e.g. the training run)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides (data.*, dist.*, log.*), e.g. data.val_resize=73 data.val_crop=64",
+    )
     return p
 
 
+def _setup_logging() -> None:
+    from train.distributed import detect
+
+    rank = detect()[0]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    for name in ("evaluate", "train"):  # "train": train.tracking's W&B lines (e.g. the `wandb sync` command)
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = False
+        logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+        logger.addHandler(handler)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from data_pipeline.transforms import TransformSpec
+    from evaluate.evaluator import EvalOptions, eval_config
+    from evaluate.loading import load_model
+    from evaluate.predict import class_names, format_predictions, predict_images
+
+    loaded = load_model(args.checkpoint, arch=args.arch)
+    cfg = eval_config(loaded, EvalOptions(checkpoint=args.checkpoint, overrides=args.overrides), world_size=1)
+    data_root = args.data
+    if data_root is None and loaded.config is not None and os.path.isdir(cfg.data.root):
+        data_root = cfg.data.root  # the training data's class names
+    names, _ = class_names(loaded.spec.num_classes, data_root)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec = TransformSpec.from_config(cfg.data)
+    predictions = predict_images(loaded.model.to(device), args.predict, spec, names, device)
+    print(format_predictions(predictions), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.reference:
         print(format_table())
         return 0
-    if args.checkpoint:
-        print(
-            "error: checkpoint evaluation is not implemented yet; `--reference` prints the table",
-            file=sys.stderr,
-        )
+    if not args.checkpoint:
+        parser.print_usage(sys.stderr)
+        print("error: give --checkpoint PATH (or --reference)", file=sys.stderr)
         return 2
-    build_parser().print_usage(sys.stderr)
-    print("error: give --reference (or --checkpoint once evaluation lands)", file=sys.stderr)
-    return 2
+    from data_pipeline.layout import DataError
+    from evaluate.evaluator import EvalError, EvalOptions, format_result, run_evaluation
+    from train.checkpoint import CheckpointError
+    from train.config import ConfigError
+    from train.distributed import DistError, cleanup, detect
+
+    _setup_logging()
+    try:
+        if args.predict:
+            return _predict(args)
+        result = run_evaluation(
+            EvalOptions(
+                checkpoint=args.checkpoint,
+                arch=args.arch,
+                data=args.data,
+                backend=args.backend,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                protocol=args.protocol,
+                scales=args.scales,
+                multi_scale=args.multi_scale,
+                precision=args.precision,
+                channels_last=args.channels_last,
+                tolerance=args.tolerance,
+                overrides=args.overrides,
+                json_path=args.json_path,
+                wandb=args.wandb,
+                wandb_run=args.wandb_run,
+            )
+        )
+    except (CheckpointError, ConfigError, DataError, DistError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        cleanup()
+    if detect()[0] == 0:
+        print(format_result(result), flush=True)
+    return 1 if result.comparison.verdict == "FAIL" else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ The vgg11_bn row is 29.63 / 10.19. The table copied around widely (old torchvisi
 We carry the corrected row; ``tests/test_reference.py`` checks every row against the installed torchvision.
 
 PAPER: Simonyan & Zisserman, arXiv 1409.1556, Table 3 (dense evaluation at one test scale Q, no multi-crop):
-configurations A–E, training scale S (fixed, or jittered in [256; 512]).
+configurations A–E, training scale S (fixed, or jittered in [256; 512]); and the D and E rows of Tables 4
+(dense, three test scales) and 5 (dense, multi-crop, and both).
 """
 
 from __future__ import annotations
@@ -70,6 +71,64 @@ PAPER_TABLE3: list[PaperRow] = [
 ]
 
 
+@dataclass(frozen=True)
+class PaperProtocolRow:
+    """A row of the paper's Table 4 (dense, several test scales) or Table 5 (evaluation techniques)."""
+
+    table: int  # 4 or 5
+    config: str
+    train_scale: str  # "[256;512]": S jittered in [256; 512]
+    protocol: str  # "dense" | "multi-crop" | "dense+multi-crop"
+    test_scales: tuple[int, ...]  # Q
+    top1_err: float
+    top5_err: float
+
+
+# arXiv 1409.1556v6, Table 4 ("ConvNet performance at multiple test scales"), rows D and E trained with
+# S ∈ [256; 512] and tested densely at Q = {256, 384, 512}; and Table 5 ("ConvNet evaluation techniques
+# comparison"; S ∈ [256; 512], Q = {256, 384, 512}), rows D and E. Only these rows are carried: the
+# other Table 4 rows (A–C, fixed S at Q = {S−32, S, S+32}) are left out until checked against the paper.
+PAPER_TABLE45: list[PaperProtocolRow] = [
+    PaperProtocolRow(4, "D", "[256;512]", "dense", (256, 384, 512), 24.8, 7.5),
+    PaperProtocolRow(4, "E", "[256;512]", "dense", (256, 384, 512), 24.8, 7.5),
+    PaperProtocolRow(5, "D", "[256;512]", "dense", (256, 384, 512), 24.8, 7.5),
+    PaperProtocolRow(5, "D", "[256;512]", "multi-crop", (256, 384, 512), 24.6, 7.5),
+    PaperProtocolRow(5, "D", "[256;512]", "dense+multi-crop", (256, 384, 512), 24.4, 7.2),
+    PaperProtocolRow(5, "E", "[256;512]", "dense", (256, 384, 512), 24.8, 7.5),
+    PaperProtocolRow(5, "E", "[256;512]", "multi-crop", (256, 384, 512), 24.6, 7.4),
+    PaperProtocolRow(5, "E", "[256;512]", "dense+multi-crop", (256, 384, 512), 24.4, 7.1),
+]
+
+
+def paper_row(
+    config: str, train_scale: str, protocol: str, test_scales: tuple[int, ...]
+) -> tuple[str, float, float] | None:
+    """(source, top-1 err, top-5 err) of the paper row for this configuration letter, training scale S
+    ("256", "384" or "[256;512]"), protocol and test scales Q; None when the paper has no such row.
+
+    One dense scale is Table 3; several dense scales Table 4; multi-crop and dense+multi-crop Table 5.
+    """
+    if protocol == "dense" and len(test_scales) == 1:
+        for row in PAPER_TABLE3:
+            if (row.config, row.train_scale, row.test_scale) == (config, train_scale, test_scales[0]):
+                return (
+                    f"paper Table 3 ({config}, S={train_scale}, Q={row.test_scale}, dense)",
+                    row.top1_err,
+                    row.top5_err,
+                )
+        return None
+    for r in PAPER_TABLE45:
+        key = (r.config, r.train_scale, r.protocol, tuple(sorted(r.test_scales)))
+        if key == (config, train_scale, protocol, tuple(sorted(test_scales))):
+            q = ",".join(map(str, r.test_scales))
+            return (
+                f"paper Table {r.table} ({config}, S={train_scale}, Q={{{q}}}, {protocol})",
+                r.top1_err,
+                r.top5_err,
+            )
+    return None
+
+
 def reference_for(arch: str) -> Reference | None:
     """torchvision's 1-crop reference for an arch, or None where torchvision publishes no weights."""
     return TORCHVISION.get(arch)
@@ -87,4 +146,8 @@ def format_table() -> str:
         lines.append(
             f"{row.config:<7} {row.train_scale:>10} {row.test_scale:>6} {row.top1_err:>9.1f} {row.top5_err:>9.1f}"
         )
+    lines += ["", "Paper, Tables 4 and 5 (S in [256;512], Q = {256, 384, 512}):"]
+    lines.append(f"{'table':<5} {'config':<7} {'protocol':<17} {'top-1 err':>9} {'top-5 err':>9}")
+    for r in PAPER_TABLE45:
+        lines.append(f"{r.table:<5} {r.config:<7} {r.protocol:<17} {r.top1_err:>9.1f} {r.top5_err:>9.1f}")
     return "\n".join(lines)

@@ -5,8 +5,11 @@
     python -m train --config demo data.root=data/demo            # what `make demo` runs
     python -m train --config paper/vgg16 data.root=/datasets/imagenet optim.lr=0.02
 
-Status: the training loop is not implemented yet. This command resolves and validates the config, writes it
-to <run_dir>/config.yaml, builds the model and indexes the dataset, then stops and says so.
+    torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet   # one node, 8 GPUs
+
+Without torchrun (or SLURM's srun) it trains in one process. It resumes from <run_dir>/last.pth when there is one.
+Run folder: config.yaml, train.log, metrics.jsonl (one line per epoch), curves.png, last.pth / best.pth,
+checkpoints/epoch_NNN.pth, wandb/ (offline runs: `wandb sync <run_dir>/wandb/offline-run-*`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from train.config import ConfigError, available_recipes, load_config, to_yaml
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train a VGG from a recipe (configs/) with dotted key=value overrides. The training loop is "
-        "not implemented yet: the command validates the config, builds the model and indexes the data, then stops.",
+        description="Train a VGG from a recipe (configs/) with dotted key=value overrides; "
+        "resumes from <run_dir>/last.pth.",
         epilog="Keys: see README.md (model.arch, data.root, data.backend, data.batch_size (global), optim.lr, "
         "optim.weight_decay, sched.epochs, run_dir, seed, log.wandb_mode, ...).",
     )
@@ -37,23 +40,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(available_recipes()))
         return 0
+    from train.distributed import detect
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        # the world size is known before any process group exists: check the global batch divides now
+        cfg = load_config(args.config, args.overrides, world_size=None if args.print_config else detect()[2])
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if detect()[0] == 0:  # under torchrun every rank gets here: say it once
+            print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from train.run import RunError, prepare
+    from data_pipeline.layout import DataError
+    from train.checkpoint import CheckpointError
+    from train.distributed import DistError
+    from train.engine import NonFiniteLoss, train
+    from train.run import RunError
 
     try:
-        prepare(cfg)
-    except (RunError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        result = train(cfg)
+    except (ConfigError, DataError, CheckpointError, RunError, DistError, NonFiniteLoss) as e:
+        if detect()[0] == 0:  # one line, from rank 0 only
+            print(f"error: {e}", file=sys.stderr)
         return 1
-    print("Training loop not implemented yet: stopped after building the model and indexing the data.")
-    return 0
+    return 0 if result["status"] in ("done", "interrupted") else 1
 
 
 if __name__ == "__main__":

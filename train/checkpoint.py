@@ -19,7 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "extract_state_dict", "load_state_dict_file", "load_weights"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "atomic_save",
+    "extract_state_dict",
+    "load_checkpoint_file",
+    "load_state_dict_file",
+    "load_weights",
+    "unwrap",
+]
 
 # Added by DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`), possibly both, either order.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -77,11 +86,9 @@ def _weights_only_reason(message: str) -> str:
     return match.group(1).strip() if match else "it holds Python objects other than tensors and containers"
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a checkpoint file on the CPU with `weights_only=True` and return its model state dict.
-
-    Raises CheckpointError (one line) for a missing, truncated or corrupt file, or a non-checkpoint.
-    """
+def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with one-line CheckpointErrors for a missing,
+    truncated or corrupt file, or a pickle that holds more than tensors and containers."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -90,7 +97,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         with warnings.catch_warnings():
             # Plain pickles (protocol 4) warn before being refused; the refusal below says it in one line.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except OSError as e:
@@ -105,6 +112,14 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         raise CheckpointError(
             f"{path} ({size:,} bytes) is truncated, corrupt or not a PyTorch checkpoint ({_first_line(e)})"
         ) from e
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a checkpoint file on the CPU with `weights_only=True` and return its model state dict.
+
+    Raises CheckpointError (one line) for a missing, truncated or corrupt file, or a non-checkpoint.
+    """
+    obj = load_checkpoint_file(path)
     try:
         return extract_state_dict(obj)
     except CheckpointError as e:
@@ -151,3 +166,81 @@ def load_weights(
             raise CheckpointError(f"{what}: {key} has shape {here} here, {there} in the checkpoint")
     model.load_state_dict(state_dict, strict=strict)
     return model
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """torch.save to a temporary file in the same folder, then os.replace: a reader never sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make dst the same content as src atomically: a hard link where the filesystem allows, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class CheckpointManager:
+    """``run_dir/checkpoints/epoch_NNN.pth`` (the newest ``keep_recent`` kept), ``last.pth`` and ``best.pth``.
+
+    last.pth and best.pth are hard links to the epoch file (no second 500 MB write), replaced atomically.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], keep_recent: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / "checkpoints"
+        self.keep_recent = keep_recent
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / "best.pth"
+
+    def save(self, state: dict[str, Any], epoch: int, is_best: bool) -> Path:
+        """Write the checkpoint taken after ``epoch`` epochs; update last/best; prune old epoch files."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = atomic_save(state, self.folder / f"epoch_{epoch:03d}.pth")
+        _link_or_copy(path, self.last)
+        if is_best:
+            _link_or_copy(path, self.best)
+        epochs = sorted(self.folder.glob("epoch_*.pth"))
+        for old in epochs[: max(0, len(epochs) - max(self.keep_recent, 1))]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def save_interrupt(self, state: dict[str, Any]) -> Path:
+        """A mid-epoch checkpoint (preemption / time limit): becomes last.pth only."""
+        return atomic_save(state, self.last)
+
+    def latest(self) -> Path | None:
+        return self.last if self.last.is_file() else None

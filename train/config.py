@@ -39,6 +39,9 @@ class ConfigError(ValueError):
 class DataConfig:
     root: str = "data/imagenet"  # holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG
     backend: str = "dali"  # dali | torchvision
+    # backend=dali: auto = GPU decoding (device="mixed") when the process's device is CUDA, else CPU-only; gpu =
+    # insist on it (an error without CUDA, no fallback); cpu = CPU operators even on a GPU node (then copied over)
+    dali_device: str = "auto"  # auto | gpu | cpu
     batch_size: int = 256  # global: summed over all processes (GPUs)
     workers: int = 8  # loader threads (DALI) or worker processes (torchvision) per process
     augment: str = "rrc"  # rrc: torchvision RandomResizedCrop | scale: the paper's rescale-to-S + random crop
@@ -164,6 +167,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": ("torchvision", "paper", "demo"),
     "data.backend": ("dali", "torchvision"),
+    "data.dali_device": ("auto", "gpu", "cpu"),
     "data.augment": ("rrc", "scale"),
     "data.interpolation": ("bilinear", "bicubic"),
     "optim.name": ("sgd", "adam", "adamw"),

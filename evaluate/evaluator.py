@@ -1,0 +1,498 @@
+"""Evaluate a checkpoint on ImageNet val (or any tree in its layout): the library behind ``python evaluate``.
+
+    from evaluate.evaluator import EvalOptions, run_evaluation, format_result
+    result = run_evaluation(EvalOptions(checkpoint="vgg16_bn-6c64b313.pth", data="/datasets/imagenet"))
+    print(format_result(result))        # arch, our error, the reference error, the difference, PASS/FAIL
+
+Settings come from the checkpoint's stored training config (val resize/crop, interpolation, mean/std, data
+root, backend), or from the defaults (resize 256, centre crop 224, bilinear, ImageNet mean/std) for a bare
+state dict; options and ``key=value`` overrides (``data.val_resize=73``) change them. The model is fixed by the
+checkpoint. ``--batch-size`` is per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from data_pipeline.layout import SplitIndex, index_split
+from data_pipeline.transforms import TransformSpec
+from evaluate.core import PRECISIONS, Counts, count_loader
+from evaluate.imagenet_classes import IMAGENET_CLASSES
+from evaluate.loading import LoadedModel, describe, load_model
+from evaluate.protocols import PROTOCOLS, default_scales, evaluate_protocol
+from evaluate.reference import PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
+from train import distributed
+from train.config import Config, from_dict, to_dict
+
+__all__ = [
+    "IMAGENET_VAL_IMAGES",
+    "Comparison",
+    "EvalError",
+    "EvalOptions",
+    "EvalResult",
+    "format_result",
+    "run_evaluation",
+]
+
+log = logging.getLogger("evaluate")
+
+IMAGENET_VAL_IMAGES = 50_000
+DEFAULT_BATCH_PER_PROCESS = 64
+# Config sections an evaluation may override; the model comes from the checkpoint.
+OVERRIDABLE = ("data.", "dist.", "log.")
+
+
+class EvalError(ValueError):
+    """A problem with the evaluation's inputs, described in one line."""
+
+
+@dataclass
+class EvalOptions:
+    """What ``python evaluate --checkpoint ...`` was asked to do (see ``python evaluate --help``)."""
+
+    checkpoint: str
+    arch: str | None = None
+    data: str | None = None
+    backend: str | None = None  # dali | torchvision
+    batch_size: int | None = None  # per process
+    workers: int | None = None  # per process
+    protocol: str = "1-crop"
+    scales: list[int] | None = None  # test scales Q (dense / multi-crop)
+    multi_scale: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
+    tolerance: float = 0.3  # top-1, percentage points
+    overrides: Sequence[str] = ()
+    json_path: str | None = None
+    wandb: bool = False
+    wandb_run: str | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Our error against a reference row, or why there is none."""
+
+    source: str | None
+    top1_err: float | None
+    top5_err: float | None
+    diff_top1: float | None
+    diff_top5: float | None
+    tolerance: float
+    verdict: str  # PASS | FAIL | no reference
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvalResult:
+    arch: str
+    protocol: str
+    counts: Counts
+    comparison: Comparison
+    record: dict[str, Any]  # everything written to --json
+    components: dict[str, tuple[Counts, Comparison]] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise EvalError(f"override {dotted}: {p!r} is a value, not a section")
+    tree[leaf] = value
+
+
+def eval_config(loaded: LoadedModel, opts: EvalOptions, world_size: int) -> Config:
+    """The config this evaluation runs with: stored (or default) config, then options and overrides."""
+    if loaded.config is not None:
+        tree = to_dict(loaded.config)
+    else:
+        tree = to_dict(Config())
+        tree["model"].update(
+            arch=loaded.spec.arch,
+            num_classes=loaded.spec.num_classes,
+            classifier_width=loaded.spec.classifier_width,
+        )
+    for item in opts.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise EvalError(
+                f"override {item!r} is not of the form section.key=value (e.g. data.val_resize=256)"
+            )
+        if not key.startswith(OVERRIDABLE):
+            raise EvalError(
+                f"override {key}: only data.*, dist.* and log.* can be set here; the model comes from the "
+                "checkpoint (--arch only checks it)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set(tree, key, value)
+    if opts.data is not None:
+        tree["data"]["root"] = opts.data
+    if opts.backend is not None:
+        tree["data"]["backend"] = opts.backend
+    if opts.workers is not None:
+        tree["data"]["workers"] = opts.workers
+    per_process = opts.batch_size or DEFAULT_BATCH_PER_PROCESS
+    if per_process < 1:
+        raise EvalError(f"--batch-size must be positive, got {per_process}")
+    tree["data"]["batch_size"] = per_process * world_size  # the config's batch is global
+    tree["launch"].update(gpus=world_size, nodes=0)
+    return from_dict(tree)
+
+
+# ------------------------------------------------------------------------------------------- comparison
+
+
+def _train_scale(cfg: Config | None) -> str | None:
+    """The paper's S notation for a model trained with data.augment=scale: "256", "384" or "[256;512]"."""
+    if cfg is None or cfg.data.augment != "scale":
+        return None
+    d = cfg.data
+    return str(d.scale_min) if d.scale_min == d.scale_max else f"[{d.scale_min};{d.scale_max}]"
+
+
+def _compare(
+    counts: Counts, source: str | None, top1: float | None, top5: float | None, tol: float, note: str = ""
+) -> Comparison:
+    if source is None or top1 is None or top5 is None:
+        return Comparison(None, None, None, None, None, tol, "no reference", note)
+    d1, d5 = counts.top1_err - top1, counts.top5_err - top5
+    verdict = "PASS" if abs(d1) <= tol + 1e-9 else "FAIL"
+    return Comparison(source, top1, top5, d1, d5, tol, verdict, note)
+
+
+def compare(
+    arch: str,
+    cfg: Config,
+    trained: Config | None,
+    protocol: str,
+    scales: Sequence[int],
+    counts: Counts,
+    tol: float,
+) -> Comparison:
+    """The reference row that applies to this evaluation (torchvision's for 1-crop, the paper's otherwise)."""
+    d = cfg.data
+    missing: list[str] = []
+    if cfg.model.num_classes != 1000:
+        missing.append(f"{cfg.model.num_classes} classes, not ImageNet-1k's 1000")
+    if counts.n != IMAGENET_VAL_IMAGES:
+        missing.append(f"{counts.n:,} images, not ImageNet val's {IMAGENET_VAL_IMAGES:,}")
+    if protocol == "1-crop":
+        if arch not in TORCHVISION:
+            missing.insert(0, f"torchvision publishes no {arch} weights")
+        if (d.val_resize, d.val_crop) != (256, 224):
+            missing.append(f"resize {d.val_resize} / crop {d.val_crop}, the reference is 256 / 224")
+        if missing:
+            return _compare(counts, None, None, None, tol, "; ".join(missing))
+        ref = TORCHVISION[arch]
+        note = "" if d.interpolation == "bilinear" else f"reference used bilinear, this run {d.interpolation}"
+        return _compare(counts, TORCHVISION_SOURCE, ref.top1_err, ref.top5_err, tol, note)
+    letter = PAPER_CONFIG.get(arch)
+    if letter is None:
+        missing.insert(0, f"{arch} is not one of the paper's configurations")
+    scale = _train_scale(trained)
+    if scale is None:
+        why = "bare state dict" if trained is None else f"data.augment={trained.data.augment}"
+        missing.append(f"the paper's rows are for models trained at a scale S (data.augment=scale); {why}")
+    if d.train_crop != 224:
+        missing.append(f"training crop {d.train_crop}, the paper's is 224")
+    if missing:
+        return _compare(counts, None, None, None, tol, "; ".join(missing))
+    row = paper_row(letter, scale, protocol, tuple(scales))
+    if row is None:
+        q = ",".join(map(str, scales))
+        return _compare(
+            counts, None, None, None, tol, f"the paper has no row for {letter}, S={scale}, Q={{{q}}}"
+        )
+    return _compare(counts, *row, tol)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_classes(loaded: LoadedModel, val: SplitIndex) -> None:
+    n = loaded.spec.num_classes
+    if len(val.classes) != n:
+        raise EvalError(
+            f"{val.root} has {len(val.classes)} class folders but the checkpoint's model has {n} outputs"
+        )
+    if loaded.kind == "state_dict" and n == len(IMAGENET_CLASSES):
+        wnids = [w for w, _ in IMAGENET_CLASSES]
+        if val.classes != wnids:
+            bad = next(c for c, w in zip(val.classes, wnids, strict=True) if c != w)
+            raise EvalError(
+                f"{val.root}: class folders are not ImageNet-1k's wnids (e.g. {bad!r}); torchvision's weights "
+                "index classes by sorted ImageNet wnid"
+            )
+
+
+def _versions(backend: str) -> dict[str, str]:
+    import torchvision
+
+    v = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    if backend.startswith("dali"):
+        try:
+            import nvidia.dali
+
+            v["dali"] = nvidia.dali.__version__
+        except ImportError:
+            pass
+    return v
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The training run folder of a checkpoint (run_dir/last.pth or run_dir/checkpoints/epoch_N.pth)."""
+    parent = path.resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
+
+
+def _log_wandb(opts: EvalOptions, loaded: LoadedModel, cfg: Config, result: EvalResult, is_main: bool) -> str:
+    """Attach the evaluation to the training run (--wandb-run, or the checkpoint's stored id) or its own run."""
+    from train.tracking import Tracker
+
+    resume_id = opts.wandb_run or loaded.wandb_id
+    run_dir = _run_dir_of(loaded.path)
+    wcfg = from_dict(to_dict(cfg))
+    if resume_id is None:
+        # Its own run, in its own folder: never touch the training run's wandb_id.txt.
+        run_dir = run_dir / "eval_wandb"
+        wcfg.ckpt.resume = "never"
+        wcfg.log.name = wcfg.log.name or f"eval-{result.arch}-{result.protocol}"
+    tracker = Tracker.create(wcfg, run_dir, is_main=is_main, resume_id=resume_id)
+    prefix = f"eval/{result.protocol}"
+    values: dict[str, Any] = {
+        f"{prefix}/top1_err": result.counts.top1_err,
+        f"{prefix}/top5_err": result.counts.top5_err,
+        f"{prefix}/n_images": result.counts.n,
+        f"{prefix}/verdict": result.comparison.verdict,
+        f"{prefix}/checkpoint_sha256": loaded.sha256,
+    }
+    for name, (counts, _) in result.components.items():
+        values[f"eval/{name}/top1_err"] = counts.top1_err
+        values[f"eval/{name}/top5_err"] = counts.top5_err
+    tracker.summary(**values)
+    run_id = tracker.run_id or ""
+    tracker.finish()
+    return run_id
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def run_evaluation(opts: EvalOptions) -> EvalResult:
+    """Load, evaluate (all processes), compare with the reference; rank 0 writes --json and W&B.
+
+    Raises EvalError, CheckpointError, ConfigError, DataError or DistError (each one line) for bad input.
+    """
+    if opts.protocol not in PROTOCOLS:
+        raise EvalError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {opts.protocol!r}")
+    if opts.precision not in PRECISIONS:
+        raise EvalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
+    if opts.protocol == "1-crop" and (opts.scales or opts.multi_scale):
+        raise EvalError("--scales / --multi-scale are for --protocol dense, multi-crop or dense+multi-crop")
+    if opts.tolerance < 0:
+        raise EvalError(f"--tolerance must be >= 0, got {opts.tolerance}")
+    info = distributed.setup()
+    loaded = load_model(opts.checkpoint, arch=opts.arch)
+    cfg = eval_config(loaded, opts, info.world_size)
+    val = index_split(cfg.data.root, "val")
+    _check_classes(loaded, val)
+    model = loaded.model.to(info.device)
+    if opts.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    arch = loaded.spec.arch
+
+    def progress(batches: int, images: int) -> None:
+        if info.is_main:
+            rate = images * info.world_size / max(time.perf_counter() - start, 1e-9)
+            log.info(f"  {batches} steps, ~{images * info.world_size:,} images, ~{rate:,.0f} img/s")
+
+    log.info(
+        f"evaluating {arch} ({loaded.arch_source}) from {loaded.path} on {len(val):,} images in {val.root}, "
+        f"{opts.protocol}, {info.world_size} process(es) on {info.device.type}"
+    )
+    start = time.perf_counter()
+    components: dict[str, tuple[Counts, Comparison]] = {}
+    if opts.protocol == "1-crop":
+        from data_pipeline import build_loader
+
+        loader = build_loader(cfg, "val", info.rank, info.world_size, info.device)
+        if len(loader.classes) != loaded.spec.num_classes:
+            raise EvalError(
+                f"{val.root} has {len(loader.classes)} classes but the model has {loaded.spec.num_classes} outputs"
+            )
+        backend = loader.backend
+        try:
+            counts = count_loader(
+                model,
+                loader,
+                info.device,
+                precision=opts.precision,
+                channels_last=opts.channels_last,
+                progress=progress,
+            )
+        finally:
+            loader.close()
+        expected = loader.dataset_size
+        scales: list[int] = []
+        protocol_info: dict[str, Any] = {
+            "val_resize": cfg.data.val_resize,
+            "val_crop": cfg.data.val_crop,
+            "interpolation": cfg.data.interpolation,
+        }
+    else:
+        d = cfg.data
+        scales = list(
+            opts.scales or default_scales(d.augment, d.scale_min, d.scale_max, d.val_resize, opts.multi_scale)
+        )
+        if min(scales) < d.train_crop:
+            raise EvalError(
+                f"test scales Q={scales}: every test scale must be >= the training crop {d.train_crop} "
+                "(data.train_crop)"
+            )
+        results = evaluate_protocol(
+            model,
+            val.samples,
+            opts.protocol,
+            scales,
+            train_crop=d.train_crop,
+            spec=TransformSpec.from_config(d),
+            device=info.device,
+            rank=info.rank,
+            world_size=info.world_size,
+            workers=d.workers,
+            precision=opts.precision,
+            progress=progress,
+        )
+        counts = results[opts.protocol]
+        expected = len(val)
+        backend = "torchvision (per-image)"
+        protocol_info = {"test_scales": scales, "train_crop": d.train_crop, "interpolation": d.interpolation}
+        for name, c in results.items():
+            if name != opts.protocol:
+                components[name] = (c, compare(arch, cfg, loaded.config, name, scales, c, opts.tolerance))
+    seconds = time.perf_counter() - start
+    if counts.n != expected:
+        raise EvalError(
+            f"counted {counts.n:,} images but the val set has {expected:,}: shards must cover every image once"
+        )
+    comparison = compare(arch, cfg, loaded.config, opts.protocol, scales, counts, opts.tolerance)
+    record: dict[str, Any] = {
+        "arch": arch,
+        "protocol": opts.protocol,
+        "top1_err": counts.top1_err,
+        "top5_err": counts.top5_err,
+        "n_images": counts.n,
+        "correct1": counts.correct1,
+        "correct5": counts.correct5,
+        "error_formula": "100 * (1 - correct / n_images), float64 from summed int64 counts",
+        "reference": comparison.as_dict(),
+        **protocol_info,
+        "components": {
+            name: {
+                "top1_err": c.top1_err,
+                "top5_err": c.top5_err,
+                "correct1": c.correct1,
+                "correct5": c.correct5,
+                "reference": cmp.as_dict(),
+            }
+            for name, (c, cmp) in components.items()
+        },
+        "checkpoint": describe(loaded),
+        "data_root": str(Path(cfg.data.root).resolve()),
+        "backend": backend,
+        "precision": opts.precision,
+        "world_size": info.world_size,
+        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "batch_size_per_process": cfg.data.batch_size // info.world_size,
+        "seconds": seconds,
+        "images_per_s": counts.n / seconds if seconds > 0 else None,
+        "versions": _versions(backend),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    result = EvalResult(arch, opts.protocol, counts, comparison, record, components)
+    if opts.wandb or opts.wandb_run:
+        record["wandb_run"] = _log_wandb(opts, loaded, cfg, result, info.is_main) or None
+    if info.is_main and opts.json_path:
+        _write_json(opts.json_path, record)
+    distributed.barrier()
+    return result
+
+
+def format_result(result: EvalResult) -> str:
+    """The console table: arch, our error, the reference error, the difference, PASS/FAIL; then the details."""
+
+    def num(x: float | None, fmt: str = ".3f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    rows = [(result.protocol, result.counts, result.comparison)]
+    rows += [(name, c, cmp) for name, (c, cmp) in result.components.items()]
+    header = (
+        f"{'arch':<10} {'protocol':<17} {'images':>7}  {'top-1 err':>9} {'ref':>7} {'diff':>7}  "
+        f"{'top-5 err':>9} {'ref':>7} {'diff':>7}  result"
+    )
+    lines = [header, "-" * len(header)]
+    for name, c, cmp in rows:
+        verdict = cmp.verdict
+        if verdict in ("PASS", "FAIL"):
+            verdict += f" (|diff top-1| <= {cmp.tolerance:g})"
+        lines.append(
+            f"{result.arch:<10} {name:<17} {c.n:>7,}  {c.top1_err:>9.3f} {num(cmp.top1_err):>7} "
+            f"{num(cmp.diff_top1, '+.3f'):>7}  {c.top5_err:>9.3f} {num(cmp.top5_err):>7} "
+            f"{num(cmp.diff_top5, '+.3f'):>7}  {verdict}"
+        )
+    r = result.record
+    for name, _, cmp in rows:
+        if cmp.source:
+            lines.append(f"reference ({name}): {cmp.source}" + (f"; {cmp.note}" if cmp.note else ""))
+        elif cmp.note:
+            lines.append(f"no reference ({name}): {cmp.note}")
+    how = (
+        f"resize {r['val_resize']} / centre crop {r['val_crop']} ({r['interpolation']})"
+        if "val_resize" in r
+        else f"test scales Q={r['test_scales']}, training crop {r['train_crop']} ({r['interpolation']})"
+    )
+    lines.append(
+        f"{how}; backend {r['backend']}; {r['world_size']} process(es) on {r['device']}, {r['precision']}; "
+        f"{r['seconds']:.1f} s ({r['images_per_s']:,.1f} img/s)"
+    )
+    ck = r["checkpoint"]
+    lines.append(
+        f"checkpoint {ck['path']} ({ck['kind']}, arch from {ck['arch_source']}) sha256 {ck['sha256']}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Schedules, weight-decay groups, distributed environment detection, paper initialisation from net A."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from train import distributed
+from train.config import load_config
+from train.init import init_from_checkpoint
+from train.models import build_model
+from train.optim import Schedule, build_optimizer, param_groups
+
+
+def _schedule(name: str, *overrides: str) -> Schedule:
+    cfg = load_config(name, list(overrides))
+    return Schedule(cfg, build_optimizer(cfg, torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(("arch", "lr"), [("vgg16", 0.01), ("vgg16_bn", 0.1)])
+def test_torchvision_step_schedule(arch, lr):
+    s = _schedule(arch)
+    expected = [lr] * 30 + [lr / 10] * 30 + [lr / 100] * 30
+    assert [s.lr_at(e) for e in range(90)] == pytest.approx(expected, rel=1e-12)
+
+
+def test_warmup_then_step():
+    s = _schedule("vgg16_bn", "sched.warmup_epochs=5", "sched.warmup_factor=0.1")
+    assert [s.lr_at(e) for e in range(6)] == pytest.approx([0.01, 0.028, 0.046, 0.064, 0.082, 0.1])
+    assert s.lr_at(30) == pytest.approx(0.01)
+
+
+def test_cosine_ends_near_zero():
+    s = _schedule("vgg16_bn", "sched.name=cosine", "sched.epochs=10")
+    lrs = [s.lr_at(e) for e in range(10)]
+    assert lrs[0] == pytest.approx(0.1) and all(a > b for a, b in itertools.pairwise(lrs))
+
+
+def test_paper_plateau_drops_at_most_three_times_and_resumes():
+    s = _schedule("paper/vgg16", "sched.plateau_patience=1")
+    lrs = []
+    for epoch in range(14):
+        lrs.append(s.start_epoch(epoch))
+        s.end_epoch(epoch, 60.0)  # no improvement after the first epoch
+    assert lrs[0] == 0.01 and min(lrs) == pytest.approx(1e-5) and s.drops == 3
+    assert sorted(set(round(x, 12) for x in lrs)) == [1e-5, 1e-4, 1e-3, 1e-2]
+    # the plateau state survives a checkpoint round trip
+    t = _schedule("paper/vgg16", "sched.plateau_patience=1")
+    t.load_state_dict(s.state_dict())
+    assert t.lr_at(14) == s.lr_at(14) and t.drops == 3
+
+
+def test_plateau_keeps_lr_while_improving():
+    s = _schedule("paper/vgg16", "sched.plateau_patience=0")
+    for epoch in range(5):
+        assert s.start_epoch(epoch) == 0.01
+        s.end_epoch(epoch, 50.0 + epoch)  # +1 point per epoch > 0.1 threshold
+
+
+def test_no_weight_decay_on_bn_and_bias_by_module_type():
+    model = build_model("vgg11_bn", num_classes=10, classifier_width=16)
+    decay, no_decay = param_groups(model, 5e-4, decay_norm_and_bias=False)
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    bn = model.features[1]  # named "features.1": a name rule like "'bn' in name" would miss it
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    assert id(bn.weight) in no_decay_ids and id(bn.bias) in no_decay_ids
+    assert id(model.features[0].bias) in no_decay_ids and id(model.features[0].weight) not in no_decay_ids
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 5e-4
+    n = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == n
+    (everything,) = param_groups(model, 1e-4, decay_norm_and_bias=True)
+    assert len(everything["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (0, 0, 1, "single")),
+        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3"}, (3, 3, 8, "torchrun")),
+        ({"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (9, 1, 16, "slurm")),
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}, (0, 0, 1, "single")),
+        (  # torchrun inside a SLURM allocation: torchrun's variables win
+            {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+            (1, 1, 2, "torchrun"),
+        ),
+    ],
+)
+def test_detect(monkeypatch, env, expected):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.detect() == expected
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [
+        ("gpu07", "gpu07"),
+        ("gpu[07-09,12]", "gpu07"),
+        ("node[3,5],cpu1", "node3"),
+        ("a-b-c[001-004]", "a-b-c001"),
+    ],
+)
+def test_first_host(nodelist, host):
+    assert distributed.first_host(nodelist) == host
+
+
+def test_single_process_setup_picks_cpu_here(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # as SLURM sets it on GPU-less test nodes
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    info = distributed.setup()
+    if not torch.cuda.is_available():
+        assert info.device == torch.device("cpu")
+    assert info.world_size == 1 and info.is_main and not info.distributed
+
+
+def test_init_from_net_a(tmp_path):
+    a = build_model("vgg11", num_classes=10, classifier_width=32)
+    torch.save({"model": a.state_dict()}, tmp_path / "a.pth")
+    d = build_model("vgg16", num_classes=10, classifier_width=32)
+    before = d.features[2].weight.clone()
+    copied = init_from_checkpoint(d, str(tmp_path / "a.pth"))
+    assert len(copied) == 14  # 4 convs + 3 FC, weight and bias each
+    # A's convs 1-4 land at (block, position) (1,1), (2,1), (3,1), (3,2) of D: features 0, 5, 10, 12
+    for a_idx, d_idx in [(0, 0), (3, 5), (6, 10), (8, 12)]:
+        assert torch.equal(d.features[d_idx].weight, a.features[a_idx].weight)
+    assert torch.equal(d.classifier[6].weight, a.classifier[6].weight)
+    assert torch.equal(d.features[2].weight, before)  # intermediate layers stay random
+    wrong = build_model("vgg16", num_classes=5, classifier_width=32)
+    with pytest.raises(
+        ValueError, match=r"classifier.6.weight \(10, 32\) .* does not fit classifier.6.weight \(5, 32\)"
+    ):
+        init_from_checkpoint(wrong, str(tmp_path / "a.pth"))

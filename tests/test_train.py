@@ -1,0 +1,179 @@
+"""The training engine on real JPEG trees: 2-process gloo DDP, exact resume, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from data_pipeline.demo import make_demo_dataset
+from tests.conftest import run_cli
+from tests.wandb_files import run_files
+from train import distributed
+from train.checkpoint import load_checkpoint_file
+from train.config import load_config
+from train.engine import Trainer, train
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, classes=4, train_per_class=14, val_per_class=5, seed=3, min_size=40, max_size=72)
+    return root
+
+
+def overrides(tree: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A vgg11_bn small enough for seconds per epoch on 2 cores."""
+    return [
+        f"data.root={tree}",
+        f"run_dir={run_dir}",
+        "data.backend=torchvision",
+        "data.batch_size=8",
+        "data.workers=0",
+        "data.train_crop=32",
+        "data.val_resize=36",
+        "data.val_crop=32",
+        "model.num_classes=4",
+        "model.classifier_width=32",
+        "sched.epochs=3",
+        "sched.step_size=2",
+        "sched.warmup_epochs=0",
+        "optim.lr=0.01",
+        "train.print_every=2",
+        "train.deterministic=true",
+        "log.wandb_mode=disabled",
+        "launch.gpus=2",
+        *extra,
+    ]
+
+
+@pytest.fixture
+def deterministic():
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint_file(run_dir / "last.pth")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_epoch_and_mid_epoch_is_exact(tree, tmp_path, deterministic):
+    full = train(load_config("demo", overrides(tree, tmp_path / "full")))
+    assert full["status"] == "done" and full["epoch"] == 3
+    # stopped after epoch 2 (a shorter run), then resumed to 3
+    train(load_config("demo", overrides(tree, tmp_path / "split", "sched.epochs=2")))
+    resumed = train(load_config("demo", overrides(tree, tmp_path / "split")))
+    assert resumed["epoch"] == 3 and resumed["step"] == full["step"]
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "split"))
+    # stopped mid-epoch (as on a SLURM time limit: at the next print interval), then resumed
+    trainer = Trainer(load_config("demo", overrides(tree, tmp_path / "mid")), distributed.setup())
+    trainer.stop_requested = True
+    assert trainer.run()["status"] == "interrupted"
+    state = load_checkpoint_file(tmp_path / "mid" / "last.pth")
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 2)
+    assert train(load_config("demo", overrides(tree, tmp_path / "mid")))["status"] == "done"
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mid"))
+    # the epoch log was not duplicated by the resume
+    epochs = [
+        json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [1, 2, 3]
+
+
+def test_two_process_gloo_run_and_outputs(tree, tmp_path):
+    run_dir = tmp_path / "ddp"
+    # W&B offline, with no credentials or W&B settings from this machine
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {
+        "HOME": str(tmp_path / "home")
+    }
+    out = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", "--config", "demo",
+                  *overrides(tree, run_dir, "sched.epochs=2", "train.deterministic=false", "log.wandb_mode=auto"),
+                  timeout=600, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "epoch 2/2 done" in out.stdout and "2 process(es)" in out.stdout and "eta" in out.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["val_images"] == 4 * 5 for r in records)  # every val image exactly once over the 2 ranks
+    assert all(
+        0 <= r["val_top1_err"] <= r["val_top5_err"] + 100 and r["val_top5_err"] <= r["val_top1_err"]
+        for r in records
+    )
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "train.log").is_file() and (run_dir / "config.yaml").is_file()
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "config",
+        "rng",
+        "wandb_id",
+    } <= state.keys()
+    assert len(state["rng"]) == 2 and state["epoch"] == 2
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    # same parameter names and conv shapes as torchvision's vgg11_bn: loads strictly once the classifier matches
+    tv = torchvision.models.vgg11_bn(num_classes=4)
+    tv.classifier = torch.nn.Sequential(*[torch.nn.Linear(25088, 32), torch.nn.ReLU(True), torch.nn.Dropout(),
+                                          torch.nn.Linear(32, 32), torch.nn.ReLU(True), torch.nn.Dropout(),
+                                          torch.nn.Linear(32, 4)])  # fmt: skip
+    tv.load_state_dict(state["model"], strict=True)
+    assert (run_dir / "best.pth").is_file() and len(list((run_dir / "checkpoints").glob("epoch_*.pth"))) == 2
+    # the offline W&B run file holds what the run logged (rank 0 only: one run)
+    (wandb_run,) = run_files(run_dir, state["wandb_id"])
+    logged = {row["epoch/epoch"]: row for row in wandb_run.history if "epoch/epoch" in row}
+    for r in records:
+        assert logged[r["epoch"]]["epoch/val_top1_err"] == r["val_top1_err"]
+        assert logged[r["epoch"]]["epoch/train_loss"] == r["train_loss"]
+    assert any("train/img_per_s" in row and "train/data_time_s" in row for row in wandb_run.history)
+    assert wandb_run.summary["best_val_top1_err"] == min(r["val_top1_err"] for r in records)
+    assert wandb_run.config["model"]["arch"] == "vgg11_bn"
+
+
+def _bad(tree: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
+    out = run_cli("-m", "train", "--config", "demo", *overrides(tree, run_dir, *extra))
+    return out.returncode, out.stderr.strip()
+
+
+def test_bad_input_is_one_line_and_leaves_no_checkpoint(tree, tmp_path):
+    code, err = _bad(tree, tmp_path / "a", "model.arch=vgg17")
+    assert code == 2 and err.startswith("error: model.arch='vgg17' is not one of") and "\n" not in err
+    code, err = _bad(tmp_path / "nowhere", tmp_path / "b")
+    assert code == 1 and "nowhere" in err and "does not exist" in err and "\n" not in err
+    (tmp_path / "file").write_text("x")
+    code, err = _bad(tree, tmp_path / "file" / "run")
+    assert code == 1 and err.startswith("error: run_dir") and "not writable" in err and "\n" not in err
+    code, err = _bad(tree, tmp_path / "nan", "optim.lr=1e12", "sched.epochs=1")
+    assert (code == 1 and err.startswith("error: loss is nan")) or err.startswith("error: loss is inf"), err
+    assert not (tmp_path / "nan" / "last.pth").exists()
+    for run in ("a", "b", "nan"):
+        assert not list((tmp_path / run).glob("**/*.pth")) if (tmp_path / run).exists() else True
+
+
+def test_resume_from_another_arch_is_refused(tree, tmp_path):
+    run_dir = tmp_path / "r"
+    assert train(load_config("demo", overrides(tree, run_dir, "sched.epochs=1")))["status"] == "done"
+    code, err = _bad(tree, run_dir, "model.arch=vgg13_bn")
+    assert code == 1 and "cannot resume" in err and "model.arch='vgg11_bn'" in err and "\n" not in err
+
+
+def test_batch_not_divisible_by_world_size(tree, tmp_path):
+    out = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", "--config", "demo",
+                  *overrides(tree, tmp_path / "odd", "data.batch_size=9", "launch.gpus=1"))  # fmt: skip
+    assert out.returncode != 0
+    assert "error: data.batch_size=9 (global) is not divisible by the world size 2" in out.stderr
+    assert out.stderr.count("error: data.batch_size=9") == 1

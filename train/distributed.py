@@ -1,0 +1,147 @@
+"""Distributed setup in one place: torchrun's variables, else SLURM's, else a single process.
+
+    torchrun --nproc_per_node=2 -m train --config demo          # CPU: gloo; GPU: NCCL, one process per GPU
+    srun --ntasks-per-node=8 --gpus-per-node=8 python -m train ...  # SLURM: SLURM_PROCID / SLURM_NTASKS / ...
+
+The device is chosen by ``torch.cuda.is_available()``, never by ``CUDA_VISIBLE_DEVICES`` (SLURM sets that
+variable on GPU-less test clusters too).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DistError(RuntimeError):
+    """A distributed-setup problem, described in one line."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    source: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list: ``gpu[07-09,12],cpu1`` → ``gpu07``."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise DistError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise DistError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def detect() -> tuple[int, int, int, str]:
+    """(rank, local_rank, world_size, source) from the environment, without initialising anything.
+
+    torchrun's RANK/WORLD_SIZE/LOCAL_RANK win over SLURM's, so ``srun torchrun ...`` and a torchrun inside an
+    ``salloc`` shell both work. A SLURM allocation with one task is a single process.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+        return _env_int("RANK"), local, _env_int("WORLD_SIZE"), "torchrun"
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and _env_int("SLURM_NTASKS") > 1:
+        # SLURM_NTASKS is the world size: torchvision's SLURM branch never read it (a classic trap).
+        local = _env_int("SLURM_LOCALID") if "SLURM_LOCALID" in os.environ else 0
+        return _env_int("SLURM_PROCID"), local, _env_int("SLURM_NTASKS"), "slurm"
+    return 0, 0, 1, "single"
+
+
+def setup(backend: str = "auto", timeout_min: int = 30) -> DistInfo:
+    """Initialise the process group (if more than one process) and pick this process's device."""
+    rank, local_rank, world_size, source = detect()
+    if not 0 <= rank < world_size:
+        raise DistError(f"rank {rank} is outside world size {world_size} ({source} environment)")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise DistError(f"local rank {local_rank} but only {n} visible GPU(s): one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise DistError("dist.backend=nccl needs CUDA GPUs; use dist.backend=gloo (or auto) on CPU")
+    if world_size > 1 and not dist.is_initialized():
+        if source == "slurm":
+            os.environ.setdefault(
+                "MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost"))
+            )
+            # One port per job, so two jobs sharing a node do not collide.
+            os.environ.setdefault(
+                "MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
+            )
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if var not in os.environ:
+                raise DistError(f"{var} is not set: launch with torchrun, srun or slurm/launch.py")
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_min),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistInfo(rank, local_rank, world_size, device, source)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes, in place (a no-op for one process). Counts, never averages."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj):
+    """List of ``obj`` from every rank (``[obj]`` for one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

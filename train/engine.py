@@ -1,0 +1,461 @@
+"""The training loop: DDP, the recipe's schedule, per-epoch exact validation, checkpoints, exact resume.
+
+    torchrun --nproc_per_node=2 -m train --config demo                  # 2 CPU processes (gloo)
+    torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet
+
+Resume is automatic from ``run_dir/last.pth`` (``ckpt.resume=auto``). A run stopped after epoch k and resumed
+ends with the same weights as one that was never stopped (tests/test_train.py checks it bitwise on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from evaluate.core import topk_hits
+from train import distributed
+from train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file, unwrap
+from train.config import Config, from_dict, to_dict, validate
+from train.optim import Schedule, build_optimizer
+from train.report import ETA, JsonLines, format_duration, max_memory_gb, plot_curves, setup_logging
+from train.run import RunError, prepare_run_dir
+
+# Config keys a resumed run must share with its checkpoint (others, e.g. sched.epochs, may change and are logged).
+RESUME_MUST_MATCH = ("recipe", "model", "data.batch_size", "optim.name")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Counts:
+    """Summed over processes: never averaged, so the error is exact whatever the shard sizes."""
+
+    loss_sum: float
+    correct1: int
+    correct5: int
+    n: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.n, 1)
+
+    @property
+    def top1_err(self) -> float:
+        return 100.0 * (1.0 - self.correct1 / self.n) if self.n else float("nan")
+
+    @property
+    def top5_err(self) -> float:
+        return 100.0 * (1.0 - self.correct5 / self.n) if self.n else float("nan")
+
+
+def reduce_counts(loss_sum: torch.Tensor, c1: torch.Tensor, c5: torch.Tensor, n: torch.Tensor) -> Counts:
+    packed = torch.stack([loss_sum.double(), c1.double(), c5.double(), n.double()])
+    distributed.all_reduce_sum(packed)  # float64 holds integer counts exactly up to 2^53
+    loss, a, b, m = packed.tolist()
+    return Counts(loss, int(a), int(b), int(m))
+
+
+def autocast(cfg: Config, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def validate_model(model: nn.Module, loader, cfg: Config, device: torch.device) -> Counts:
+    """Loss and top-1/top-5 counts over this rank's val shard, summed over all ranks (each image once)."""
+    model.eval()
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum, c1, c5, n = (
+        torch.zeros((), dtype=torch.float64, device=device),
+        zero.clone(),
+        zero.clone(),
+        zero.clone(),
+    )
+    for images, labels in loader:
+        with autocast(cfg, device):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+        a, b = topk_hits(logits, labels)
+        c1 += a
+        c5 += b
+        n += labels.numel()
+    return reduce_counts(loss_sum, c1, c5, n)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as bytes, ints and lists: picklable across ranks (all_gather_object) and
+    loadable with weights_only=True."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": bytes(torch.get_rng_state().numpy()),
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = bytes(torch.cuda.get_rng_state().numpy())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(state["cuda"]), dtype=torch.uint8))
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+class Trainer:
+    """One training run on this process (one of world_size)."""
+
+    def __init__(self, cfg: Config, dist_info: distributed.DistInfo) -> None:
+        from data_pipeline import build_loader
+        from train.models import build_model_from_config
+        from train.tracking import Tracker
+
+        self.cfg, self.dist = cfg, dist_info
+        self.device = dist_info.device
+        validate(cfg, world_size=dist_info.world_size)
+        run_dir = Path(cfg.run_dir)
+        if dist_info.is_main:
+            prepare_run_dir(cfg)  # RunError if not writable
+        distributed.barrier()
+        self.run_dir = run_dir
+        self.log = setup_logging(dist_info.is_main, run_dir / "train.log")
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.backends.cudnn.benchmark = True
+        tf32 = cfg.train.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        # Same init on every rank (DDP also broadcasts rank 0's weights); dropout streams differ per rank.
+        torch.manual_seed(cfg.seed)
+        model = build_model_from_config(cfg.model)
+        if cfg.model.init_from:
+            from train.init import init_from_checkpoint
+
+            init_from_checkpoint(model, cfg.model.init_from, self.log)
+        model.to(self.device)
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        torch.manual_seed(cfg.seed + 1000 * dist_info.rank)
+        random.seed(cfg.seed + dist_info.rank)
+        np.random.seed((cfg.seed + dist_info.rank) % 2**32)
+        self.optimizer = build_optimizer(cfg, model)
+        self.schedule = Schedule(cfg, self.optimizer)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
+        self.ddp = (
+            DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if dist_info.distributed
+            else model
+        )
+        self.forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        rank, world = dist_info.rank, dist_info.world_size
+        self.train_loader = build_loader(cfg, "train", rank=rank, world_size=world, device=self.device)
+        self.val_loader = build_loader(cfg, "val", rank=rank, world_size=world, device=self.device)
+        if len(self.train_loader.classes) != cfg.model.num_classes:
+            raise RunError(
+                f"{cfg.data.root} has {len(self.train_loader.classes)} classes but "
+                f"model.num_classes={cfg.model.num_classes}"
+            )
+        self.ckpts = CheckpointManager(run_dir, cfg.ckpt.keep_recent)
+        self.epochs_log = JsonLines(run_dir / "metrics.jsonl")
+        self.steps_log = JsonLines(run_dir / "steps.jsonl")
+        self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.best_top1_err = float("inf")
+        self.resumed_wandb_id = self._resume()
+        self.tracker = Tracker.create(cfg, run_dir, dist_info.is_main, resume_id=self.resumed_wandb_id)
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.ckpt.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.ckpts.latest()
+        return Path(resume)
+
+    def _resume(self) -> str | None:
+        path = self._resume_path()
+        if path is None:
+            self.log.info("starting from scratch (no checkpoint in %s)", self.run_dir)
+            return None
+        state = load_checkpoint_file(path)
+        if not isinstance(state, dict) or "model" not in state or "config" not in state:
+            raise CheckpointError(
+                f"{path} is not a training checkpoint of this project (no 'model'/'config')"
+            )
+        saved, now = to_dict(from_dict(state["config"])), to_dict(self.cfg)
+        differ = _diff_keys(saved, now)
+        bad = [k for k in differ if any(k == m or k.startswith(m + ".") for m in RESUME_MUST_MATCH)]
+        if bad:
+            k = bad[0]
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with {k}={_get(saved, k)!r}, this run has "
+                f"{_get(now, k)!r} (use another run_dir, or ckpt.resume=never)"
+            )
+        if differ:
+            self.log.warning("resuming with changed config keys: %s", ", ".join(differ))
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.batch_in_epoch = state.get("batch_in_epoch", 0)
+        self.best_top1_err = state["best_top1_err"]
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[self.dist.rank])
+        else:
+            self.log.warning("checkpoint has RNG states of %d processes, this run has %d: not restored",
+                             len(rngs), self.dist.world_size)  # fmt: skip
+        if self.dist.is_main:
+            self.epochs_log.truncate("epoch", self.epoch)
+            self.steps_log.truncate("step", self.step)
+        where = f"epoch {self.epoch}" + (f", batch {self.batch_in_epoch}" if self.batch_in_epoch else "")
+        self.log.info("resumed from %s at %s (step %d)", path, where, self.step)
+        return state.get("wandb_id")
+
+    def _state(self) -> dict[str, Any]:
+        rngs = distributed.all_gather_object(rng_state())
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_top1_err": self.best_top1_err,
+            "config": to_dict(self.cfg),
+            "rng": rngs,
+            # keep the link to the W&B run even when this job runs with W&B off
+            "wandb_id": self.tracker.run_id or self.resumed_wandb_id,
+            "versions": {"torch": str(torch.__version__)},
+        }
+
+    # -------------------------------------------------------------------------------------------- loop
+
+    def run(self) -> dict[str, Any]:
+        cfg, log = self.cfg, self.log
+        epochs = cfg.sched.epochs
+        steps_per_epoch = len(self.train_loader)
+        log.info(
+            "%s: %s on %d process(es) (%s, %s), global batch %d, %d steps/epoch, data %s (%s: %d train / %d val)",
+            cfg.recipe, cfg.model.arch, self.dist.world_size, self.device.type, self.dist.source,
+            cfg.data.batch_size, steps_per_epoch, cfg.data.root, self.train_loader.backend,
+            self.train_loader.dataset_size, self.val_loader.dataset_size,
+        )  # fmt: skip
+        if self.epoch >= epochs:
+            log.info("nothing to do: checkpoint is at epoch %d of %d", self.epoch, epochs)
+            return self._finish("done")
+        eta = ETA((epochs - self.epoch) * steps_per_epoch - self.batch_in_epoch)
+        while self.epoch < epochs:
+            status = self._train_epoch(eta, steps_per_epoch)
+            if status == "interrupted":
+                return self._finish("interrupted")
+            self._end_epoch()
+        return self._finish("done")
+
+    def _train_epoch(self, eta: ETA, steps_per_epoch: int) -> str:
+        cfg, device, epoch = self.cfg, self.device, self.epoch
+        lr = self.schedule.start_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
+        self.forward.train()
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        c1, c5, n = zero.clone(), zero.clone(), zero.clone()
+        interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+        interval_n, data_time, t0 = 0, 0.0, time.perf_counter()
+        per_rank_batch = cfg.data.batch_size // self.dist.world_size
+        skip, self.batch_in_epoch = self.batch_in_epoch, 0
+        end = time.perf_counter()
+        for i, (images, labels) in enumerate(self.train_loader):
+            if (
+                i < skip
+            ):  # mid-epoch resume: the loader is deterministic, so skipping replays the same batches
+                end = time.perf_counter()
+                continue
+            data_time += time.perf_counter() - end
+            with autocast(cfg, device):
+                logits = self.forward(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.optim.clip_grad_norm > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step += 1
+            self.batch_in_epoch = i + 1
+            with torch.no_grad():
+                detached = loss.detach().double()
+                loss_sum += detached * labels.numel()
+                interval_loss += detached
+                a, b = topk_hits(logits.detach(), labels)
+                c1 += a
+                c5 += b
+                n += labels.numel()
+            interval_n += 1
+            if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch:
+                # The only host sync of the loop: once per print interval (no .item() per step).
+                mean_loss = (interval_loss / interval_n).item()
+                if not math.isfinite(mean_loss):
+                    raise NonFiniteLoss(
+                        f"loss is {mean_loss} at epoch {epoch + 1}, step {self.step} (lr {lr:g}): stopping; "
+                        f"lower optim.lr, enable optim.clip_grad_norm or use train.precision=fp32/bf16"
+                    )
+                elapsed = time.perf_counter() - t0
+                steps_done = i + 1 - skip
+                eta.update(eta.steps_done + interval_n)
+                left = (cfg.sched.epochs - epoch - 1) * steps_per_epoch + steps_per_epoch - (i + 1)
+                metrics = {
+                    "train/loss": mean_loss,
+                    "train/lr": lr,
+                    "train/img_per_s": steps_done * per_rank_batch * self.dist.world_size / elapsed,
+                    "train/data_time_s": data_time / steps_done,
+                    "train/max_mem_gb": max_memory_gb(device),
+                }
+                self.log.info(
+                    "epoch %d/%d  step %d/%d  loss %.4f  lr %.4g  %.1f img/s  data %.3fs  mem %.2fG  eta %s",
+                    epoch + 1, cfg.sched.epochs, i + 1, steps_per_epoch, mean_loss, lr,
+                    metrics["train/img_per_s"], metrics["train/data_time_s"], metrics["train/max_mem_gb"],
+                    format_duration(eta.remaining(left)),
+                )  # fmt: skip
+                self.tracker.log(metrics, step=self.step)
+                if self.dist.is_main:
+                    self.steps_log.append({"step": self.step, "epoch_float": epoch + (i + 1) / steps_per_epoch,
+                                           "loss": mean_loss, "lr": lr})  # fmt: skip
+                interval_loss.zero_()
+                interval_n = 0
+                if self._stop_agreed():
+                    self._save_interrupt()
+                    return "interrupted"
+            end = time.perf_counter()
+        self.train_counts = reduce_counts(loss_sum, c1, c5, n)
+        self.epoch_time = time.perf_counter() - t0
+        self.epoch_lr = lr
+        return "ok"
+
+    def _stop_agreed(self) -> bool:
+        """All ranks stop at the same step if any of them was asked to (signal), else none does."""
+        flag = torch.tensor([1 if self.stop_requested else 0], device=self.device)
+        distributed.all_reduce_sum(flag)
+        return bool(flag.item())
+
+    def _end_epoch(self) -> None:
+        cfg, log = self.cfg, self.log
+        val = validate_model(
+            self.model, self.val_loader, cfg, self.device
+        )  # no DDP: shards may differ in batches
+        self.schedule.end_epoch(self.epoch, 100.0 - val.top1_err)
+        train = self.train_counts
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        is_best = val.top1_err < self.best_top1_err
+        self.best_top1_err = min(self.best_top1_err, val.top1_err)
+        record = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.epoch_lr,
+            "train_loss": train.loss,
+            "train_top1_err": train.top1_err,
+            "train_top5_err": train.top5_err,
+            "val_loss": val.loss,
+            "val_top1_err": val.top1_err,
+            "val_top5_err": val.top5_err,
+            "val_images": val.n,
+            "epoch_time_s": self.epoch_time,
+            "img_per_s": train.n / self.epoch_time,
+        }
+        log.info(
+            "epoch %d/%d done in %s: train loss %.4f top-1 err %.2f%% | val loss %.4f top-1 err %.2f%% "
+            "top-5 err %.2f%% (%d images)%s",
+            self.epoch, cfg.sched.epochs, format_duration(self.epoch_time), train.loss, train.top1_err,
+            val.loss, val.top1_err, val.top5_err, val.n, "  [best]" if is_best else "",
+        )  # fmt: skip
+        self.tracker.log({f"epoch/{k}": v for k, v in record.items()}, step=self.step)
+        self.tracker.summary(best_val_top1_err=self.best_top1_err)
+        state = (
+            self._state()
+            if (self.epoch % cfg.ckpt.every_epochs == 0 or self.epoch == cfg.sched.epochs)
+            else None
+        )
+        if self.dist.is_main:
+            self.epochs_log.append(record)
+            if state is not None:
+                path = self.ckpts.save(state, self.epoch, is_best)
+                log.info("checkpoint %s (last.pth%s)", path, ", best.pth" if is_best else "")
+                if is_best:
+                    self.tracker.log_checkpoint(self.ckpts.best)
+            plot_curves(self.epochs_log.read(), self.steps_log.read(), self.run_dir / "curves.png",
+                        f"{cfg.model.arch} ({cfg.recipe} recipe)")  # fmt: skip
+        distributed.barrier()
+
+    def _save_interrupt(self) -> None:
+        state = self._state()
+        if self.dist.is_main:
+            self.ckpts.save_interrupt(state)
+            self.log.info("stop requested: saved %s at epoch %d, batch %d", self.ckpts.last, self.epoch + 1,
+                          self.batch_in_epoch)  # fmt: skip
+        distributed.barrier()
+
+    def _finish(self, status: str) -> dict[str, Any]:
+        records = self.epochs_log.read() if self.dist.is_main else []
+        last = records[-1] if records else {}
+        if self.dist.is_main and status == "done":
+            self.log.info(
+                "finished: best val top-1 err %.2f%%; run folder %s (last.pth, best.pth, metrics.jsonl, curves.png)",
+                self.best_top1_err, self.run_dir,
+            )  # fmt: skip
+        self.tracker.finish(exit_code=0)
+        return {"status": status, "epoch": self.epoch, "step": self.step, "best_top1_err": self.best_top1_err,
+                **{k: v for k, v in last.items() if k.startswith("val_")}}  # fmt: skip
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Set up distributed, train to cfg.sched.epochs (or a stop request), tear down."""
+    info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min)
+    try:
+        return Trainer(cfg, info).run()
+    finally:
+        distributed.cleanup()

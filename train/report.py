@@ -1,0 +1,120 @@
+"""What a run shows and leaves behind: console progress with ETA, JSON lines per epoch, the loss/error plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LOGGER_NAME = "train"
+
+
+def setup_logging(is_main: bool, log_file: Path | None = None) -> logging.Logger:
+    """Rank 0 logs INFO to stdout (flushed per line: SLURM buffers output) and to run_dir/train.log; others warn."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if is_main and log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or this process's peak resident memory on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class ETA:
+    """Remaining time from the mean step time so far (validation time counted per epoch)."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.start = time.perf_counter()
+        self.steps_done = 0
+
+    def update(self, steps_done_this_session: int) -> None:
+        self.steps_done = steps_done_this_session
+
+    def remaining(self, steps_left: int) -> float:
+        if self.steps_done == 0:
+            return float("nan")
+        return (time.perf_counter() - self.start) / self.steps_done * steps_left
+
+
+class JsonLines:
+    """Append-only JSON lines (rank 0). ``truncate(key, limit)`` drops records past a resumed checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate(self, key: str, limit: int) -> None:
+        kept = [r for r in self.read() if r.get(key, 0) <= limit]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_curves(
+    epochs: list[dict[str, Any]], steps: list[dict[str, Any]], path: Path, title: str
+) -> Path | None:
+    """Loss (per logged step interval and per epoch) and top-1/top-5 error per epoch, as a PNG."""
+    if not epochs and not steps:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        ax_loss.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.6,
+                     label="train (logged intervals)")  # fmt: skip
+    if epochs:
+        x = [e["epoch"] for e in epochs]
+        ax_loss.plot(x, [e["train_loss"] for e in epochs], "o-", label="train (epoch mean)")
+        ax_loss.plot(x, [e["val_loss"] for e in epochs], "s-", label="val")
+        for key, style in (("train_top1_err", "o--"), ("val_top1_err", "s-"), ("train_top5_err", "o:"),
+                           ("val_top5_err", "s:")):  # fmt: skip
+            ax_err.plot(x, [e[key] for e in epochs], style, label=key.replace("_", " "))
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="top-1 / top-5 error")
+    for ax in (ax_loss, ax_err):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
