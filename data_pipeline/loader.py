@@ -1,0 +1,262 @@
+"""Train/val loaders: one interface over the DALI backend (GPU or CPU-only) and the torchvision backend.
+
+    from data_pipeline import build_loader
+    loader = build_loader(cfg, "train", rank=rank, world_size=world_size, device=device)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)              # order: a function of (cfg.seed, epoch), as DistributedSampler's
+        for images, labels in loader:        # float32 NCHW normalised, int64 labels, both on `device`
+            ...
+
+Which backend: ``data.backend=torchvision`` → PIL decoding + torchvision.transforms.v2 in DataLoader workers
+(``torchvision``); ``data.backend=dali`` → DALI, with ``data.dali_device``: ``auto`` decodes on the GPU
+(``dali-gpu``, nvJPEG/hardware decoder) when ``device`` is CUDA and with CPU operators (``dali-cpu``) otherwise;
+``gpu`` insists on GPU decoding and is an error (``DataError``) when ``device`` is not a CUDA device — no silent
+fallback; ``cpu`` always uses CPU operators. ``loader.backend`` says which path produced the numbers.
+
+Sharding (``world_size`` processes, ``rank`` = the GLOBAL rank):
+
+* train: every epoch is a permutation of the dataset drawn from ``cfg.seed + epoch`` (torch.randperm, as
+  ``DistributedSampler``), cut to a multiple of ``world_size``; rank r takes every world_size-th index from r,
+  exactly ``DistributedSampler(shuffle=True, drop_last=True)``'s split. Every rank runs
+  ``(dataset_size // world_size) // batch`` steps (the same number on every rank: DDP never waits on a missing
+  batch); the last partial batch is dropped. Both backends visit the same images in the same order.
+* val: rank r reads the contiguous block ``[N·r // W, N·(r+1) // W)`` of the sorted file list (the split
+  ``fn.readers.file`` makes with ``shard_id=rank, num_shards=W``), every image exactly once over all ranks, no
+  padding duplicates; the last batch may be partial and batch counts may differ by one between ranks.
+
+Per-process batch = ``data.batch_size // world_size``. Labels are indices into the sorted class folders
+(``data_pipeline.layout``: torchvision ImageFolder's order). Bad input (missing root, empty class folder,
+train/val class mismatch, an unreadable image) raises ``DataError`` with one line naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torchvision.datasets.folder import find_classes
+
+from data_pipeline.layout import DataError, SplitIndex, index_split
+from data_pipeline.transforms import TransformSpec
+
+__all__ = ["SPLITS", "Loader", "build_loader", "epoch_shards", "train_steps", "val_shard"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+
+
+# ----------------------------------------------------------------------------------------- sharding math
+
+
+def val_shard(n: int, rank: int, world_size: int) -> range:
+    """Indices of the sorted val list that ``rank`` reads: ``[n·rank // W, n·(rank+1) // W)``."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def train_steps(n: int, world_size: int, batch: int) -> int:
+    """Training steps per epoch, the same on every rank: ``(n // world_size) // batch``."""
+    return (n // world_size) // batch
+
+
+def epoch_shards(n: int, world_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Per-rank index lists of one training epoch, identical to what
+    ``DistributedSampler(shuffle=True, drop_last=True, seed=seed)`` gives each rank after ``set_epoch(epoch)``
+    (one ``torch.randperm`` seeded with ``seed + epoch``, cut to a multiple of ``world_size``, strided)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    total = (n // world_size) * world_size
+    perm = torch.randperm(n, generator=g)[:total]
+    return [perm[r:total:world_size].tolist() for r in range(world_size)]
+
+
+# ---------------------------------------------------------------------------------------------- the API
+
+
+class Loader:
+    """What every backend provides (see the module docstring). Iterate for ``(images, labels)`` batches."""
+
+    backend: str  # "dali-gpu" | "dali-cpu" | "torchvision"
+
+    def __init__(
+        self,
+        index: SplitIndex,
+        split: str,
+        spec: TransformSpec,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+        channels_last: bool,
+        workers: int,
+    ) -> None:
+        self.index = index
+        self.split = split
+        self.spec = spec
+        self.batch_size = batch_size  # per process
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.seed = seed
+        self.channels_last = channels_last
+        self.workers = workers
+        self.epoch = 0
+        n = len(index)
+        if split == "train":
+            self.steps = train_steps(n, world_size, batch_size)
+            self.num_samples = self.steps * batch_size
+        else:
+            shard = val_shard(n, rank, world_size)
+            self.num_samples = len(shard)
+            self.steps = math.ceil(len(shard) / batch_size)
+
+    @property
+    def dataset_size(self) -> int:
+        """Images in the split (all ranks together)."""
+        return len(self.index)
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted wnids; a label is an index into this list."""
+        return self.index.classes
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (train: the same on every rank)."""
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Train: the next pass uses epoch ``epoch``'s order (a function of (seed, epoch)). Val: no effect."""
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release worker processes / DALI pipelines now (they are also released when the loader is collected)."""
+
+    def describe(self) -> str:
+        """One line for the log: backend, split, shard and batch."""
+        return (
+            f"{self.split} loader: backend {self.backend}, rank {self.rank}/{self.world_size}, "
+            f"{self.num_samples:,} of {self.dataset_size:,} images in {len(self):,} batches of "
+            f"{self.batch_size} on {self.device}"
+        )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+CHECK_HINT = "`python -m data_pipeline check ROOT` lists every unreadable file"
+
+
+def decode_error_reason(e: BaseException) -> str:
+    """A short reason for an exception from decoding an image (PIL, torchvision.io)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _index(root: str, split: str) -> SplitIndex:
+    """Index the split; when the other split's folder exists too, its class folders must be the same."""
+    index = index_split(root, split)
+    other = Path(root) / ("val" if split == "train" else "train")
+    if other.is_dir():
+        try:
+            other_classes, _ = find_classes(str(other))
+        except FileNotFoundError:
+            raise DataError(f"{other} has no class folders") from None
+        if other_classes != index.classes:
+            mine, theirs = set(index.classes), set(other_classes)
+            raise DataError(
+                f"train/ and val/ class folders differ under {root}: {len(mine - theirs)} only in {split} "
+                f"{sorted(mine - theirs)[:5]}, {len(theirs - mine)} only in {other.name} "
+                f"{sorted(theirs - mine)[:5]}"
+            )
+    return index
+
+
+def _dali_wants_gpu(dali_device: str, device: torch.device) -> bool:
+    if dali_device == "cpu":
+        return False
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DataError(f"device {device} was asked for but CUDA is not available")
+        return True
+    if dali_device == "gpu":
+        raise DataError(
+            f"data.dali_device=gpu needs a CUDA device, but this process runs on {device}"
+            f"{'' if torch.cuda.is_available() else ' (no CUDA here)'}: set data.dali_device=cpu (DALI's "
+            "CPU-only pipeline) or data.backend=torchvision"
+        )
+    return False  # auto on a CPU device
+
+
+def build_loader(
+    cfg,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    *,
+    decoder: str = "pil",
+) -> Loader:
+    """The ``split`` ("train" | "val") loader of process ``rank`` (global) of ``world_size`` for ``cfg``
+    (a ``train.config.Config``). Raises ``DataError`` (one line) for a bad dataset or an impossible request.
+
+    ``decoder`` (torchvision backend only): ``pil`` (default, as torchvision's reference scripts) or
+    ``torchvision.io`` (``decode_image`` on tensors; the benchmarks compare both)."""
+    device = torch.device(device)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    d = cfg.data
+    if d.batch_size % world_size:
+        raise DataError(
+            f"data.batch_size={d.batch_size} (global) is not divisible by the world size {world_size}"
+        )
+    batch = d.batch_size // world_size
+    index = _index(d.root, split)
+    if split == "train" and train_steps(len(index), world_size, batch) == 0:
+        raise DataError(
+            f"{index.root} has {len(index)} images: not one full batch of {batch} for each of {world_size} "
+            "processes; lower data.batch_size"
+        )
+    common = dict(
+        index=index,
+        split=split,
+        spec=TransformSpec.from_config(d),
+        batch_size=batch,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        seed=int(cfg.seed),
+        channels_last=bool(cfg.train.channels_last),
+        workers=int(d.workers),
+    )
+    loader: Loader
+    if d.backend == "torchvision":
+        from data_pipeline.torchvision_backend import TorchvisionLoader
+
+        loader = TorchvisionLoader(**common, decoder=decoder)
+    elif d.backend == "dali":
+        gpu = _dali_wants_gpu(getattr(d, "dali_device", "auto"), device)
+        try:
+            from data_pipeline.dali_backend import DaliLoader
+        except ImportError as e:
+            raise DataError(
+                f"data.backend=dali but NVIDIA DALI cannot be imported ({e}); install nvidia-dali-cuda120 or "
+                "set data.backend=torchvision"
+            ) from None
+        loader = DaliLoader(**common, gpu=gpu)
+    else:
+        raise DataError(f"data.backend={d.backend!r} is not one of: dali, torchvision")
+    log.info(loader.describe())
+    return loader

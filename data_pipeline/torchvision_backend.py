@@ -1,0 +1,187 @@
+"""torchvision backend: decode + per-image transforms in DataLoader worker processes, normalise on the device.
+
+    loader = build_loader(cfg, "val")                    # cfg.data.backend=torchvision (see data_pipeline.loader)
+    TorchvisionLoader(..., decoder="torchvision.io")     # the decode_image variant (benchmarks)
+
+Each worker decodes an image with PIL (``decoder="pil"``, as torchvision's references/classification does:
+``Image.open(f).convert("RGB")``, so greyscale and CMYK JPEGs become RGB and a PNG named .JPEG is read as PNG) or
+with ``torchvision.io.decode_image`` (``decoder="torchvision.io"``, libjpeg-turbo on a tensor; same RGB
+conversions), applies ``TransformSpec.train_transform()`` / ``val_transform()`` (torchvision.transforms.v2) and
+returns uint8. Batches cross the worker → main process boundary as uint8 (4× less than float32); the main
+process moves them to the device (pinned memory + non_blocking on CUDA), applies the PCA colour shift and
+normalises there (``TransformSpec.normalize``), in channels_last when asked.
+
+Train: ``DistributedSampler(shuffle=True, drop_last=True, seed=cfg.seed)`` + ``DataLoader(drop_last=True)``:
+``(N // W) // batch`` steps on every rank. Each image's augmentation is seeded from (seed, epoch, index) and the
+colour shifts from (seed, epoch, rank), so an epoch's batches are a function of (seed, epoch), whatever the
+worker count, and a run resumed mid-epoch sees the same batches. Val: the rank's contiguous block ``val_shard`` (no padding), in
+sorted order. Workers are persistent when ``workers > 0``. An image that does not decode raises ``DataError``
+naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+
+from data_pipeline.layout import DataError
+from data_pipeline.loader import CHECK_HINT, Loader, decode_error_reason, val_shard
+
+__all__ = ["DECODERS", "TorchvisionLoader", "decode"]
+
+DECODERS = ("pil", "torchvision.io")
+
+
+def decode(path: str, decoder: str = "pil") -> Any:
+    """An RGB image from a file: a PIL image (``pil``) or a uint8 (3, H, W) tensor (``torchvision.io``)."""
+    if decoder == "pil":
+        from PIL import Image
+
+        with open(path, "rb") as f, Image.open(f) as img:
+            return img.convert("RGB")  # loads the pixels; a truncated file raises here
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
+class ImageFiles(Dataset):
+    """(uint8 (3, h, w) tensor, label) for each (path, label) of ``samples``, decoded with ``decoder``.
+
+    Indexed with ``(index, epoch)`` (``EpochIndices``): when ``seed`` is set (training), the transform's random
+    draws are seeded from (seed, epoch, index), so an image's augmentation does not depend on which worker
+    process made it, on the worker count, or on what ran before: a resumed run reproduces it. In the main
+    process (``workers=0``) the global torch RNG is saved and restored around it, so loading never shifts the
+    training loop's own random numbers (dropout).
+    """
+
+    def __init__(
+        self, samples: list[tuple[str, int]], transform: Any, decoder: str = "pil", seed: int | None = None
+    ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        self.samples = samples
+        self.transform = transform
+        self.decoder = decoder
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, label = self.samples[i]
+        try:
+            image = decode(path, self.decoder)
+        except Exception as e:  # PIL: OSError/UnidentifiedImageError; torchvision.io: RuntimeError
+            raise DataError(f"cannot decode {path} ({decode_error_reason(e)}); {CHECK_HINT}") from None
+        if self.seed is None:
+            return self.transform(image), label
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
+        if get_worker_info() is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self.transform(image), label
+        torch.manual_seed(sample_seed)  # a worker process: its global RNG serves only the transforms
+        return self.transform(image), label
+
+
+class EpochIndices(Sampler):
+    """Yields ``(index, epoch)`` for the indices of ``indices`` (a DistributedSampler, whose ``epoch`` it reads,
+    or a fixed list), so the dataset can seed each sample's augmentation (``ImageFiles``)."""
+
+    def __init__(self, indices: DistributedSampler | list[int]) -> None:
+        self.indices = indices
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = int(getattr(self.indices, "epoch", 0))
+        return ((int(i), epoch) for i in self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TorchvisionLoader(Loader):
+    """DataLoader-based loader; see the module docstring."""
+
+    backend = "torchvision"
+
+    def __init__(self, *args: Any, decoder: str = "pil", prefetch_factor: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.decoder = decoder
+        train = self.split == "train"
+        transform = self.spec.train_transform() if train else self.spec.val_transform()
+        dataset = ImageFiles(self.index.samples, transform, decoder, seed=self.seed if train else None)
+        self.sampler: DistributedSampler | None = None
+        if train:
+            self.sampler = DistributedSampler(
+                dataset,
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=True,
+                seed=self.seed,
+                drop_last=True,
+            )
+            sampler = EpochIndices(self.sampler)
+        else:
+            sampler = EpochIndices(list(val_shard(len(dataset), self.rank, self.world_size)))
+        self._pin = self.device.type == "cuda"
+        # DataLoader draws a base seed per pass; from its own generator, so the global RNG is left alone.
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 1000 + self.rank)
+        self._dl = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.workers,
+            pin_memory=self._pin,
+            drop_last=train,
+            persistent_workers=self.workers > 0,
+            prefetch_factor=prefetch_factor if self.workers > 0 else None,
+            generator=generator,
+        )
+        if len(self._dl) != self.steps:  # the sharding math of data_pipeline.loader, checked against torch's
+            raise AssertionError(f"DataLoader has {len(self._dl)} batches, expected {self.steps}")
+        self._colour = torch.Generator(device=self.device)  # PCA colour shifts, drawn where they are used
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        train = self.split == "train"
+        lighting = train and self.spec.color_pca_std > 0
+        if lighting:  # the colour shifts of an epoch: a function of (seed, rank, epoch)
+            self._colour.manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+        batches = iter(self._dl)
+        while True:
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                return
+            except DataError as e:  # re-raised from a worker with its traceback: keep the one line
+                raise DataError(_last_line(str(e))) from None
+            images = images.to(self.device, non_blocking=self._pin)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            shift = self.spec.pca_shift(len(images), self._colour) if lighting else None
+            yield self.spec.normalize(images, shift), labels.to(self.device, non_blocking=self._pin)
+
+    def close(self) -> None:
+        """Stop the persistent workers."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl._iterator = None
+
+
+def _last_line(message: str) -> str:
+    """The original message of an exception DataLoader re-raises with a worker traceback around it."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else message
+    prefix = "data_pipeline.layout.DataError: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
