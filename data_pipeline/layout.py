@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 
 class DataError(ValueError):
@@ -28,6 +27,9 @@ class SplitIndex:
 
 def index_split(root: str | Path, split: str) -> SplitIndex:
     """List ``root/split/<class>/<image>`` files (extensions as torchvision's ImageFolder accepts them)."""
+    # imported here so `from data_pipeline.layout import DataError` (the CLIs) does not import torch
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     root = Path(root)
     if not root.is_dir():
         raise DataError(

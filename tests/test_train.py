@@ -142,6 +142,14 @@ def test_two_process_gloo_run_and_outputs(tree, tmp_path):
     assert any("train/img_per_s" in row and "train/data_time_s" in row for row in wandb_run.history)
     assert wandb_run.summary["best_val_top1_err"] == min(r["val_top1_err"] for r in records)
     assert wandb_run.config["model"]["arch"] == "vgg11_bn"
+    # the evaluator on the saved checkpoint agrees exactly with the training loop's last validation (all ranks
+    # validated rank 0's model: BatchNorm buffers are synchronised before validation)
+    out = run_cli("evaluate", "--checkpoint", str(run_dir / "last.pth"), "--data", str(tree),
+                  "--json", str(tmp_path / "eval.json"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert (result["top1_err"], result["top5_err"], result["n_images"]) == (
+        records[-1]["val_top1_err"], records[-1]["val_top5_err"], records[-1]["val_images"])  # fmt: skip
 
 
 def _bad(tree: Path, run_dir: Path, *extra: str) -> tuple[int, str]:

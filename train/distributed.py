@@ -130,6 +130,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=src)
+
+
 def all_gather_object(obj):
     """List of ``obj`` from every rank (``[obj]`` for one process)."""
     if not dist.is_initialized():

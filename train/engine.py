@@ -378,6 +378,9 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         cfg, log = self.cfg, self.log
+        # DDP broadcasts BatchNorm buffers from rank 0 before each forward, but each rank's last forward then
+        # updated its own copy: make every rank validate (and rank 0 save) the same model.
+        distributed.broadcast_buffers(self.model)
         val = validate_model(
             self.model, self.val_loader, cfg, self.device
         )  # no DDP: shards may differ in batches
