@@ -23,7 +23,7 @@ $(DEMO_DATA)/class_index.json: | $(VENV)/.installed
 DEMO_RUN ?= runs/demo
 
 demo: $(VENV)/.installed $(DEMO_DATA)/class_index.json
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=2 -m train --config demo data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
+	$(PY) slurm/launch.py --config demo --cluster local data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
 	$(PY) evaluate --checkpoint $(DEMO_RUN)/best.pth --data $(DEMO_DATA) --json $(DEMO_RUN)/eval.json
 	@echo "demo done: plot $(DEMO_RUN)/curves.png, checkpoints $(DEMO_RUN)/{last,best}.pth, per-epoch metrics $(DEMO_RUN)/metrics.jsonl,"
 	@echo "           evaluation $(DEMO_RUN)/eval.json, W&B offline run $$(ls -d $(DEMO_RUN)/wandb/offline-run-* 2>/dev/null | tail -n 1)"

@@ -1,15 +1,28 @@
-"""Launch distributed VGG training on SLURM through submitit (one task per GPU).
+"""Launch distributed VGG training through submitit: one task per GPU, on SLURM, on this machine, or in-process.
 
-    python slurm/launch.py --arch vgg16_bn --gpus 8 --dry-run               # show the plan, submit nothing
-    python slurm/launch.py --arch vgg16 --recipe paper --gpus 16 --data /datasets/imagenet --dry-run
+    python slurm/launch.py --arch vgg16_bn --gpus 8 --data /datasets/imagenet --partition gpu --dry-run
+    python slurm/launch.py --arch vgg16_bn --gpus 8 --data /datasets/imagenet --partition gpu --time 24:00:00
+    python slurm/launch.py --arch vgg16 --recipe paper --gpus 16 --data /datasets/imagenet --run-dir /shared/runs/p16
+    python slurm/launch.py --config demo --cluster local                 # the demo: 2 CPU processes, no SLURM
+    python slurm/launch.py --config demo --cluster slurm --wait          # the same job through sbatch, followed
 
-Status: only ``--dry-run`` works so far: it resolves the recipe and prints the config and the job layout
-(nodes, tasks, per-GPU batch). Submission is not implemented yet and exits with status 2 saying so.
+``--gpus`` is the total; nodes = ceil(gpus / gpus-per-node) unless ``--nodes`` is given, the same number of
+tasks on every node (``--gpus 12 --gpus-per-node 8`` runs 2 nodes × 6, and says so), per-GPU batch = global
+``data.batch_size`` / gpus (refused if it does not divide; the lr is the recipe's, scaled only with
+``optim.lr_scaling=linear``). On SLURM it prints the job id, run folder, log paths and W&B run and returns; the job
+checkpoints and requeues itself ``launch.signal_delay_s`` before its time limit (at most
+``launch.max_num_timeout`` times) and on preemption, and resumes where it stopped (same epoch, step and W&B
+run). ``--cluster local`` runs the same job on this machine (submitit's local executor, one process per GPU;
+CPU processes with gloo when there is no GPU) and follows its log; ``--cluster debug`` runs it in this process
+(submitit's DebugExecutor: one task, and an exception opens pdb).
+Running the same command again resumes from ``<run_dir>/last.pth``. Exit status: 0 submitted (or trained to the end,
+when following), 1 the job failed or stopped early, 2 bad input (including sbatch refusing the job).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -19,59 +32,79 @@ if not __package__:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
 
-from train.config import ConfigError, load_config, to_yaml
+from train.config import ConfigError, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python slurm/launch.py",
-        description="Submit DDP training of a VGG recipe to SLURM (one task per GPU). Only --dry-run is "
-        "implemented so far.",
+        description="Train a VGG recipe with DDP through submitit: one task per GPU on SLURM (--cluster slurm), "
+        "on this machine (local) or in this process (debug). Requeues itself at the time limit and resumes.",
+        epilog="Options not given here come from the recipe's launch.* keys (train/config.py).",
     )
     p.add_argument("--arch", default="vgg16_bn", help="model.arch [vgg16_bn]")
     p.add_argument("--recipe", default="torchvision", choices=["torchvision", "paper"], help="recipe family")
     p.add_argument("--config", help="a recipe name or YAML path instead of --arch/--recipe (e.g. demo)")
-    p.add_argument("--gpus", type=int, default=8, help="total GPUs = tasks [8]")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--nodes", type=int, default=0, help="default: ceil(gpus / gpus-per-node)")
+    p.add_argument("--gpus", type=int, help="total GPUs = tasks [recipe's launch.gpus]")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs per node [8]")
+    p.add_argument("--nodes", type=int, help="nodes [ceil(gpus / gpus-per-node)]")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--account", help="SLURM account")
+    p.add_argument("--qos", help="SLURM quality of service")
+    p.add_argument("--constraint", help="SLURM node features, e.g. a100")
+    p.add_argument("--time", help="time limit per job, [D-]HH:MM:SS [72:00:00]; requeued jobs continue")
+    p.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 64G (sbatch --mem = this × GPUs per node)")
+    p.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task [10]")
     p.add_argument("--data", help="data.root: ImageNet root with train/ and val/")
-    p.add_argument("--run-dir", help="run_dir (must be on storage shared by all nodes)")
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the resolved config and job layout; submit nothing"
-    )
+    p.add_argument("--run-dir", help="run_dir: config, checkpoints, logs (on storage shared by all nodes)")
+    p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="where to run [recipe's; slurm]")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config only")
+    p.add_argument("--wait", action="store_true", help="SLURM: follow rank 0's log until the job ends")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Command-line options as config overrides; strings JSON-quoted so YAML keeps them strings (72:00:00)."""
+    out = []
+    for flag, key in [("gpus", "launch.gpus"), ("gpus_per_node", "launch.gpus_per_node"),
+                      ("nodes", "launch.nodes"), ("cpus_per_gpu", "launch.cpus_per_gpu")]:  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                why = " (one task per GPU)" if flag == "gpus" else ""
+                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1{why}, got {value}")
+            out.append(f"{key}={value}")
+    for flag, key in [("partition", "launch.partition"), ("account", "launch.account"), ("qos", "launch.qos"),
+                      ("constraint", "launch.constraint"), ("time", "launch.time"),
+                      ("mem_per_gpu", "launch.mem_per_gpu"), ("cluster", "launch.cluster"),
+                      ("data", "data.root"), ("run_dir", "run_dir")]:  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = [
-        f"launch.gpus={args.gpus}",
-        f"launch.gpus_per_node={args.gpus_per_node}",
-        f"launch.nodes={args.nodes}",
-    ]
-    if args.data:
-        overrides.append(f"data.root={args.data}")
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    config = args.config or f"{args.recipe}/{args.arch}"
+    args = build_parser().parse_intermixed_args(argv)
+    from slurm.submit import LaunchError, absolute_paths, dry_run, launch, make_plan
+
     try:
-        cfg = load_config(config, [*overrides, *args.overrides])
-    except ConfigError as e:
+        flags = _overrides(args)
+        cfg = absolute_paths(
+            load_config(args.config or f"{args.recipe}/{args.arch}", [*flags, *args.overrides])
+        )
+        plan = make_plan(cfg)
+    except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        print(
-            "error: SLURM submission is not implemented yet; use --dry-run to see the plan", file=sys.stderr
-        )
+    if args.dry_run:
+        return dry_run(plan)
+    try:
+        return launch(plan, wait=args.wait)
+    except LaunchError as e:  # no sbatch; sbatch refused the job (bad partition, ...); run_dir not writable
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    per_gpu = cfg.data.batch_size // cfg.launch.gpus
-    print(to_yaml(cfg), end="")
-    print(
-        f"# plan: {cfg.launch.nodes} node(s) × {min(cfg.launch.gpus, cfg.launch.gpus_per_node)} task(s), "
-        f"{cfg.launch.gpus} GPU(s); global batch {cfg.data.batch_size} = {cfg.launch.gpus} × {per_gpu} per GPU"
-    )
-    return 0
 
 
 if __name__ == "__main__":

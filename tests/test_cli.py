@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,15 +46,22 @@ def test_evaluate_reference_table():
     assert out.returncode == 0 and "vgg11_bn" in out.stdout and "29.630" in out.stdout
 
 
-def test_unimplemented_paths_say_so():
-    out = run_cli("slurm/launch.py", "--arch", "vgg16_bn", "--gpus", "8")
-    assert out.returncode == 2 and "not implemented yet" in out.stderr
+def test_launch_without_slurm_suggests_cluster_local(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # python, but no sbatch
+    out = run_cli("slurm/launch.py", "--arch", "vgg16_bn", "--gpus", "8", "--data", str(tmp_path), "--run-dir",
+                  str(tmp_path / "run"), env=env)  # fmt: skip
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: sbatch not found on PATH") and "--cluster local" in last
 
 
 def test_launch_dry_run_plan():
     out = run_cli("slurm/launch.py", "--arch", "vgg16_bn", "--gpus", "16", "--dry-run")
     assert out.returncode == 0, out.stderr
-    assert "2 node(s) × 8 task(s), 16 GPU(s); global batch 256 = 16 × 16 per GPU" in out.stdout
+    assert "# plan: 2 node(s) × 8 GPU(s) = 16 task(s), one per GPU, on SLURM; global batch 256 = 16 × 16" in (
+        out.stdout
+    )
+    assert "#SBATCH --nodes=2\n" in out.stdout and "#SBATCH --ntasks-per-node=8\n" in out.stdout
     out = run_cli("slurm/launch.py", "--arch", "vgg16_bn", "--gpus", "12", "--dry-run")
     assert out.returncode == 2 and out.stderr.strip().startswith(
         "error: data.batch_size=256 (global) is not divisible"

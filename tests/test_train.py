@@ -85,6 +85,14 @@ def test_resume_after_epoch_and_mid_epoch_is_exact(tree, tmp_path, deterministic
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 2)
     assert train(load_config("demo", overrides(tree, tmp_path / "mid")))["status"] == "done"
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mid"))
+
+    # and the interrupted epoch's train statistics continue where they stopped
+    def epoch_log(run: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    for full_epoch, mid_epoch in zip(epoch_log("full"), epoch_log("mid"), strict=True):
+        for key in ("train_loss", "train_top1_err", "train_top5_err", "val_top1_err", "val_loss"):
+            assert full_epoch[key] == mid_epoch[key], key
     # the epoch log was not duplicated by the resume
     epochs = [
         json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()

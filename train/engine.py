@@ -192,6 +192,7 @@ class Trainer:
         self.epochs_log = JsonLines(run_dir / "metrics.jsonl")
         self.steps_log = JsonLines(run_dir / "steps.jsonl")
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
+        self.partial_counts: tuple[float, int, int, int] | None = None
         self.best_top1_err = float("inf")
         self.resumed_wandb_id = self._resume()
         self.tracker = Tracker.create(cfg, run_dir, dist_info.is_main, resume_id=self.resumed_wandb_id)
@@ -234,6 +235,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
+        # a mid-epoch checkpoint carries each rank's running train counts of the interrupted epoch
+        partial = state.get("partial_counts")
+        self.partial_counts = (
+            partial[self.dist.rank] if partial and len(partial) == self.dist.world_size else None
+        )
         self.best_top1_err = state["best_top1_err"]
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
@@ -258,6 +264,9 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "batch_in_epoch": self.batch_in_epoch,
+            "partial_counts": distributed.all_gather_object(self.partial_counts)
+            if self.batch_in_epoch
+            else None,
             "best_top1_err": self.best_top1_err,
             "config": to_dict(self.cfg),
             "rng": rngs,
@@ -297,6 +306,10 @@ class Trainer:
         zero = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         c1, c5, n = zero.clone(), zero.clone(), zero.clone()
+        if self.batch_in_epoch and self.partial_counts:  # resumed mid-epoch: continue the epoch's counts
+            loss_sum += self.partial_counts[0]
+            for counter, value in zip((c1, c5, n), self.partial_counts[1:], strict=True):
+                counter += value
         interval_loss = torch.zeros((), dtype=torch.float64, device=device)
         interval_n, data_time, t0 = 0, 0.0, time.perf_counter()
         per_rank_batch = cfg.data.batch_size // self.dist.world_size
@@ -362,6 +375,7 @@ class Trainer:
                 interval_loss.zero_()
                 interval_n = 0
                 if self._stop_agreed():
+                    self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
                     self._save_interrupt()
                     return "interrupted"
             end = time.perf_counter()

@@ -1,0 +1,251 @@
+"""The training job that submitit runs on every task (one per GPU): distributed setup, signals, requeue.
+
+    from slurm.job import TrainJob
+    job = submitit.SlurmExecutor(folder="runs/x/slurm/%j").submit(TrainJob(to_dict(cfg)))   # what launch.py does
+
+Inside each task (SLURM, submitit's local executor, or in-process for ``--cluster debug``):
+
+1. submitit's ``TorchDistributedEnvironment`` exports torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+   MASTER_ADDR) from the job environment; ``MASTER_PORT`` is ours (:func:`master_port`), then
+   ``train.distributed.setup`` makes one process group across all nodes. CPU threads per task: :func:`cpu_threads`.
+2. SLURM's warning signal (``USR2``, ``launch.signal_delay_s`` before the time limit, or on preemption) and
+   ``SIGTERM`` only set ``trainer.stop_requested``: a signal handler must not run collectives or ``torch.save``
+   while the main thread is mid-step. All ranks agree at the next print interval, save ``run_dir/last.pth``
+   mid-epoch and return "interrupted".
+3. After ``USR2``, rank 0 then calls submitit's own handler (saved when ours was installed): it calls
+   :meth:`TrainJob.checkpoint`, counts timeouts against ``launch.max_num_timeout``, runs ``scontrol requeue`` and
+   exits. The requeued job resumes from ``last.pth``: same epoch, step, batch and W&B run. After ``SIGTERM``
+   alone (``scancel``, or a preemption that sends no ``USR2``) the checkpoint is saved and the task exits; SLURM
+   requeues or ends the job. A node failure sends nothing: the requeued job (``--requeue``) resumes from the last
+   checkpoint on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import sys
+import time
+import zlib
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import submitit
+
+# After a stop on SIGTERM alone, how long rank 0 waits for submitit's preemption signal (USR2) before deciding
+# that nobody asked for a requeue (submitit's _interrupt sends TERM and USR2 from two scancel calls).
+USR_SIGNAL_GRACE_S = 5.0
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """Linux's range for outgoing connections' local ports (``net.ipv4.ip_local_port_range``)."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def master_port(job_id: str, restart: int) -> int:
+    """The rendezvous port of one run of a job: the same on every task (no communication needed), different per
+    job and per requeue, and below the ephemeral range.
+
+    submitit's default derives a port in 20000-60000 from the job id alone, which overlaps Linux's ephemeral ports
+    (32768-60999): an outgoing connection can hold it, and ``init_process_group`` fails with EADDRINUSE while the
+    other ranks wait for their rendezvous timeout. Ports below the ephemeral range are only taken by explicit
+    binds. crc32, not ``hash()``: Python randomises string hashes per process.
+    """
+    lo_eph, hi_eph = ephemeral_port_range()
+    lo, hi = 20000, lo_eph  # [20000, 32768) with Linux's defaults
+    if hi - lo < 1000:  # an unusual ephemeral range: use what lies above it instead
+        lo, hi = hi_eph + 1, 65536
+    if hi - lo < 1000:
+        lo, hi = 20000, 32768
+    return lo + zlib.crc32(f"{job_id}:{restart}".encode()) % (hi - lo)
+
+
+def restart_count() -> int:
+    """How often SLURM has restarted this job (requeue, node failure); 0 on the first run and off SLURM."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
+    """Export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for ``train.distributed.setup``.
+
+    ``set_cuda_visible_devices=False``: every task keeps the node's GPUs and picks ``cuda:LOCAL_RANK``; whether
+    there is a GPU at all is decided by ``torch.cuda.is_available()``, never by CUDA_VISIBLE_DEVICES (SLURM sets it
+    on GPU-less nodes too). A single-node job rendezvouses on 127.0.0.1 (no name resolution needed).
+    """
+    dist_env = submitit.helpers.TorchDistributedEnvironment()
+    job_env = submitit.JobEnvironment()
+    dist_env.master_port = master_port(job_env.job_id, restart_count())
+    if job_env.num_nodes == 1:
+        dist_env.master_addr = "127.0.0.1"
+    return dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def cpu_threads(local_world_size: int) -> int | None:
+    """Intra-op CPU threads for one task: SLURM's ``--cpus-per-task``, else this machine's CPUs shared by its tasks;
+    None when ``OMP_NUM_THREADS`` is set (the user's choice). torch's default (every core, in every task)
+    oversubscribes the CPUs when several tasks share a node; torchrun avoids it the same way (1 thread each)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return int(per_task)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
+
+
+class StopOnSignal:
+    """Turns SLURM's signals into ``trainer.stop_requested`` (a flag; nothing else happens in the handler).
+
+    Installed inside the job, after submitit installed its own handlers: submitit's ``USR2`` handler (checkpoint
+    and requeue) is kept in :attr:`previous` and called by :class:`TrainJob` once the checkpoint is on disk.
+    """
+
+    def __init__(self) -> None:
+        self.usr_signal = submitit.JobEnvironment._usr_sig()  # USR2, or $SUBMITIT_PREEMPT_SIGNAL
+        self.requeue_requested = False  # USR2: time limit near, or preemption (submitit's signal)
+        self.terminated = False  # SIGTERM: scancel, preemption, or the end of the time limit
+        self.trainer: Any = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> StopOnSignal:
+        for sig in (self.usr_signal, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == self.usr_signal:
+            self.requeue_requested = True
+        else:
+            self.terminated = True
+        if self.trainer is not None:
+            self.trainer.stop_requested = True
+
+    @property
+    def requested(self) -> bool:
+        return self.requeue_requested or self.terminated
+
+    def attach(self, trainer: Any) -> None:
+        """From now on a signal stops ``trainer``; one that came while it was being built stops it too."""
+        self.trainer = trainer
+        if self.requested:
+            trainer.stop_requested = True
+
+    def submitit_handler(self) -> Any:
+        """submitit's checkpoint-and-requeue handler, or None outside a submitit job (``--cluster debug``)."""
+        handler = self.previous.get(self.usr_signal)
+        return handler if callable(handler) else None
+
+
+def _flush_wandb() -> None:
+    """Shut wandb's service down so the run's records are on disk before the job ends.
+
+    ``Tracker.finish()`` returns before wandb's service process has written the last records (it writes them when
+    it shuts down). A requeue or cancellation kills every process of the job at once, the service included, which
+    left the interrupted start's offline run file empty. Never fatal.
+    """
+    if "wandb" not in sys.modules:
+        return
+    try:
+        sys.modules["wandb"].teardown()
+    except Exception as e:  # W&B problems never stop a job
+        print(f"W&B: teardown failed ({type(e).__name__}: {e})", flush=True)
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """A checkpointable training job: ``TrainJob(to_dict(cfg))()`` trains ``cfg`` on this task.
+
+    The config travels as a plain dict (pickled by submitit); resume is automatic from ``run_dir/last.pth``, so a
+    requeued job is the same call with ``ckpt.resume=auto``.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on rank 0 before it requeues the job. The checkpoint itself is already on disk
+        (all ranks saved it before submitit's handler ran): resubmit the same job resuming from it."""
+        config = copy.deepcopy(self.config)
+        config["ckpt"]["resume"] = "auto"
+        return submitit.helpers.DelayedSubmission(TrainJob(config))
+
+    def __call__(self) -> dict[str, Any]:
+        from train import distributed
+        from train.config import from_dict
+        from train.engine import Trainer
+
+        cfg = from_dict(self.config)
+        job_env = submitit.JobEnvironment()
+        restarts = restart_count()
+        if restarts and cfg.ckpt.resume != "auto" and (Path(cfg.run_dir) / "last.pth").is_file():
+            # SLURM restarted the original submission (node failure, or a preemption requeued by SLURM):
+            # continue this run instead of starting again from scratch / from the initial checkpoint.
+            cfg.ckpt.resume = "auto"
+        dist_env = export_distributed_env()
+        threads = cpu_threads(dist_env.local_world_size) if job_env.cluster != "debug" else None
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        if job_env.global_rank == 0:
+            print(
+                f"job {job_env.job_id} ({job_env.cluster}): {dist_env.world_size} task(s) on {job_env.num_nodes} "
+                f"node(s), restart {restarts}, rendezvous {dist_env.master_addr}:{dist_env.master_port}, "
+                f"{threads or 'OMP_NUM_THREADS or default'} CPU thread(s) per task, run folder {cfg.run_dir}",
+                flush=True,
+            )
+        stop = StopOnSignal().install()
+        try:
+            info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min)
+            try:
+                trainer = Trainer(cfg, info)
+                stop.attach(trainer)
+                result = trainer.run()
+            finally:
+                distributed.cleanup()
+            if result["status"] == "interrupted":
+                self._after_interrupt(stop, job_env.global_rank, cfg.run_dir)
+            return result
+        finally:
+            stop.restore()
+
+    def _after_interrupt(self, stop: StopOnSignal, rank: int, run_dir: str) -> None:
+        """All ranks saved last.pth and left the process group: requeue (rank 0) or end this task."""
+        if rank != 0:
+            # Rank 0 requeues; this task is done. No result file: the job is not finished. Exit status 0, so a
+            # cluster with KillOnBadExit does not kill rank 0 before it has requeued.
+            sys.stdout.flush()
+            raise SystemExit(0)
+        handler = stop.submitit_handler()
+        if handler is None:  # --cluster debug (in-process): nothing to requeue; the caller gets the status
+            return
+        _flush_wandb()
+        deadline = time.monotonic() + USR_SIGNAL_GRACE_S
+        while not stop.requeue_requested and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if stop.requeue_requested:
+            print(f"checkpoint saved in {run_dir}/last.pth; submitit requeues the job", flush=True)
+            # submitit's handler: checkpoint() → dump the new submission → scontrol requeue → sys.exit; or raise
+            # UncompletedJobError ("timed-out too many times", launch.max_num_timeout) which fails the job.
+            handler(stop.usr_signal, None)
+            return
+        raise SystemExit(
+            f"stopped on SIGTERM on {socket.gethostname()} (scancel, or a preemption without submitit's signal): "
+            f"checkpoint saved in {run_dir}/last.pth; a requeued or resubmitted job resumes from it"
+        )
+
+
+__all__ = ["StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env", "master_port"]

@@ -1,0 +1,542 @@
+"""From a resolved config to a submitted job: job layout, submitit parameters, the sbatch script, submission.
+
+    from slurm.submit import make_plan, sbatch_script, submit
+    plan = make_plan(load_config("vgg16_bn", ["launch.gpus=16"]))  # 2 nodes × 8 tasks, one task per GPU
+    print(sbatch_script(plan))                                       # what sbatch would get; submits nothing
+    job = submit(plan)                                               # a submitit Job (SLURM, local or debug)
+
+Layout: ``launch.gpus`` is the total, one task per GPU. Nodes = ceil(gpus / gpus_per_node) unless
+``launch.nodes`` is given; every node runs the same number of tasks (SLURM's ``--ntasks-per-node``), so the
+GPUs must split evenly over the nodes (12 GPUs on 8-GPU nodes run as 2 nodes × 6; 9 are refused). Per-GPU batch
+= global ``data.batch_size`` / gpus, which must divide (the config refuses otherwise); the learning rate is the
+recipe's for the global batch and is scaled only with ``optim.lr_scaling=linear``.
+
+Executors: submitit's ``SlurmExecutor``, ``LocalExecutor`` (same job, one process per GPU on this machine) and
+``DebugExecutor`` (in this process), built directly rather than through ``AutoExecutor``: AutoExecutor cannot
+pass ``signal_delay_s`` to the local executor, and SLURM's own option names are what the sbatch script shows.
+Job folder: ``<run_dir>/slurm/%j`` (submitit's pickles and the per-task logs ``%j_%t_log.out/.err``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import re
+import secrets
+import shutil
+import string
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import submitit
+from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError
+from submitit.slurm.slurm import SlurmExecutor
+
+from train.config import Config, effective_lr, per_process_batch, to_dict, to_yaml
+
+NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")  # storage no other node can see
+NODE_LOCAL_FS = ("tmpfs", "ramfs")
+
+
+class LaunchError(RuntimeError):
+    """A launch problem, described in one line (the CLI prints ``error: <message>``)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the launcher decided, before anything is submitted."""
+
+    cfg: Config
+    nodes: int
+    tasks_per_node: int  # = GPUs per node used: one task per GPU
+    timeout_min: int  # launch.time in minutes (submitit's unit)
+    mem: str  # per node: launch.mem_per_gpu × tasks_per_node, in SLURM's units
+    folder: Path  # submitit's job folder, <run_dir>/slurm/%j
+    notes: tuple[str, ...] = ()  # decisions worth saying ("12 GPUs run as 2 nodes × 6")
+    warnings: tuple[str, ...] = ()  # risky but allowed (run folder on /tmp)
+
+    @property
+    def cluster(self) -> str:
+        return self.cfg.launch.cluster
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def per_gpu_batch(self) -> int:
+        return per_process_batch(self.cfg, self.gpus)
+
+    def summary(self) -> str:
+        """One line: layout, batch split and learning rate."""
+        c = self.cfg
+        lr = effective_lr(c)
+        rule = (
+            f"optim.lr_scaling=linear: {c.optim.lr:g} × {c.data.batch_size}/{c.optim.lr_reference_batch}"
+            if c.optim.lr_scaling == "linear"
+            else "optim.lr_scaling=none: the recipe's lr for this global batch"
+        )
+        where = {"slurm": "SLURM", "local": "this machine (submitit local)", "debug": "this process (debug)"}
+        return (
+            f"{self.nodes} node(s) × {self.tasks_per_node} GPU(s) = {self.gpus} task(s), one per GPU, on "
+            f"{where[self.cluster]}; global batch {c.data.batch_size} = {self.gpus} × {self.per_gpu_batch} per GPU; "
+            f"lr {lr:g} ({rule})"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def parse_time_min(text: str) -> int:
+    """SLURM's time formats (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``) → minutes,
+    rounded up (submitit's ``time``/``timeout_min`` unit)."""
+    days, _, rest = text.rpartition("-")
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        raise LaunchError(f"launch.time={text!r} is not SLURM's [D-]HH:MM:SS") from None
+    if days:
+        h, m, s = [*parts, 0, 0][:3]
+    elif len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, (m, s) = 0, parts
+    else:
+        h, m, s = parts[:3]
+    minutes = math.ceil(((d * 24 + h) * 60 + m) + s / 60)
+    if minutes < 1:
+        raise LaunchError(f"launch.time={text!r} is shorter than a minute")
+    return minutes
+
+
+_MEM = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", re.IGNORECASE)
+_MB_PER_UNIT = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}  # SLURM: no unit means MB
+
+
+def memory_per_node(per_gpu: str, tasks_per_node: int) -> str:
+    """``launch.mem_per_gpu`` (``64G``, ``500M``) × tasks per node, as sbatch's ``--mem`` (per node)."""
+    m = _MEM.fullmatch(per_gpu)
+    if not m:
+        raise LaunchError(f"launch.mem_per_gpu={per_gpu!r} is not a size like 64G or 500M")
+    mb = math.ceil(float(m.group(1)) * _MB_PER_UNIT[m.group(2).upper()] * tasks_per_node)
+    return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
+
+
+def node_local_storage(path: str | Path) -> str | None:
+    """Why ``path`` is not shared with other nodes (a /tmp-like folder or a tmpfs mount), or None."""
+    resolved = Path(path).resolve()
+    for d in NODE_LOCAL_DIRS:
+        if resolved == Path(d) or Path(d) in resolved.parents:
+            return d
+    best, fstype = "", ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3:
+                mount = fields[1]
+                inside = str(resolved) == mount or str(resolved).startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) > len(best):
+                    best, fstype = mount, fields[2]
+    return f"{best} ({fstype})" if fstype in NODE_LOCAL_FS else None
+
+
+def make_plan(cfg: Config) -> Plan:
+    """Decide the job layout for a validated config (``load_config`` already checked the batch divides)."""
+    la = cfg.launch
+    nodes, gpus = la.nodes, la.gpus
+    notes: list[str] = []
+    warnings: list[str] = []
+    if gpus % nodes:
+        fits = [n * nodes for n in range(1, la.gpus_per_node + 1)]
+        lower = max([g for g in fits if g < gpus], default=None)
+        upper = min([g for g in fits if g > gpus], default=None)
+        choices = " or ".join(f"--gpus {g}" for g in (lower, upper) if g is not None)
+        raise LaunchError(
+            f"--gpus {gpus} does not split evenly over {nodes} node(s) of up to {la.gpus_per_node} GPUs "
+            f"(SLURM starts the same number of tasks on every node): use {choices}, or choose --nodes"
+        )
+    tasks = gpus // nodes
+    if tasks > la.gpus_per_node:  # validate() already refuses this; kept for direct callers
+        raise LaunchError(f"{gpus} GPUs do not fit on {nodes} node(s) × {la.gpus_per_node} GPUs")
+    if nodes > 1 and tasks < la.gpus_per_node:
+        notes.append(
+            f"{gpus} GPUs on {la.gpus_per_node}-GPU nodes: using {nodes} nodes × {tasks} GPUs each (one task per "
+            f"GPU, the same count on every node); pass --nodes to choose another split"
+        )
+    if cfg.launch.cluster == "local" and nodes > 1:
+        raise LaunchError(
+            f"--cluster local runs on this machine (one node), but {gpus} GPUs at {la.gpus_per_node} per node "
+            f"need {nodes} nodes: lower --gpus or raise --gpus-per-node"
+        )
+    if cfg.launch.cluster == "local":
+        import torch  # already loaded by the config validation
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have and have < tasks:
+            raise LaunchError(f"--cluster local: {tasks} GPUs requested, this machine has {have}")
+        if not have:
+            notes.append(f"no CUDA GPU here: {tasks} CPU process(es) with gloo")
+    if cfg.launch.cluster == "debug" and gpus > 1:
+        notes.append(
+            f"--cluster debug runs one task in this process (world size 1), not {gpus}: the global batch "
+            f"{cfg.data.batch_size} stays the same"
+        )
+    if cfg.launch.cluster == "slurm":
+        where = node_local_storage(cfg.run_dir)
+        if where:
+            warnings.append(
+                f"run folder {cfg.run_dir} is on node-local storage ({where}): other nodes cannot write "
+                f"checkpoints or logs there and submitit cannot read results back; use shared storage (--run-dir)"
+            )
+        if not Path(cfg.data.root).is_dir():
+            warnings.append(
+                f"data root {cfg.data.root} does not exist here: it must exist on the compute nodes"
+            )
+    elif not Path(cfg.data.root).is_dir():
+        raise LaunchError(
+            f"data root {cfg.data.root!r} does not exist (expected train/<wnid>/*.JPEG and val/...; "
+            f"`python -m data_pipeline demo {cfg.data.root}` makes the demo dataset)"
+        )
+    return Plan(
+        cfg=cfg,
+        nodes=nodes,
+        tasks_per_node=tasks,
+        timeout_min=parse_time_min(la.time),
+        mem=memory_per_node(la.mem_per_gpu, tasks),
+        folder=Path(cfg.run_dir) / "slurm" / "%j",
+        notes=tuple(notes),
+        warnings=tuple(warnings),
+    )
+
+
+# ------------------------------------------------------------------------------------------- executors
+
+
+def slurm_parameters(plan: Plan) -> dict[str, Any]:
+    """``SlurmExecutor.update_parameters`` arguments (sbatch's option names, with ``_`` for ``-``)."""
+    la = plan.cfg.launch
+    params: dict[str, Any] = {
+        "job_name": f"vgg-{Path(plan.cfg.run_dir).name}",
+        "time": plan.timeout_min,
+        "nodes": plan.nodes,
+        "ntasks_per_node": plan.tasks_per_node,  # one task per GPU
+        "gpus_per_node": plan.tasks_per_node,
+        "cpus_per_task": la.cpus_per_gpu,
+        "mem": plan.mem,
+        "signal_delay_s": la.signal_delay_s,  # → --signal=USR2@N: checkpoint and requeue before the limit
+        # Requeueable: submitit's `scontrol requeue` needs it where JobRequeue=0, and SLURM requeues the job
+        # after a node failure (it then resumes from the last checkpoint on disk).
+        "additional_parameters": {"requeue": True},
+    }
+    for key in ("partition", "account", "qos", "constraint"):
+        value = getattr(la, key)
+        if value:
+            params[key] = value
+    return params
+
+
+class _PlanOnlySlurmExecutor(SlurmExecutor):
+    """submitit's SlurmExecutor without its ``srun`` check, used only to render the sbatch script (dry run)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2
+
+
+def sbatch_script(plan: Plan) -> str:
+    """The sbatch script submitit would submit for this plan (rendered by submitit itself; nothing runs)."""
+    executor = _PlanOnlySlurmExecutor(plan.folder, max_num_timeout=plan.cfg.launch.max_num_timeout)
+    executor.update_parameters(**slurm_parameters(plan))
+    return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
+
+
+def make_executor(plan: Plan) -> submitit.Executor:
+    """The submitit executor for ``launch.cluster``, configured for this plan."""
+    la = plan.cfg.launch
+    if plan.cluster == "slurm":
+        if shutil.which("sbatch") is None or shutil.which("srun") is None:
+            missing = "sbatch" if shutil.which("sbatch") is None else "srun"
+            raise LaunchError(
+                f"{missing} not found on PATH: this machine is not a SLURM submit host; run the same job here "
+                f"with --cluster local, or see the sbatch script with --dry-run"
+            )
+        executor: submitit.Executor = submitit.SlurmExecutor(plan.folder, max_num_timeout=la.max_num_timeout)
+        executor.update_parameters(**slurm_parameters(plan))
+    elif plan.cluster == "local":
+        executor = submitit.LocalExecutor(plan.folder, max_num_timeout=la.max_num_timeout)
+        executor.update_parameters(
+            tasks_per_node=plan.tasks_per_node,
+            gpus_per_node=plan.tasks_per_node,
+            timeout_min=plan.timeout_min,
+            signal_delay_s=la.signal_delay_s,
+        )
+    else:
+        executor = submitit.DebugExecutor(plan.folder)
+    return executor
+
+
+# ---------------------------------------------------------------------------------------------- submit
+
+
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def _submission_env():
+    """Submit with a clean environment: sbatch exports it to the job, and variables from an enclosing job
+    (SLURM_*, SBATCH_* options, torchrun's RANK/MASTER_PORT) would leak into the new one. SLURM_CONF stays: clients
+    need it to find the cluster."""
+    conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env(_DIST_VARS):
+        if conf is not None:
+            os.environ["SLURM_CONF"] = conf
+        try:
+            yield
+        finally:
+            os.environ.pop("SLURM_CONF", None)
+
+
+def _sbatch_error(e: BaseException) -> str:
+    """sbatch's own complaint (``sbatch: error: ...`` lines), verbatim, on one line."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln[len("sbatch: error:") :].strip() for ln in lines if ln.lower().startswith("sbatch: error:")]
+    return "sbatch: " + "; ".join(errors) if errors else (lines[-1] if lines else type(e).__name__)
+
+
+def submit(plan: Plan, executor: submitit.Executor | None = None) -> submitit.Job:
+    """Submit the training job of ``plan`` (one task per GPU) and return submitit's job handle."""
+    from slurm.job import TrainJob
+
+    executor = executor or make_executor(plan)
+    job_fn = TrainJob(to_dict(plan.cfg))
+    captured = io.StringIO()
+    try:
+        # submitit prints sbatch's stderr itself before raising: keep it, and report it once, on one line.
+        with _submission_env(), contextlib.redirect_stderr(captured):
+            return executor.submit(job_fn)
+    except (FailedJobError, FailedSubmissionError) as e:
+        raise LaunchError(_sbatch_error(e)) from None
+    finally:
+        leftover = captured.getvalue()
+        if leftover and "sbatch: error" not in leftover:
+            sys.stderr.write(leftover)
+
+
+def log_paths(job: submitit.Job, task: int = 0) -> tuple[Path, Path]:
+    """(stdout, stderr) of one task of a submitted job (submitit's ``%j_%t_log.out/.err``)."""
+    paths = job.task(task).paths
+    return paths.stdout, paths.stderr
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """run_dir, data.root and checkpoint paths made absolute: the job may start in another directory."""
+
+    def absolute(path: str) -> str:
+        return os.path.abspath(os.path.expanduser(path))
+
+    cfg.run_dir = absolute(cfg.run_dir)
+    cfg.data.root = absolute(cfg.data.root)
+    if cfg.ckpt.resume not in ("auto", "never"):
+        cfg.ckpt.resume = absolute(cfg.ckpt.resume)
+    if cfg.model.init_from:
+        cfg.model.init_from = absolute(cfg.model.init_from)
+    return cfg
+
+
+def wandb_run(cfg: Config) -> str:
+    """Which W&B run the job will log to, in one line. Fixes a new run's id now (``<run_dir>/wandb_id.txt``, which
+    the job's tracker reads), so it can be printed before the job starts; a resumed run keeps its id."""
+    from train.tracking import ID_FILE, resolve_mode
+
+    try:
+        mode, why = resolve_mode(cfg.log.wandb_mode)
+    except ValueError as e:
+        return f"W&B: off ({e})"
+    if mode == "disabled":
+        return f"W&B: disabled ({why})"
+    run_dir = Path(cfg.run_dir)
+    if cfg.ckpt.resume == "never":
+        return f"W&B: {mode} ({why}); ckpt.resume=never starts a new run, named in the job's log"
+    id_file = run_dir / ID_FILE
+    run_id = id_file.read_text().strip() if id_file.is_file() else ""
+    state = "continues run"
+    if not run_id:
+        # W&B run ids are short [a-z0-9] strings; wandb.init(id=...) takes any such id.
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        tmp = id_file.with_name(ID_FILE + ".tmp")
+        tmp.write_text(run_id + "\n")
+        tmp.replace(id_file)
+        state = "new run"
+    if mode == "online":
+        entity = f"{cfg.log.entity}/" if cfg.log.entity else ""
+        return f"W&B: online ({why}): {state} {run_id} in {entity}{cfg.log.project}; the job's log prints its URL"
+    return (
+        f"W&B: offline ({why}): {state} {run_id}, files in {run_dir}/wandb; upload with: "
+        f"wandb sync {run_dir}/wandb/offline-run-*-{run_id}"
+    )
+
+
+# ------------------------------------------------------------------------------------------ console
+
+
+def dry_run(plan: Plan, out: TextIO | None = None) -> int:
+    """Print the resolved config, the plan and the sbatch script submitit would submit; submit nothing."""
+    out = out or sys.stdout
+    for w in plan.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"# resolved config (written to {plan.cfg.run_dir}/config.yaml when submitted)", file=out)
+    print(to_yaml(plan.cfg), end="", file=out)
+    print(f"# plan: {plan.summary()}", file=out)
+    for n in plan.notes:
+        print(f"# note: {n}", file=out)
+    if plan.cluster == "slurm":
+        print(
+            f"# sbatch script submitit would submit (dry run: nothing submitted); job folder {plan.folder}",
+            file=out,
+        )
+        print(sbatch_script(plan), end="", file=out)
+    else:
+        how = (
+            "one process per GPU on this machine (submitit LocalExecutor)"
+            if plan.cluster == "local"
+            else ("in this process (submitit DebugExecutor)")
+        )
+        print(f"# --cluster {plan.cluster}: no sbatch script; the job runs {how}", file=out)
+    return 0
+
+
+def follow(
+    job: submitit.Job, out: TextIO | None = None, poll_s: float = 0.5, sacct_every_s: float = 5.0
+) -> None:
+    """Print rank 0's stdout as it grows until the job has ended (through requeues: the log is appended)."""
+    out = out or sys.stdout
+    path, _ = log_paths(job)
+    pos, last_sacct = 0, time.monotonic()
+    while True:
+        finished = job.done()
+        if (
+            not finished
+            and isinstance(job, submitit.SlurmJob)
+            and time.monotonic() - last_sacct > sacct_every_s
+        ):
+            last_sacct = time.monotonic()  # a job that died without a result: ask SLURM now, not on backoff
+            finished = job.watcher.is_done(job.job_id, mode="force")
+        if path.exists():
+            with path.open(errors="replace") as f:
+                f.seek(pos)
+                chunk = f.read()
+                pos = f.tell()
+            if chunk:
+                out.write(chunk)
+                out.flush()
+        if finished:
+            return
+        time.sleep(poll_s)
+
+
+def _failure(e: BaseException) -> str:
+    """One line from a failed job: the exception line at the end of its traceback, else the first line."""
+    text = str(e)
+    if "----------------------" in text:  # FailedJobError: the task's traceback between dashed lines
+        trace = text.split("----------------------")[1]
+        lines = [ln for ln in trace.strip().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1].strip()
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def report(job: submitit.Job, out: TextIO | None = None) -> int:
+    """Wait for the job's result and say how it ended in one line; 0 when it trained to the end."""
+    out = out or sys.stdout
+    try:
+        results = job.results()
+    except UncompletedJobError as e:
+        _, err = log_paths(job)
+        print(f"error: job {job.job_id} failed: {_failure(e)} (log: {err})", file=sys.stderr)
+        return 1
+    r = results[0]
+    best = r.get("best_top1_err", float("nan"))
+    print(
+        f"job {job.job_id} {r['status']}: epoch {r['epoch']}, step {r['step']}, best val top-1 err {best:.2f}%",
+        file=out,
+    )
+    return 0 if r["status"] == "done" else 1
+
+
+def launch(plan: Plan, wait: bool = False, out: TextIO | None = None) -> int:
+    """What ``python slurm/launch.py`` does after parsing: submit, print where everything is, and (local, debug,
+    or ``wait``) follow the job to its end. Returns the exit status."""
+    from train.run import RunError, prepare_run_dir
+
+    out = out or sys.stdout
+    cfg = plan.cfg
+    for w in plan.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for n in plan.notes:
+        print(f"note: {n}", file=out)
+    try:
+        executor = make_executor(plan)
+        prepare_run_dir(cfg)  # writable? (the job writes config.yaml again)
+    except RunError as e:
+        raise LaunchError(str(e)) from None
+    wandb_line = wandb_run(cfg)
+    job = submit(plan, executor)
+    stdout, stderr = log_paths(job)
+    where = {"slurm": "SLURM", "local": "this machine", "debug": "this process"}[plan.cluster]
+    partition = f" (partition {cfg.launch.partition})" if cfg.launch.partition else ""
+    print(f"submitted job {job.job_id} to {where}{partition}: {plan.summary()}", file=out)
+    print(f"run folder: {cfg.run_dir}", file=out)
+    if plan.cluster != "debug":
+        others = f"; rank N: {job.job_id}_N_log.out/.err" if plan.gpus > 1 else ""
+        print(f"logs: {stdout} (rank 0; stderr: {stderr.name}{others})", file=out)
+    print(wandb_line, file=out)
+    out.flush()
+    if plan.cluster == "debug":
+        return report(job, out)
+    if plan.cluster == "slurm" and not wait:
+        print(
+            f"follow: tail -f {stdout}; cancel: scancel {job.job_id}. The job checkpoints and requeues itself at its "
+            f"time limit; running the same command again resumes from {cfg.run_dir}/last.pth",
+            file=out,
+        )
+        return 0
+    try:
+        follow(job, out)
+    except KeyboardInterrupt:
+        if plan.cluster == "local":
+            job.cancel()
+            print(f"\ncancelled; the same command resumes from {cfg.run_dir}/last.pth", file=sys.stderr)
+        else:
+            print(
+                f"\nstopped following; job {job.job_id} keeps running (scancel {job.job_id})", file=sys.stderr
+            )
+        return 130
+    return report(job, out)
+
+
+__all__ = [
+    "LaunchError",
+    "Plan",
+    "absolute_paths",
+    "dry_run",
+    "follow",
+    "launch",
+    "log_paths",
+    "make_executor",
+    "make_plan",
+    "memory_per_node",
+    "node_local_storage",
+    "parse_time_min",
+    "report",
+    "sbatch_script",
+    "slurm_parameters",
+    "submit",
+    "wandb_run",
+]

@@ -1,0 +1,395 @@
+"""slurm/launch.py: the sbatch script and job layout it plans, bad input, and real runs of the demo recipe on two
+CPU tasks (gloo): ``--cluster local`` end to end, and on the local SLURM cluster submit → interrupt → requeue →
+resume to the same weights as an uninterrupted run, the timeout limit, a killed job resumed on resubmit, and
+sbatch's own error for an unknown partition.
+
+    .venv/bin/python -m pytest tests/test_launch.py -rA      # SLURM tests need root (slurm/local_cluster.sh)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import torch
+
+from data_pipeline.demo import make_demo_dataset
+from slurm import launch
+from slurm.submit import parse_time_min
+from tests.conftest import REPO, run_cli
+from tests.slurm_cluster import SlurmCluster
+from tests.wandb_files import RunFile
+
+LAUNCH = "slurm/launch.py"
+STEPS_PER_EPOCH = 7  # 56 images / global batch 8
+STEPS = 2 * STEPS_PER_EPOCH
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, classes=4, train_per_class=14, val_per_class=5, seed=3, min_size=40, max_size=72)
+    return root
+
+
+def small(tree: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The demo recipe on 2 CPU tasks, small enough for seconds per epoch on 2 cores, deterministic. 15 minutes:
+    submitit counts every signal as a timeout when the time limit is 10 minutes or less."""
+    return ["--config", "demo", "--gpus", "2", "--run-dir", str(run_dir), "--data", str(tree), "--time", "00:15:00",
+            "data.backend=torchvision", "data.batch_size=8", "data.workers=0", "data.train_crop=32",
+            "data.val_resize=36", "data.val_crop=32", "model.num_classes=4", "model.classifier_width=32",
+            "sched.epochs=2", "sched.step_size=1", "sched.warmup_epochs=0", "optim.lr=0.01", "train.print_every=2",
+            "train.deterministic=true", "log.wandb_mode=disabled", *extra]  # fmt: skip
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without W&B settings (jobs inherit it through sbatch)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+
+
+def submitted(stdout: str, where: str = "SLURM") -> str:
+    m = re.search(rf"^submitted job (\S+) to {where}", stdout, re.M)
+    assert m, stdout
+    return m[1]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.pth", weights_only=True)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def val_metrics(run_dir: Path) -> list[dict]:
+    return [
+        {k: v for k, v in r.items() if k.startswith("val_") or k in ("epoch", "step")}
+        for r in metrics(run_dir)
+    ]
+
+
+def main_output(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run the launcher's main() in this process (fast; no cluster needed for dry runs and bad input)."""
+    code = launch.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def sbatch_lines(text: str) -> dict[str, str]:
+    lines = {}
+    for line in text.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --") :].partition("=")
+            lines[key] = value
+    return lines
+
+
+# --------------------------------------------------------------------------------------- plan and dry run
+
+
+def test_dry_run_shows_the_sbatch_script_and_submits_nothing(capsys, tmp_path, monkeypatch):
+    # no SLURM client on PATH: a dry run still renders submitit's script (and never calls sbatch)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    run_dir = Path("/shared/runs/v16")  # not node-local (no warning); a dry run creates nothing
+    code, out, err = main_output(capsys, "--arch", "vgg16_bn", "--gpus", "8", "--partition", "gpu", "--account",
+                                 "vision", "--qos", "high", "--constraint", "a100", "--time", "24:00:00",
+                                 "--run-dir", str(run_dir), "--data", str(tmp_path), "--dry-run")  # fmt: skip
+    assert code == 0, err
+    script = out.split("# sbatch script submitit would submit")[1].split("\n", 1)[1]
+    assert script.startswith("#!/bin/bash")
+    assert sbatch_lines(script) == {
+        "nodes": "1",
+        "ntasks-per-node": "8",  # one task per GPU
+        "gpus-per-node": "8",
+        "cpus-per-task": "10",
+        "mem": "512G",  # 64G per GPU × 8
+        "time": "1440",  # minutes
+        "signal": "USR2@120",  # checkpoint + requeue 120 s before the limit
+        "requeue": "",
+        "open-mode": "append",  # a requeued run appends to the same logs
+        "partition": "gpu",
+        "account": "vision",
+        "qos": "high",
+        "constraint": "a100",
+        "job-name": "vgg-v16",
+        "wckey": "submitit",
+        "output": f"{run_dir}/slurm/%j/%j_0_log.out",
+        "error": f"{run_dir}/slurm/%j/%j_0_log.err",
+    }
+    assert f"srun --unbuffered --output {run_dir}/slurm/%j/%j_%t_log.out" in script
+    assert f"-m submitit.core._submit {run_dir}/slurm/%j" in script
+    assert (
+        "# plan: 1 node(s) × 8 GPU(s) = 8 task(s), one per GPU, on SLURM; global batch 256 = 8 × 32 per GPU"
+        in out
+    )
+    # the resolved config is printed (and loads back: it is the YAML the job gets)
+    config = out.split("\n", 1)[1].split("# plan:")[0]
+    assert "arch: vgg16_bn" in config and "gpus: 8" in config and "time: '24:00:00'" in config
+    assert not run_dir.exists()  # nothing written, nothing submitted
+    assert "warning" not in err
+
+
+def test_layout_one_task_per_gpu_and_even_split(capsys, tmp_path):
+    common = ("--arch", "vgg16_bn", "--run-dir", str(tmp_path / "r"), "--data", str(tmp_path), "--dry-run")
+    code, out, _ = main_output(capsys, *common, "--gpus", "16")
+    assert code == 0
+    assert {k: sbatch_lines(out)[k] for k in ("nodes", "ntasks-per-node", "gpus-per-node", "mem")} == {
+        "nodes": "2", "ntasks-per-node": "8", "gpus-per-node": "8", "mem": "512G"}  # fmt: skip
+    assert "global batch 256 = 16 × 16 per GPU" in out
+    # 12 GPUs on 8-GPU nodes without --nodes: 2 nodes × 6, and it says so
+    code, out, _ = main_output(capsys, *common, "--gpus", "12", "--gpus-per-node", "8", "data.batch_size=384")
+    assert code == 0
+    assert "# note: 12 GPUs on 8-GPU nodes: using 2 nodes × 6 GPUs each" in out
+    assert (sbatch_lines(out)["nodes"], sbatch_lines(out)["ntasks-per-node"], sbatch_lines(out)["mem"]) == (
+        "2", "6", "384G")  # fmt: skip
+    code, out, _ = main_output(capsys, *common, "--gpus", "12", "--nodes", "3", "data.batch_size=384")
+    assert code == 0 and (sbatch_lines(out)["nodes"], sbatch_lines(out)["ntasks-per-node"]) == ("3", "4")
+    # the lr rule is stated: linear scaling when asked for
+    code, out, _ = main_output(
+        capsys, *common, "--gpus", "16", "data.batch_size=512", "optim.lr_scaling=linear"
+    )
+    assert code == 0 and "lr 0.2 (optim.lr_scaling=linear: 0.1 × 512/256)" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--gpus", "0"), "error: --gpus must be >= 1 (one task per GPU), got 0"),
+        (("--gpus", "12", "--gpus-per-node", "8"), "error: data.batch_size=256 (global) is not divisible by the "
+                                                   "launch.gpus 12"),
+        (("--gpus", "9", "data.batch_size=288"), "error: --gpus 9 does not split evenly over 2 node(s) of up to 8 "
+                                                 "GPUs (SLURM starts the same number of tasks on every node): use "
+                                                 "--gpus 8 or --gpus 10, or choose --nodes"),
+        (("--gpus", "8", "--time", "1:2:3:4"), "error: launch.time must be SLURM's [D-]HH:MM:SS"),
+        (("--gpus", "8", "--mem-per-gpu", "lots"), "error: launch.mem_per_gpu='lots' is not a size like 64G"),
+        (("--gpus", "16", "--cluster", "local"), "error: --cluster local runs on this machine (one node), but 16 GPUs"),
+        (("--gpus", "8", "optim.lrr=0.1"), "error: command line: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    ],
+    ids=["gpus-0", "batch-12", "uneven-9", "time", "mem", "local-2-nodes", "typo"],
+)  # fmt: skip
+def test_bad_input_is_one_error_line(capsys, tmp_path, args, message):
+    code, out, err = main_output(capsys, "--arch", "vgg16_bn", "--run-dir", str(tmp_path / "r"), "--data",
+                                 str(tmp_path), "--dry-run", *args)  # fmt: skip
+    assert code == 2 and out == ""
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_no_sbatch_suggests_cluster_local(tmp_path, tree):
+    env = clean_env() | {"PATH": str(Path(sys.executable).parent)}  # python, no SLURM clients
+    out = run_cli(LAUNCH, *small(tree, tmp_path / "r", "--cluster", "slurm"), env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: sbatch not found on PATH: this machine is not a SLURM submit host; run the same job here with "
+        "--cluster local, or see the sbatch script with --dry-run"
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_folder_on_tmp_is_a_warning(capsys, tmp_path):
+    code, out, err = main_output(capsys, "--arch", "vgg16", "--gpus", "8", "--run-dir", "/tmp/vgg-run",
+                                 "--data", str(tmp_path), "--dry-run")  # fmt: skip
+    assert code == 0 and "#SBATCH --nodes=1" in out
+    assert err.strip() == (
+        "warning: run folder /tmp/vgg-run is on node-local storage (/tmp): other nodes cannot write checkpoints or "
+        "logs there and submitit cannot read results back; use shared storage (--run-dir)"
+    )
+    # local and debug runs stay on this machine: /tmp is fine there
+    code, out, err = main_output(capsys, "--arch", "vgg16", "--gpus", "8", "--run-dir", "/tmp/vgg-run",
+                                 "--data", str(tmp_path), "--cluster", "local", "--dry-run")  # fmt: skip
+    assert code == 0 and err == "" and "# --cluster local: no sbatch script" in out
+
+
+def test_time_limit_formats():
+    assert [parse_time_min(t) for t in ("90", "30:30", "72:00:00", "2-00", "1-12:30", "1-00:00:30")] == [
+        90, 31, 4320, 2880, 2190, 1441]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def reference(tree, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """An uninterrupted run through ``--cluster local``: the same job and code path as on SLURM."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    t0 = time.monotonic()
+    out = run_cli(LAUNCH, *small(tree, run_dir), "--cluster", "local", env=clean_env(), timeout=600)
+    print(f"--cluster local run: {time.monotonic() - t0:.1f} s")
+    return run_dir, out
+
+
+def test_cluster_local_runs_the_job_end_to_end(reference):
+    run_dir, out = reference
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    job_id = submitted(out.stdout, "this machine")
+    log = run_dir / "slurm" / job_id / f"{job_id}_0_log.out"
+    assert f"run folder: {run_dir}\n" in out.stdout
+    assert f"logs: {log} (rank 0; stderr: {job_id}_0_log.err; rank N: {job_id}_N_log.out/.err)" in out.stdout
+    assert "W&B: disabled (log.wandb_mode=disabled)" in out.stdout
+    # rank 0's log is followed to the end, then the result
+    assert "2 task(s) on 1 node(s)" in out.stdout and "on 2 process(es) (cpu" in out.stdout
+    assert "epoch 2/2 done" in out.stdout and log.read_text() in out.stdout
+    assert out.stdout.rstrip().endswith(f"job {job_id} done: epoch 2, step {STEPS}, best val top-1 err "
+                                        f"{min(r['val_top1_err'] for r in metrics(run_dir)):.2f}%")  # fmt: skip
+    assert [r["epoch"] for r in metrics(run_dir)] == [1, 2]
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    assert (state["epoch"], state["step"], len(state["rng"])) == (2, STEPS, 2)
+    assert "warning" not in out.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
+    slurm_env: SlurmCluster, tree, tmp_path, reference, capsys
+):
+    run_dir = tmp_path / "run"
+    args = small(
+        tree, run_dir, "--cluster", "slurm", "--partition", slurm_env.partition, "log.wandb_mode=offline"
+    )
+    t0 = time.monotonic()
+    out = run_cli(LAUNCH, *args, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    job_id = submitted(out.stdout)
+    log = run_dir / "slurm" / job_id / f"{job_id}_0_log.out"
+    assert f"run folder: {run_dir}\n" in out.stdout and f"logs: {log} (rank 0" in out.stdout
+    wandb_id = re.search(
+        r"^W&B: offline \(log.wandb_mode=offline\): new run (\w+), files in ", out.stdout, re.M
+    )[1]
+    assert f"cancel: scancel {job_id}" in out.stdout
+    assert "warning: run folder" in out.stderr  # tmp_path is under /tmp: fine on one node, said anyway
+    # the dry run shows exactly the script that was submitted
+    assert launch.main([*args, "--dry-run"]) == 0
+    dry = capsys.readouterr().out.split("# sbatch script submitit would submit")[1].split("\n", 1)[1]
+    assert (run_dir / "slurm" / job_id / f"{job_id}_submission.sh").read_text() == dry
+
+    # Interrupt it twice mid-run with submitit's test hook, letting SLURM start it again each time:
+    # 1. timeout=True: USR2 alone, what SLURM sends launch.signal_delay_s before the time limit;
+    # 2. preemption: SIGTERM, then USR2.
+    job = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id, tasks=[0, 1])
+    steps = run_dir / "steps.jsonl"
+
+    def logged_step_above(step: int):
+        lines = steps.read_text().splitlines() if steps.is_file() else []
+        return any(json.loads(line)["step"] > step for line in lines)
+
+    stops = []
+    for timeout in (True, False):
+        after = stops[-1] if stops else 0
+        slurm_env.wait_for(f"training past step {after}", lambda a=after: logged_step_above(a), timeout=300)
+        job._interrupt(timeout=timeout)
+        slurm_env.start_requeued_now(job_id, timeout=120)  # PENDING again: the checkpoint was saved before
+        stops = _stops(log)
+    results = job.results()
+    print(f"submit → 2 × (interrupt → requeue) → done: {time.monotonic() - t0:.1f} s")
+    assert [(r["status"], r["epoch"], r["step"]) for r in results] == [("done", 2, STEPS)] * 2
+    slurm_env.wait_for("sacct COMPLETED", lambda: slurm_env.sacct_states(job_id)[-1:] == ["COMPLETED"])
+    assert slurm_env.sacct_states(job_id, duplicates=True) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+
+    text = log.read_text()
+    assert text.count("this job is preempted") == 2  # timeout_min 15: neither counts as a timeout
+    assert text.count("Requeued job") == 2 and "restart 1" in text and "restart 2" in text
+    # each start resumed exactly where the previous one saved: same epoch, batch and step
+    resumed = [
+        int(m[1])
+        for m in re.finditer(r"resumed from .*last\.pth at epoch \d+, batch \d+ \(step (\d+)\)", text)
+    ]
+    assert resumed == stops and 0 < stops[0] < stops[1] <= STEPS, text
+
+    # same final state as the uninterrupted run: bitwise equal weights, same validation numbers every epoch
+    assert_same_weights(reference[0], run_dir)
+    assert [r["epoch"] for r in metrics(run_dir)] == [1, 2]
+    assert val_metrics(run_dir) == val_metrics(reference[0])
+    # one W&B run across the requeues: the id printed at submission, one offline run folder per start
+    assert torch.load(run_dir / "last.pth", weights_only=True)["wandb_id"] == wandb_id
+    files = sorted(run_dir.glob(f"wandb/offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+    assert len(files) == 3
+    # USR2 leaves wandb's service alive: the first start's rows are all on disk. (SIGTERM kills the service, a Go
+    # program, at once, so the second start's file is not checked.) The last start continues after its resume.
+    first, last = RunFile(files[0]), RunFile(files[2])
+    assert max(row["_step"] for row in first.history) == stops[0]
+    assert min(row["_step"] for row in last.history) >= stops[1]  # = after a stop at an epoch end
+    assert max(row["_step"] for row in last.history) == STEPS
+
+
+def _stops(log: Path) -> list[int]:
+    """Global steps at which the job saved a mid-epoch checkpoint on a stop request, from rank 0's log."""
+    text = log.read_text() if log.is_file() else ""
+    found = re.finditer(r"stop requested: saved .* at epoch (\d+), batch (\d+)", text)
+    return [(int(m[1]) - 1) * STEPS_PER_EPOCH + int(m[2]) for m in found]
+
+
+@pytest.mark.slurm
+def test_slurm_timeout_limit_stops_the_job_and_the_same_command_resumes(
+    slurm_env: SlurmCluster, tree, tmp_path, reference
+):
+    """A time limit of 10 min or less makes submitit count every signal as a timeout; launch.max_num_timeout=0
+    allows none. On the limit's USR2 the job saves its checkpoint, then fails saying why, and --wait follows the log
+    and reports it. Submitting the same command again resumes from that checkpoint (as after a node failure, where
+    the last checkpoint on disk is all there is) and ends with the same weights."""
+    run_dir = tmp_path / "run"
+    args = [
+        *small(tree, run_dir, "--cluster", "slurm", "--wait", "launch.max_num_timeout=0"),
+        "--time",
+        "00:05:00",
+    ]
+    proc = subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=clean_env() | {"PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        steps = run_dir / "steps.jsonl"
+        slurm_env.wait_for(
+            "training progress", lambda: steps.is_file() and steps.read_text().strip(), timeout=300
+        )
+        (job_id,) = [p.name for p in (run_dir / "slurm").iterdir() if p.name.isdigit()]
+        submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id)._interrupt(
+            timeout=True
+        )  # USR2 only
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: job {job_id} failed: submitit.core.utils.UncompletedJobError: Job not requeued because: "
+            f"timed-out too many times. (log: {run_dir}/slurm/{job_id}/{job_id}_0_log.err)"
+        )
+    )
+    assert "stop requested: saved" in out and "this job is timed-out" in out  # streamed from rank 0's log
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    (stop,) = _stops(run_dir / "slurm" / job_id / f"{job_id}_0_log.out")
+    assert state["step"] == stop and 0 < stop <= STEPS
+    slurm_env.wait_for("sacct FAILED", lambda: slurm_env.sacct_states(job_id)[-1:] == ["FAILED"])
+
+    again = run_cli(LAUNCH, *args, env=clean_env(), timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    new_id = submitted(again.stdout)
+    assert new_id != job_id
+    assert re.search(rf"resumed from .*last\.pth at epoch \d+(, batch \d+)? \(step {stop}\)", again.stdout)
+    assert again.stdout.rstrip().splitlines()[-1].startswith(f"job {new_id} done: epoch 2, step {STEPS}")
+    assert_same_weights(reference[0], run_dir)
+
+
+@pytest.mark.slurm
+def test_slurm_unknown_partition_is_sbatch_error_in_one_line(slurm_env: SlurmCluster, tree, tmp_path):
+    out = run_cli(
+        LAUNCH, *small(tree, tmp_path / "r", "--cluster", "slurm", "--partition", "nope"), env=clean_env()
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: sbatch: invalid partition specified: nope; Batch job submission failed: Invalid partition name "
+        "specified"
+    )
