@@ -27,96 +27,32 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import multiprocessing as mp
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
-MANIFEST = "bench_manifest.json"
+from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
+    command_line,
+    machine_info,
+    make_tree,
+    now_utc,
+    tree_stats,
+    usable_cpus,
+    warm_page_cache,
+    write_result,
+)
+
 FULL = dict(
     classes=10, train_per_class=300, val_per_class=100, min_size=280, max_size=470, noise=24.0, quality=95
 )
 SMOKE = dict(classes=2, train_per_class=12, val_per_class=6, min_size=64, max_size=96, noise=8.0, quality=90)
-
-
-# ------------------------------------------------------------------------------------------------ the data
-
-
-def _write_image(job: tuple[str, int, int, int, dict]) -> int:
-    """Draw image (split, class, index) and save it; returns its size in bytes."""
-    from PIL import Image
-
-    from data_pipeline.demo import class_specs, render_image
-
-    path, split_id, cls, idx, p = job
-    rng = np.random.default_rng(np.random.SeedSequence([7, split_id, cls, idx]))
-    img = render_image(class_specs(p["classes"])[cls], rng, p["min_size"], p["max_size"])
-    arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, p["noise"], (img.height, img.width, 3))
-    Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8)).save(
-        path, format="JPEG", quality=p["quality"]
-    )
-    return os.path.getsize(path)
-
-
-def make_tree(root: Path, params: dict, workers: int) -> dict:
-    """ImageNet-layout tree of ImageNet-weight JPEGs at ``root`` (reused when its manifest has ``params``)."""
-    from data_pipeline.demo import class_specs
-
-    manifest = root / MANIFEST
-    if manifest.is_file():
-        old = json.loads(manifest.read_text())
-        if old.get("params") == params:
-            return old
-        raise SystemExit(
-            f"error: {root} holds a benchmark tree made with other parameters; delete it or use --data"
-        )
-    if root.exists() and any(root.iterdir()):
-        raise SystemExit(f"error: {root} is not empty and holds no {MANIFEST}; use another --data")
-    jobs = []
-    for split_id, split in enumerate(("train", "val")):
-        for spec in class_specs(params["classes"]):
-            folder = root / split / spec.wnid
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(params[f"{split}_per_class"]):
-                jobs.append((str(folder / f"{spec.wnid}_{i + 1}.JPEG"), split_id, spec.index, i, params))
-    t0 = time.perf_counter()
-    with mp.get_context("fork").Pool(workers) as pool:
-        sizes = pool.map(_write_image, jobs, chunksize=16)
-    info = {
-        "params": params,
-        "images": len(sizes),
-        "mean_kb": round(sum(sizes) / len(sizes) / 1000, 1),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    manifest.write_text(json.dumps(info, indent=1) + "\n")
-    return info
-
-
-def tree_stats(root: Path) -> dict:
-    from PIL import Image
-
-    files = sorted(root.rglob("*.JPEG"))
-    sizes = [f.stat().st_size for f in files]
-    dims = np.array([Image.open(f).size for f in files[:: max(1, len(files) // 400)]])
-    return {
-        "files": len(files),
-        "mean_kb": round(float(np.mean(sizes)) / 1000, 1),
-        "mean_width": round(float(dims[:, 0].mean())),
-        "mean_height": round(float(dims[:, 1].mean())),
-    }
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -281,41 +217,6 @@ def dali_stage_pipelines(root: Path, split: str, threads: int, batch: int, spec:
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def machine() -> dict:
-    import PIL
-    import torch
-    import torchvision
-    from PIL import features
-
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import nvidia.dali as dali
-
-        dali_version = dali.__version__
-    except ImportError:
-        dali_version = None
-    return {
-        "cpu_model": model,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "nvidia_dali": dali_version,
-        "pillow": PIL.__version__,
-        "pillow_libjpeg_turbo": features.version("jpg"),
-        "platform": platform.platform(),
-    }
-
-
 def markdown(result: dict) -> str:
     m, r = result["machine"], result["results"]
     ceiling = result["decode_only"]["ceiling"]["images_per_s"]
@@ -364,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="tiny images and counts: checks the script in seconds"
     )
     args = parser.parse_args(argv)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = usable_cpus()
     threads = args.threads or (1 if args.smoke else usable)
     reps = args.reps or (1 if args.smoke else 3)
     batch = 4 if args.smoke and args.batch == 64 else args.batch
@@ -382,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The main process normalises the torchvision backends' batches on one core; the workers do the rest.
     torch.set_num_threads(1)
-    info = machine()
+    info = machine_info()
     print(f"data: {data}", flush=True)
     made = make_tree(data, params, usable)
     stats = tree_stats(data)
@@ -391,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     files = [str(f) for f in sorted(data.rglob("*.JPEG"))]
-    for f in files:  # page cache: every run reads from memory
-        Path(f).read_bytes()
+    warm_page_cache(data)  # every run reads from memory
 
     small = [
         "data.train_crop=64",
@@ -488,10 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     result = {
         "benchmark": "loader_throughput_cpu",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-        if argv is None
-        else "python benchmarks/loader_throughput.py " + " ".join(shlex.quote(a) for a in argv),
+        "date": now_utc(),
+        "command": command_line("benchmarks/loader_throughput.py", argv),
         "smoke": args.smoke,
         "machine": info,
         "threads": threads,
@@ -504,16 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         "goals": {"dali_over_pil_dataloader": 1.3, "dali_over_decode_ceiling": 0.7},
         "notes": notes,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    args.readme.parent.mkdir(parents=True, exist_ok=True)
-    if not args.readme.exists():
-        args.readme.write_text(
-            "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; newest last.\n\n"
-        )
-    with args.readme.open("a") as f:
-        f.write(table + "\n")
+    write_result(result, args.out, args.readme, table)
     print(table)
     print(f"wrote {args.out} and appended to {args.readme}", flush=True)
     return 0

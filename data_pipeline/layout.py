@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-
 class DataError(ValueError):
     """A dataset problem, described in one line."""
 

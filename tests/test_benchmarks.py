@@ -3,7 +3,14 @@ script runs end to end on real data and writes complete, consistent results."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import importlib
 import json
+import os
+import zipfile
+
+import pytest
 
 from tests.conftest import run_cli
 
@@ -44,3 +51,221 @@ def test_loader_throughput_smoke(tmp_path):
                    "--out", str(out), "--readme", str(readme))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert readme.read_text().count("### Loader throughput") == 2
+
+
+# --------------------------------------------------------------------------- train/eval throughput (issue 7)
+
+
+def test_train_throughput_smoke(tmp_path):
+    """All three sources in one run on a real JPEG tree; the figures are consistent with each other and with an
+    independent MAC count; on a CPU the DALI-GPU source is skipped and DALI-CPU stands in, labelled."""
+    from train.models import build_model, summarize
+
+    out, readme = tmp_path / "tt.json", tmp_path / "README.md"
+    proc = run_cli("benchmarks/train_throughput.py", "--smoke", "--arch", "vgg11", "--precision", "fp32",
+                   "--profile", "--data", str(tmp_path / "data"), "--out", str(out), "--readme", str(readme))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cuda = result["machine"]["gpu"] is not None
+    assert result["smoke"] is True and result["setting"]["precision"] == "fp32"
+    assert result["data"]["files"] == 2 * (24 + 8)
+    assert result["command"].startswith("python benchmarks/train_throughput.py --smoke")
+    (row,) = result["results"]
+    assert row["arch"] == "vgg11" and row["input_size"] == 32
+    expected_macs = summarize(build_model("vgg11", classifier_width=64), input_size=32).total_macs
+    assert row["macs_per_image"] == expected_macs and row["train_flops_per_image"] == 6 * expected_macs
+    src = row["sources"]
+    dali = "dali-gpu" if cuda else "dali-cpu"
+    if not cuda:
+        assert src["dali-gpu"] == {"skipped": "no CUDA: DALI's GPU pipeline needs a CUDA device"}
+    assert src["synthetic"]["backend"] == "synthetic"
+    assert src[dali]["backend"] == dali and src["torchvision"]["backend"] == "torchvision"
+    gemm = result["gemm_bf16"]["tflops"]
+    assert gemm == max(result["gemm_bf16"]["before"]["tflops"], result["gemm_bf16"]["after"]["tflops"]) > 0
+    for name in ("synthetic", dali, "torchvision"):
+        r = src[name]
+        assert r["timed_steps"] == 2 and r["warmup_steps"] == 1 and r["batch"] == 4
+        assert r["images_per_s"] > 0 and r["loss_finite"] is True
+        assert abs(r["images_per_s"] - 8 / r["seconds"]) <= 0.01 * r["images_per_s"] + 0.01
+        assert abs(r["mfu"] - r["achieved_tflops"] / gemm) <= 1e-3 * r["mfu"] + 1e-4
+        assert "aten::" in r["profile"]  # --profile: torch.profiler's operator table
+    a, b, c = (src[k]["images_per_s"] for k in ("synthetic", dali, "torchvision"))
+    assert row["ratios"]["dali_subject"] == dali
+    assert abs(row["ratios"]["dali_over_synthetic"] - b / a) <= 5e-4 + 1e-3 * b / a
+    assert abs(row["ratios"]["dali_over_pil_dataloader"] - b / c) <= 5e-4 + 1e-3 * b / c
+    assert row["targets"] == "not evaluated: smoke run"
+    text = readme.read_text()
+    assert "### Training throughput" in text and "| vgg11 |" in text and "smoke run" in text
+    assert cuda or ("DALI-CPU (stand-in: no CUDA)" in text and "GPU numbers are still to be taken" in text)
+
+
+def test_eval_throughput_smoke(tmp_path):
+    """Every backend counts each val image once per pass; the ratios follow from the figures."""
+    out, readme = tmp_path / "et.json", tmp_path / "README.md"
+    proc = run_cli("benchmarks/eval_throughput.py", "--smoke", "--arch", "vgg11", "--reps", "2",
+                   "--data", str(tmp_path / "data"), "--out", str(out), "--readme", str(readme))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cuda = result["machine"]["gpu"] is not None
+    (row,) = result["results"]
+    src = row["sources"]
+    assert src["dali"]["backend"] == ("dali-gpu" if cuda else "dali-cpu")
+    assert src["torchvision"]["backend"] == "torchvision"
+    for r in src.values():
+        assert r["images_per_pass"] == 16 and len(r["runs"]) == 2
+        assert r["images_per_s"] == max(r["runs"]) > 0
+    d = src["dali"]["images_per_s"]
+    assert abs(row["ratios"]["dali_over_synthetic"] - d / src["synthetic"]["images_per_s"]) < 0.01 * d
+    assert abs(row["ratios"]["dali_over_pil"] - d / src["torchvision"]["images_per_s"]) < 0.01 * d
+    assert "### Evaluation throughput" in readme.read_text() and "| vgg11 |" in readme.read_text()
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("train_throughput", ["--arch", "vgg99"], "error: --arch 'vgg99': vgg99 is not one of: all, vgg11"),
+        ("train_throughput", ["--sources", "synthetic,pil"], "error: --sources 'synthetic,pil': pil is not"),
+        (
+            "train_throughput",
+            ["--batch-per-gpu", "0"],
+            "error: --batch-per-gpu, --steps, --workers and --gemm-size must",
+        ),
+        ("train_throughput", ["--precision", "fp8"], "error: argument --precision: invalid choice: 'fp8'"),
+        ("eval_throughput", ["--arch", "custom"], "error: --arch 'custom': custom is not one of"),
+        ("eval_throughput", ["--reps", "0"], "error: --batch, --reps and --workers must be positive"),
+        ("eval_throughput", ["--sources", "dali,x"], "error: --sources 'dali,x': x is not one of"),
+    ],
+)
+def test_throughput_bad_input(script, args, message, capsys):
+    """Bad arguments are one `error:` line and exit status 2, before any work."""
+    module = importlib.import_module(f"benchmarks.{script}")
+    with pytest.raises(SystemExit) as e:
+        module.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
+
+
+def test_train_throughput_tree_too_small(tmp_path, capsys):
+    """A timed window that does not fit in one epoch of the tree is refused with a hint."""
+    from benchmarks import train_throughput
+
+    with pytest.raises(SystemExit) as e:
+        train_throughput.main(["--smoke", "--arch", "vgg11", "--sources", "torchvision", "--warmup", "12",
+                               "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o.json")])  # fmt: skip
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: one epoch of") and "has 12 batches of 4" in err and "--warmup" in err
+    assert not (tmp_path / "o.json").exists()
+
+
+# ------------------------------------------------------------------------- wheels to the device (issue 7)
+
+
+def _wheel(folder, name, version, files):
+    """A real (installable) pure-Python wheel with ``files`` {path: bytes} and a correct RECORD."""
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        **files,
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    files[f"{dist}/RECORD"] = ("\n".join([*record, f"{dist}/RECORD,,"]) + "\n").encode()
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name_, data in files.items():
+            z.writestr(name_, data)
+    return path
+
+
+def test_wheels_split_join_install_round_trip(tmp_path, capsys):
+    """Split two real wheels into 1 MiB parts, lose and corrupt parts (clear errors), join them back byte for
+    byte, install them offline into a folder and import from it with the written env.sh's paths."""
+    from benchmarks.device import wheels
+
+    kit, parts, joined, site = (tmp_path / d for d in ("kit", "parts", "joined", "site"))
+    kit.mkdir()
+    probe = _wheel(kit, "kitprobe", "0.3", {"kitprobe/__init__.py": b"__version__ = '0.3'\n"})
+    blob = os.urandom(2_600_000)  # incompressible: three 1 MiB parts
+    _wheel(kit, "kitblob", "1.0", {"kitblob/__init__.py": b"", "nvidia/kitlib/lib/libkit.so.1": blob})
+    manifest = wheels.split(sorted(kit.glob("*.whl")), parts, part_mib=1)
+    assert [p["name"] for p in manifest["parts"]] == ["kit.part000", "kit.part001", "kit.part002"]
+    assert all(p["bytes"] <= 2**20 for p in manifest["parts"])
+    assert sum(p["bytes"] for p in manifest["parts"]) == manifest["tar_bytes"]
+
+    (parts / "kit.part001").rename(tmp_path / "saved")
+    assert wheels.main(["status", "--parts", str(parts)]) == 0
+    assert "still to carry: kit.part001" in capsys.readouterr().out
+    assert wheels.main(["join", "--parts", str(parts), "--dest", str(joined)]) == 1
+    assert (
+        capsys.readouterr().err.strip() == "error: cannot join: missing kit.part001; carry those parts again"
+    )
+    (tmp_path / "saved").rename(parts / "kit.part001")
+    data = bytearray((parts / "kit.part002").read_bytes())
+    data[100] ^= 0xFF
+    (parts / "kit.part002").write_bytes(bytes(data))
+    assert wheels.main(["join", "--parts", str(parts), "--dest", str(joined)]) == 1
+    assert "corrupt (size or sha256) kit.part002" in capsys.readouterr().err
+    data[100] ^= 0xFF
+    (parts / "kit.part002").write_bytes(bytes(data))
+
+    proc = run_cli("benchmarks/device/wheels.py", "status", "--parts", str(parts))  # as a script: stdlib only
+    assert proc.returncode == 0 and "3 of 3" in proc.stdout and "complete" in proc.stdout
+    out = wheels.join(parts, joined)
+    assert sorted(p.name for p in out) == sorted(p.name for p in kit.glob("*.whl"))
+    for w in kit.glob("*.whl"):
+        assert (joined / w.name).read_bytes() == w.read_bytes()
+
+    versions = wheels.install(sorted(joined.glob("*.whl")), site, check=["kitprobe", "kitblob"])
+    assert versions == {"kitprobe": "0.3", "kitblob": "ok"}
+    assert (site / "nvidia/kitlib/lib/libkit.so.1").read_bytes() == blob
+    env = (site / "env.sh").read_text()
+    assert f'PYTHONPATH="{site.resolve()}' in env and str((site / "nvidia/kitlib/lib").resolve()) in env
+    assert probe.name in {w["name"] for w in json.loads((parts / "kit.json").read_text())["wheels"]}
+
+
+# ------------------------------------------------------------------------------ the scaling note (issue 7)
+
+
+def test_scaling_note_matches_models_and_model_code(repo):
+    """benchmarks/README.md's all-reduce table: parameter counts of the real models, bytes and ring times from
+    benchmarks.common's model; and the model's arithmetic itself."""
+    import torch
+
+    from benchmarks import common
+    from train.models import TORCHVISION_ARCHS, build_model
+
+    text = (repo / "benchmarks/README.md").read_text()
+    rows: dict[str, str] = {}
+    for line in text.splitlines():  # the first table with a row per arch is the all-reduce table
+        if line.startswith("| vgg"):
+            rows.setdefault(line.split("|")[1].strip(), line)
+    for arch in TORCHVISION_ARCHS:
+        with torch.device("meta"):  # counts only: no memory, no init work
+            params = sum(p.numel() for p in build_model(arch).parameters())
+        cells = [c.strip() for c in rows[arch].split("|")[1:-1]]
+        assert cells[1] == f"{params:,}"
+        assert cells[4] == f"{2 * params / 1e6:.1f}" and cells[5] == f"{4 * params / 1e6:.1f}"
+        assert cells[6] == f"{common.allreduce_seconds(4 * params, 8) * 1e3:.2f} ms"
+        assert cells[7] == f"{common.allreduce_seconds(4 * params, 64) * 1e3:.1f} ms"
+        assert cells[8] == f"{common.allreduce_seconds(2 * params, 64) * 1e3:.1f} ms"
+
+    # ring all-reduce: 2(N-1)/N x bytes / bandwidth; NVLink inside a node, InfiniBand across nodes
+    assert common.ring_allreduce_seconds(1e9, 1, 100.0) == 0.0
+    assert abs(common.allreduce_seconds(1e9, 8) - 1.75 / common.INTRA_NODE_BUS_GBPS) < 1e-12
+    assert abs(common.allreduce_seconds(1e9, 16) - 1.875 / common.INTER_NODE_BUS_GBPS) < 1e-12
+    e = common.predicted_efficiency(1000.0, 32, 4e8, 16, overlap_fraction=0.5)
+    comm = 2 * 15 / 16 * 4e8 / (common.INTER_NODE_BUS_GBPS * 1e9)
+    assert abs(e["exposed_comm_s"] - max(0.0, comm - 0.016)) < 1e-12
+    assert abs(e["efficiency"] - 0.032 / (0.032 + e["exposed_comm_s"])) < 1e-12
+    assert e["efficiency_no_overlap"] < e["efficiency"] <= 1.0
+    r = common.recipe_hours(2000.0, 90)
+    assert abs(r["gpu_hours"] - 90 * 1_281_167 / 2000 / 3600) < 1e-9
+    report = common.scaling_report(138_365_992, 0.992, 2000.0, 128)
+    assert report["allreduce_bytes_per_step"] == {"fp32": 4 * 138_365_992, "bf16": 2 * 138_365_992}
+    assert [x["gpus"] for x in report["efficiency"]["fp32"]] == [8, 16, 32, 64]
+    assert [x["gpus"] for x in report["recipes"]["paper"]] == [1, 8, 16, 32, 64]

@@ -193,3 +193,21 @@ def test_batch_not_divisible_by_world_size(tree, tmp_path):
     assert out.returncode != 0
     assert "error: data.batch_size=9 (global) is not divisible by the world size 2" in out.stderr
     assert out.stderr.count("error: data.batch_size=9") == 1
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        ("train.precision=bf16", "train.channels_last=true", "optim.name=adamw", "optim.lr=0.001"),
+        ("train.precision=fp16", "optim.clip_grad_norm=1.0", "optim.decay_norm_and_bias=false"),
+    ],
+    ids=["bf16-channels_last-adamw", "fp16-gradscaler-clip"],
+)
+def test_precision_and_optimizer_switches_train(tree, tmp_path, switches):
+    result = train(load_config("demo", overrides(tree, tmp_path / "run", "sched.epochs=1",
+                                                 "train.deterministic=false", *switches)))  # fmt: skip
+    assert result["status"] == "done" and result["epoch"] == 1
+    state = load_checkpoint_file(tmp_path / "run" / "last.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    if "train.precision=fp16" in switches:
+        assert state["scaler"]["scale"] > 0  # GradScaler was on and its state is checkpointed
