@@ -262,6 +262,18 @@ def now_utc() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def publish(result: dict, name_parts: Sequence[str], table: str, args: Any, smoke: bool) -> int:
+    """Write the JSON (``args.out`` or a file named from ``name_parts``) and append ``table`` to the results README
+    (smoke runs go to runs/bench_smoke/, never to benchmarks/results/); print the table. Returns exit status 0."""
+    default_dir = REPO / "runs/bench_smoke" if smoke else RESULTS
+    out = args.out or default_dir / f"{'_'.join(name_parts)}.json"
+    readme = args.readme or (default_dir / "README.md" if smoke else RESULTS_README)
+    write_result(result, out, readme, table)
+    print(table)
+    print(f"wrote {out} and appended to {readme}", flush=True)
+    return 0
+
+
 def write_result(result: dict, out: Path, readme: Path, table: str) -> None:
     """Write ``result`` as JSON to ``out`` (atomically) and append ``table`` to ``readme`` (created with a
     header when missing)."""

@@ -53,8 +53,6 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without `pip in
 from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     GPU_SMOKE,
     GPU_TREE,
-    RESULTS,
-    RESULTS_README,
     Parser,
     StepTimer,
     command_line,
@@ -64,13 +62,13 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     machine_info,
     make_tree,
     now_utc,
+    publish,
     resolve_archs,
     scaling_report,
     slug,
     tree_stats,
     usable_cpus,
     warm_page_cache,
-    write_result,
 )
 
 SOURCES = ("synthetic", "dali", "dali-cpu", "torchvision")
@@ -557,25 +555,16 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
         "notes": notes,
     }
-    name = "_".join(
-        [
-            "train_throughput",
-            slug(info["gpu"]["name"]) if info["gpu"] else "cpu",
-            "all" if args.arch == "all" else "-".join(archs),
-            args.precision,
-            "cl" if args.channels_last else "nchw",
-            "compile" if args.compile else "eager",
-            f"b{batch}",
-        ]
-    )
-    default_dir = REPO / "runs/bench_smoke" if smoke else RESULTS
-    out = args.out or default_dir / f"{name}.json"
-    readme = args.readme or (default_dir / "README.md" if smoke else RESULTS_README)
-    table = markdown(result)
-    write_result(result, out, readme, table)
-    print(table)
-    print(f"wrote {out} and appended to {readme}", flush=True)
-    return 0
+    name_parts = [
+        "train_throughput",
+        slug(info["gpu"]["name"]) if info["gpu"] else "cpu",
+        "all" if args.arch == "all" else "-".join(archs),
+        args.precision,
+        "cl" if args.channels_last else "nchw",
+        "compile" if args.compile else "eager",
+        f"b{batch}",
+    ]
+    return publish(result, name_parts, markdown(result), args, smoke)
 
 
 if __name__ == "__main__":
