@@ -140,6 +140,10 @@ class TorchvisionLoader(Loader):
             pin_memory=self._pin,
             drop_last=train,
             persistent_workers=self.workers > 0,
+            # Not fork: a forked worker inherits whatever the parent holds, and a DALI pipeline (or any object
+            # owning threads) garbage-collected in the child deadlocks it. forkserver workers start from a
+            # clean process (the server imports torch once; workers are persistent, so this is paid per loader).
+            multiprocessing_context="forkserver" if self.workers > 0 else None,
             prefetch_factor=prefetch_factor if self.workers > 0 else None,
             generator=generator,
         )
