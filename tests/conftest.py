@@ -27,3 +27,13 @@ def run_cli(
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+@pytest.fixture(scope="session")
+def small_tree(tmp_path_factory) -> Path:
+    """A 4-class demo JPEG tree (56 train / 20 val images, 40-72 px) for seconds-per-epoch training runs."""
+    from data_pipeline.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("small_tree")
+    make_demo_dataset(root, classes=4, train_per_class=14, val_per_class=5, seed=3, min_size=40, max_size=72)
+    return root

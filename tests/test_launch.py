@@ -20,7 +20,6 @@ import pytest
 import submitit
 import torch
 
-from data_pipeline.demo import make_demo_dataset
 from slurm import launch
 from slurm.submit import parse_time_min
 from tests.conftest import REPO, run_cli
@@ -33,10 +32,8 @@ STEPS = 2 * STEPS_PER_EPOCH
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, classes=4, train_per_class=14, val_per_class=5, seed=3, min_size=40, max_size=72)
-    return root
+def tree(small_tree: Path) -> Path:
+    return small_tree
 
 
 def small(tree: Path, run_dir: Path, *extra: str) -> list[str]:

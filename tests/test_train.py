@@ -10,7 +10,6 @@ import pytest
 import torch
 import torchvision
 
-from data_pipeline.demo import make_demo_dataset
 from tests.conftest import run_cli
 from tests.wandb_files import run_files
 from train import distributed
@@ -22,10 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, classes=4, train_per_class=14, val_per_class=5, seed=3, min_size=40, max_size=72)
-    return root
+def tree(small_tree: Path) -> Path:
+    return small_tree
 
 
 def overrides(tree: Path, run_dir: Path, *extra: str) -> list[str]:
