@@ -6,6 +6,17 @@
         loader.set_epoch(epoch)              # order: a function of (cfg.seed, epoch), as DistributedSampler's
         for images, labels in loader:        # float32 NCHW normalised, int64 labels, both on `device`
             ...
+    # resuming from a checkpoint taken after batch k of epoch e (a SLURM time limit, a preemption):
+    loader.set_epoch(e, start_batch=k)       # the next pass yields batches k.. of epoch e: len(loader) - k
+    for i, (images, labels) in enumerate(loader, start=k):   # i: the batch index within the epoch
+        ...
+
+Mid-epoch resume (``set_epoch(epoch, start_batch=k)``, train loaders; ``0 <= k <= len(loader)``, a val loader
+accepts only 0, anything else is a ``ValueError``): the next pass starts at batch ``k`` of that epoch's order
+and never reads the first ``k`` batches' images; it applies to that one pass (a later pass, and every
+``set_epoch`` without it, is a full epoch). torchvision backend: batches k.. are bitwise those of an
+uninterrupted pass (augmentation seeded per image, colour shifts advanced past the skipped batches). DALI: the
+same images in the same order, with fresh random augmentation (see ``data_pipeline.dali_backend``).
 
 Which backend: ``data.backend=torchvision`` → PIL decoding + torchvision.transforms.v2 in DataLoader workers
 (``torchvision``); ``data.backend=dali`` → DALI, with ``data.dali_device``: ``auto`` decodes on the GPU
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,6 +117,7 @@ class Loader:
         self.channels_last = channels_last
         self.workers = workers
         self.epoch = 0
+        self._start_batch = 0  # set by set_epoch, taken by the next pass (_take_start_batch)
         n = len(index)
         if split == "train":
             self.steps = train_steps(n, world_size, batch_size)
@@ -128,9 +141,25 @@ class Loader:
         """Batches this rank yields per epoch (train: the same on every rank)."""
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        """Train: the next pass uses epoch ``epoch``'s order (a function of (seed, epoch)). Val: no effect."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Train: the next pass uses epoch ``epoch``'s order (a function of (seed, epoch)) and starts at batch
+        ``start_batch`` of it (``len(self) - start_batch`` batches; mid-epoch resume), a one-shot setting: the
+        pass after it, and the next ``set_epoch`` without it, start at 0. Val: no effect; ``start_batch`` must be
+        0. Raises ``ValueError`` for a ``start_batch`` outside ``[0, len(self)]``."""
+        start = operator.index(start_batch)
+        if self.split != "train" and start != 0:
+            raise ValueError(
+                f"start_batch is for train loaders only; a {self.split} loader takes 0, got {start}"
+            )
+        if not 0 <= start <= self.steps:
+            raise ValueError(f"start_batch must be in [0, {self.steps}] (batches per epoch), got {start}")
         self.epoch = int(epoch)
+        self._start_batch = start
+
+    def _take_start_batch(self) -> int:
+        """The batch a pass beginning now starts at; resets it to 0 (it applies to one pass)."""
+        start, self._start_batch = self._start_batch, 0
+        return start
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError

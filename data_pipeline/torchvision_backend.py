@@ -14,13 +14,18 @@ normalises there (``TransformSpec.normalize``), in channels_last when asked.
 Train: ``DistributedSampler(shuffle=True, drop_last=True, seed=cfg.seed)`` + ``DataLoader(drop_last=True)``:
 ``(N // W) // batch`` steps on every rank. Each image's augmentation is seeded from (seed, epoch, index) and the
 colour shifts from (seed, epoch, rank), so an epoch's batches are a function of (seed, epoch), whatever the
-worker count, and a run resumed mid-epoch sees the same batches. Val: the rank's contiguous block ``val_shard`` (no padding), in
-sorted order. Workers are persistent when ``workers > 0``. An image that does not decode raises ``DataError``
-naming the file.
+worker count. Val: the rank's contiguous block ``val_shard`` (no padding), in sorted order. Workers are
+persistent when ``workers > 0``. An image that does not decode raises ``DataError`` naming the file.
+
+Mid-epoch resume, ``set_epoch(epoch, start_batch=k)``: the sampler drops the first ``k × batch`` indices of the
+rank's epoch order (``EpochIndices.start``), so those images are never read or decoded, and the colour-shift
+generator makes the ``k`` skipped batches' draws before the first batch. Batches k.. are bitwise those of an
+uninterrupted pass (images, labels, colour shifts), whatever the worker count.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,17 +96,19 @@ class ImageFiles(Dataset):
 
 class EpochIndices(Sampler):
     """Yields ``(index, epoch)`` for the indices of ``indices`` (a DistributedSampler, whose ``epoch`` it reads,
-    or a fixed list), so the dataset can seed each sample's augmentation (``ImageFiles``)."""
+    or a fixed list), so the dataset can seed each sample's augmentation (``ImageFiles``), from position
+    ``start`` on (mid-epoch resume: the indices before it are never handed to the dataset)."""
 
     def __init__(self, indices: DistributedSampler | list[int]) -> None:
         self.indices = indices
+        self.start = 0  # indices skipped at the beginning of the next iteration
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = int(getattr(self.indices, "epoch", 0))
-        return ((int(i), epoch) for i in self.indices)
+        return ((int(i), epoch) for i in itertools.islice(self.indices, self.start, None))
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return max(0, len(self.indices) - self.start)
 
 
 class TorchvisionLoader(Loader):
@@ -128,6 +135,7 @@ class TorchvisionLoader(Loader):
             sampler = EpochIndices(self.sampler)
         else:
             sampler = EpochIndices(list(val_shard(len(dataset), self.rank, self.world_size)))
+        self._indices = sampler
         self._pin = self.device.type == "cuda"
         # DataLoader draws a base seed per pass; from its own generator, so the global RNG is left alone.
         generator = torch.Generator()
@@ -151,16 +159,27 @@ class TorchvisionLoader(Loader):
             raise AssertionError(f"DataLoader has {len(self._dl)} batches, expected {self.steps}")
         self._colour = torch.Generator(device=self.device)  # PCA colour shifts, drawn where they are used
 
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        super().set_epoch(epoch, start_batch)
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches(self._take_start_batch())
+
+    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass, from batch ``start`` of the epoch on."""
         train = self.split == "train"
         lighting = train and self.spec.color_pca_std > 0
         if lighting:  # the colour shifts of an epoch: a function of (seed, rank, epoch)
             self._colour.manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+            for _ in range(start):  # the skipped batches' draws, exactly as they are drawn below
+                self.spec.pca_shift(self.batch_size, self._colour)
+        # Read when DataLoader iterates the sampler (now with workers, at the first batch without): every pass
+        # sets it. Train batches are full (drop_last), so batch k begins at index k × batch.
+        self._indices.start = start * self.batch_size
+        if start == self.steps:  # resumed after the epoch's last batch: nothing left to read
+            return
         batches = iter(self._dl)
         while True:
             try:

@@ -6,9 +6,13 @@ CPU pipelines and real DataLoaders. DALI's GPU path is checked by the `gpu`-mark
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +427,120 @@ def test_torchvision_workers_persistent_and_deterministic(tree):
     )
     assert torch.equal(x1, x0) and torch.equal(x2, x0) and torch.equal(y1, y0)
     loader.close()
+
+
+# ------------------------------------------------------------------------------------- mid-epoch resume
+
+_opened: list[str] | None = None  # while opened_files() is active: every path this process opens
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if _opened is not None and event == "open" and isinstance(args[0], str | os.PathLike):
+        _opened.append(os.fspath(args[0]))
+
+
+sys.addaudithook(_record_open)  # Python's own audit event for open(): a counter, nothing is replaced
+
+
+@contextlib.contextmanager
+def opened_files(under: Path) -> Iterator[list[str]]:
+    """The files under ``under`` that this process opens inside the block, in order."""
+    global _opened
+    seen: list[str] = []
+    _opened = seen
+    try:
+        yield seen
+    finally:
+        _opened = None
+        seen[:] = [f for f in seen if Path(f).is_relative_to(under)]
+
+
+@pytest.mark.parametrize(
+    ("backend", "workers"),
+    [("torchvision", 0), ("torchvision", 2), ("dali", 1)],
+    ids=["tv-w0", "tv-w2", "dali"],
+)
+def test_set_epoch_start_batch_yields_the_rest_of_the_epoch(tree, backend, workers):
+    """set_epoch(e, start_batch=k) yields batches k.. of epoch e (len - k of them) on every rank, for one pass.
+
+    torchvision: bitwise those of a full pass: images (per-image augmentation and the per-batch PCA colour
+    shifts) and labels. DALI: the same images in the same order (labels; the reader holds only the remaining
+    files), same shapes; its augmentation is drawn afresh from (seed, rank, epoch, k), and deterministic."""
+    cfg = make_cfg(
+        tree,
+        backend,
+        "data.train_crop=32",
+        "data.color_pca_std=0.1",
+        f"data.workers={workers}",
+        "seed=5",
+        batch=6,
+    )
+    for rank in (0, 1) if backend == "dali" else (1,):  # DALI's shard layout changes with k: check every rank
+        loader = build_loader(cfg, "train", rank=rank, world_size=2)
+        steps, b = len(loader), loader.batch_size
+        assert (steps, b) == (train_steps(55, 2, 3), 3) == (9, 3)
+        order = epoch_shards(55, 2, seed=5, epoch=1)[rank]
+        loader.set_epoch(1)
+        full = list(loader)
+        assert torch.cat([y for _, y in full]).tolist() == [
+            loader.index.samples[i][1] for i in order[: steps * b]
+        ]
+        resumed = {}
+        for k in (4, steps - 1, steps):
+            loader.set_epoch(1, start_batch=k)
+            part = list(loader)
+            assert len(part) == steps - k
+            for (x, y), (fx, fy) in zip(part, full[k:], strict=True):
+                assert torch.equal(y, fy)
+                if backend == "torchvision":
+                    assert torch.equal(x, fx)
+                else:
+                    assert x.shape == fx.shape == (3, 3, 32, 32) and x.dtype == fx.dtype
+            if backend == "dali" and k < steps:  # DALI's reader holds only each rank's remaining images
+                assert loader._pipe.reader_meta("Reader")["epoch_size"] == 2 * (55 // 2 - k * b)
+            resumed[k] = part
+        # One-shot: the pass after a resumed one, and the next set_epoch without start_batch, are full passes.
+        loader.set_epoch(1, start_batch=4)
+        again = list(loader)
+        for after in (list(loader), (loader.set_epoch(1), list(loader))[1]):
+            assert len(after) == steps
+            for (x, y), (fx, fy) in zip(after, full, strict=True):
+                assert torch.equal(x, fx) and torch.equal(y, fy)
+        for (x, y), (rx, ry) in zip(again, resumed[4], strict=True):  # the same (epoch, k): the same batches
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+        loader.close()
+
+
+def test_torchvision_start_batch_never_decodes_the_skipped_images(tree):
+    """The skipped batches' images are never opened: the pass opens exactly batches k..'s files, in order.
+    (Counted with Python's audit event for open(), in the main process: workers=0.)"""
+    loader = build_loader(make_cfg(tree, "torchvision", "data.train_crop=32", batch=6), "train", 0, 2)
+    steps, b, k = len(loader), loader.batch_size, 5
+    files = [loader.index.samples[i][0] for i in epoch_shards(55, 2, seed=0, epoch=3)[0]]
+    loader.set_epoch(3, start_batch=k)
+    with opened_files(tree / "train") as opened:
+        assert sum(1 for _ in loader) == steps - k
+    assert opened == files[k * b : steps * b]
+    loader.set_epoch(3)  # the counter sees every decode of a full pass
+    with opened_files(tree / "train") as opened:
+        assert sum(1 for _ in loader) == steps
+    assert opened == files[: steps * b]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_set_epoch_bad_start_batch(tree, backend):
+    train = build_loader(make_cfg(tree, backend, "data.train_crop=32"), "train")
+    steps = len(train)
+    train.set_epoch(2, start_batch=steps - 1)
+    for bad in (-1, steps + 1):
+        with pytest.raises(ValueError, match=rf"start_batch must be in \[0, {steps}\].*got {bad}$"):
+            train.set_epoch(5, start_batch=bad)
+    assert train.epoch == 2 and len(list(train)) == 1  # a refused call changes nothing
+    val = build_loader(make_cfg(tree, backend, "data.val_resize=40", "data.val_crop=32"), "val")
+    with pytest.raises(ValueError, match="start_batch is for train loaders only"):
+        val.set_epoch(0, start_batch=1)
+    val.set_epoch(1, start_batch=0)
+    assert sum(len(y) for _, y in val) == 35
 
 
 # --------------------------------------------------------------------------------------------- bad input
