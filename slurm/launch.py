@@ -17,6 +17,11 @@ CPU processes with gloo when there is no GPU) and follows its log; ``--cluster d
 (submitit's DebugExecutor: one task, and an exception opens pdb).
 Running the same command again resumes from ``<run_dir>/last.pth``. Exit status: 0 submitted (or trained to the end,
 when following), 1 the job failed or stopped early, 2 bad input (including sbatch refusing the job).
+
+One training per run folder: while a SLURM job launched into the same ``--run-dir`` is still queued or running
+(``squeue``), or a training holds ``<run_dir>/.lock``, the launch is refused in one line (``error: run_dir X
+already has SLURM job 1234 (RUNNING); scancel 1234 first or use another run_dir``). ``--force`` submits anyway; the
+training itself still refuses to start while another one holds the folder.
 """
 
 from __future__ import annotations
@@ -60,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="where to run [recipe's; slurm]")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config only")
     p.add_argument("--wait", action="store_true", help="SLURM: follow rank 0's log until the job ends")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="submit even while a job of this run_dir is queued/running or a training holds its lock (the "
+        "training's lock still refuses to run two at once)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
@@ -101,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(plan)
     try:
-        return launch(plan, wait=args.wait)
-    except LaunchError as e:  # no sbatch; sbatch refused the job (bad partition, ...); run_dir not writable
+        return launch(plan, wait=args.wait, force=args.force)
+    except LaunchError as e:  # no sbatch; sbatch refused it (bad partition, ...); run_dir unwritable or busy
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,11 @@ Executors: submitit's ``SlurmExecutor``, ``LocalExecutor`` (same job, one proces
 ``DebugExecutor`` (in this process), built directly rather than through ``AutoExecutor``: AutoExecutor cannot
 pass ``signal_delay_s`` to the local executor, and SLURM's own option names are what the sbatch script shows.
 Job folder: ``<run_dir>/slurm/%j`` (submitit's pickles and the per-task logs ``%j_%t_log.out/.err``).
+
+One training per run folder: before submitting to SLURM, :func:`active_slurm_jobs` asks ``squeue`` about the jobs
+whose folders are in ``<run_dir>/slurm/`` and :func:`launch` refuses while one is still queued or running; on any
+cluster it also refuses while a training holds ``<run_dir>/.lock`` (``train.run.lock_run_dir``, the lock every
+training takes, which is what finally keeps two runs apart).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import re
 import secrets
 import shutil
 import string
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +47,11 @@ from train.config import Config, effective_lr, per_process_batch, to_dict, to_ya
 
 NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")  # storage no other node can see
 NODE_LOCAL_FS = ("tmpfs", "ramfs")
+# squeue states of a job that has ended: anything else (PENDING, RUNNING, REQUEUED, SUSPENDED, COMPLETING, a held
+# or requeued state, ...) may still write into its run folder.
+SLURM_ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                                "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"})  # fmt: skip
+MAX_JOBS_CHECKED = 100  # the newest job folders asked about (one squeue call)
 
 
 class LaunchError(RuntimeError):
@@ -329,6 +340,71 @@ def submit(plan: Plan, executor: submitit.Executor | None = None) -> submitit.Jo
             sys.stderr.write(leftover)
 
 
+def slurm_job_ids(run_dir: str | Path) -> list[str]:
+    """Ids of the SLURM jobs submitted into ``run_dir`` (job folders ``<run_dir>/slurm/<id>`` holding submitit's
+    ``<id>_submission.sh``; ``--cluster local`` job folders, named by a pid, have none), oldest first."""
+    root = Path(run_dir) / "slurm"
+    if not root.is_dir():
+        return []
+    ids = [
+        p.name
+        for p in root.iterdir()
+        if re.fullmatch(r"\d+(_\d+)?", p.name) and (p / f"{p.name}_submission.sh").is_file()
+    ]
+    return sorted(ids, key=lambda i: tuple(int(x) for x in i.split("_")))
+
+
+def active_slurm_jobs(run_dir: str | Path) -> list[tuple[str, str]]:
+    """``(job id, state)`` of this run folder's SLURM jobs that have not ended, from ``squeue -h -o %i,%T -j IDS``.
+
+    LaunchError (one line) when squeue cannot answer: the caller decides whether that stops a submission."""
+    ids = slurm_job_ids(run_dir)[-MAX_JOBS_CHECKED:]
+    if not ids:
+        return []
+    if shutil.which("squeue") is None:
+        raise LaunchError("squeue not found on PATH")
+    cmd = ["squeue", "-h", "-o", "%i,%T", "-j", ",".join(ids)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise LaunchError("squeue did not answer within 60 s") from None
+    if proc.returncode != 0:
+        if "invalid job id" in proc.stderr.lower():  # every id has left slurmctld's memory (MinJobAge)
+            return []
+        lines = proc.stderr.strip().splitlines()
+        raise LaunchError(f"squeue exited {proc.returncode}: {lines[-1] if lines else 'no message'}")
+    active = []
+    for line in proc.stdout.splitlines():
+        job_id, _, state = line.strip().partition(",")
+        state = state.split()[0] if state.split() else ""
+        if job_id in ids and state and state not in SLURM_ENDED_STATES:
+            active.append((job_id, state))
+    return active
+
+
+def refuse_active_slurm_jobs(run_dir: str | Path) -> None:
+    """LaunchError in one line if a SLURM job launched into ``run_dir`` is still queued or running; a warning
+    (and nothing refused) when squeue cannot tell."""
+    try:
+        active = active_slurm_jobs(run_dir)
+    except LaunchError as e:
+        print(
+            f"warning: could not ask SLURM about earlier jobs in {run_dir} ({e}); submitting anyway (the training "
+            f"itself refuses to start while another one holds {run_dir}/.lock)",
+            file=sys.stderr,
+        )
+        return
+    if not active:
+        return
+    jobs = ", ".join(f"{job_id} ({state})" for job_id, state in active)
+    noun = "job" if len(active) == 1 else "jobs"
+    if all(state == "COMPLETING" for _, state in active):
+        advice = "wait for it to end (a few seconds), or use another run_dir"
+    else:
+        advice = f"scancel {' '.join(job_id for job_id, _ in active)} first or use another run_dir"
+    raise LaunchError(f"run_dir {run_dir} already has SLURM {noun} {jobs}; {advice}")
+
+
 def log_paths(job: submitit.Job, task: int = 0) -> tuple[Path, Path]:
     """(stdout, stderr) of one task of a submitted job (submitit's ``%j_%t_log.out/.err``)."""
     paths = job.task(task).paths
@@ -470,10 +546,14 @@ def report(job: submitit.Job, out: TextIO | None = None) -> int:
     return 0 if r["status"] == "done" else 1
 
 
-def launch(plan: Plan, wait: bool = False, out: TextIO | None = None) -> int:
+def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: bool = False) -> int:
     """What ``python slurm/launch.py`` does after parsing: submit, print where everything is, and (local, debug,
-    or ``wait``) follow the job to its end. Returns the exit status."""
-    from train.run import RunError, prepare_run_dir
+    or ``wait``) follow the job to its end. Returns the exit status.
+
+    Refused (LaunchError) while the run folder is busy: a SLURM job of it still queued or running (``--cluster
+    slurm``), or a training holding its lock. ``force`` skips both checks; the training's own lock still refuses
+    to run while another training holds the folder."""
+    from train.run import RunError, check_run_dir_free, prepare_run_dir
 
     out = out or sys.stdout
     cfg = plan.cfg
@@ -482,7 +562,12 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None) -> int:
     for n in plan.notes:
         print(f"note: {n}", file=out)
     try:
-        executor = make_executor(plan)
+        # the checks come before anything is written into the folder (config.yaml, wandb_id.txt)
+        if not force:
+            check_run_dir_free(cfg.run_dir)  # a training holds it now (this node, or any node on NFS)
+        executor = make_executor(plan)  # (creates <run_dir>/slurm)
+        if not force and plan.cluster == "slurm":
+            refuse_active_slurm_jobs(cfg.run_dir)
         prepare_run_dir(cfg)  # writable? (the job writes config.yaml again)
     except RunError as e:
         raise LaunchError(str(e)) from None
@@ -525,6 +610,7 @@ __all__ = [
     "LaunchError",
     "Plan",
     "absolute_paths",
+    "active_slurm_jobs",
     "dry_run",
     "follow",
     "launch",
@@ -534,8 +620,10 @@ __all__ = [
     "memory_per_node",
     "node_local_storage",
     "parse_time_min",
+    "refuse_active_slurm_jobs",
     "report",
     "sbatch_script",
+    "slurm_job_ids",
     "slurm_parameters",
     "submit",
     "wandb_run",

@@ -1,7 +1,7 @@
 """slurm/launch.py: the sbatch script and job layout it plans, bad input, and real runs of the demo recipe on two
 CPU tasks (gloo): ``--cluster local`` end to end, and on the local SLURM cluster submit → interrupt → requeue →
-resume to the same weights as an uninterrupted run, the timeout limit, a killed job resumed on resubmit, and
-sbatch's own error for an unknown partition.
+resume to the same weights as an uninterrupted run, the timeout limit, a killed job resumed on resubmit,
+sbatch's own error for an unknown partition, and a second launch into a run folder that is still busy.
 
     .venv/bin/python -m pytest tests/test_launch.py -rA      # SLURM tests need root (slurm/local_cluster.sh)
 """
@@ -25,6 +25,7 @@ from slurm.submit import parse_time_min
 from tests.conftest import REPO, run_cli
 from tests.slurm_cluster import SlurmCluster
 from tests.wandb_files import RunFile
+from train.run import lock_run_dir
 
 LAUNCH = "slurm/launch.py"
 STEPS_PER_EPOCH = 7  # 56 images / global batch 8
@@ -211,6 +212,20 @@ def test_run_folder_on_tmp_is_a_warning(capsys, tmp_path):
     assert code == 0 and err == "" and "# --cluster local: no sbatch script" in out
 
 
+def test_launch_into_a_run_dir_a_training_holds_is_refused(capsys, tree, tmp_path):
+    run_dir = tmp_path / "r"
+    # held as a running training holds it (the lock belongs to the open file: this same process is refused too)
+    with lock_run_dir(run_dir):
+        code, out, err = main_output(capsys, *small(tree, run_dir, "--cluster", "local"))
+    assert code == 2 and "submitted" not in out
+    assert re.fullmatch(
+        rf"error: run_dir {re.escape(str(run_dir))} is in use by pid {os.getpid()} on \S+ since \S+Z; wait for it, "
+        r"stop it, or use another run_dir\n",
+        err,
+    ), err
+    assert [p.name for p in run_dir.iterdir()] == [".lock"]  # nothing written: no config.yaml, no job folder
+
+
 def test_time_limit_formats():
     assert [parse_time_min(t) for t in ("90", "30:30", "72:00:00", "2-00", "1-12:30", "1-00:00:30")] == [
         90, 31, 4320, 2880, 2190, 1441]  # fmt: skip
@@ -390,3 +405,53 @@ def test_slurm_unknown_partition_is_sbatch_error_in_one_line(slurm_env: SlurmClu
         "error: sbatch: invalid partition specified: nope; Batch job submission failed: Invalid partition name "
         "specified"
     )
+
+
+@pytest.mark.slurm
+def test_slurm_second_launch_into_a_busy_run_dir_is_refused(slurm_env: SlurmCluster, tree, tmp_path):
+    """A second launch into the run folder of a queued or running job is refused before it writes anything there;
+    ``--force`` submits anyway, and the new job's training then stops in one line naming the first job."""
+    run_dir = tmp_path / "run"
+    args = small(tree, run_dir, "--cluster", "slurm", "--partition", slurm_env.partition, "sched.epochs=50")
+    first = run_cli(LAUNCH, *args, env=clean_env())
+    assert first.returncode == 0, first.stderr
+    job_id = submitted(first.stdout)
+    second_id = None
+    try:
+        t0 = time.monotonic()
+        again = run_cli(LAUNCH, *args, env=clean_env())
+        print(f"refused in {time.monotonic() - t0:.1f} s")
+        assert again.returncode == 2 and "submitted" not in again.stdout
+        assert re.fullmatch(
+            rf"error: run_dir {re.escape(str(run_dir))} already has SLURM job {job_id} "
+            rf"\((PENDING|CONFIGURING|RUNNING)\); scancel {job_id} first or use another run_dir",
+            again.stderr.strip().splitlines()[-1],
+        ), again.stderr
+        assert sorted(p.name for p in (run_dir / "slurm").iterdir() if p.name.isdigit()) == [job_id]
+
+        # --force skips the launcher's checks; the first job's training holds the folder's lock, so the second
+        # job stops at once, on every rank, saying who holds it
+        lock = run_dir / ".lock"
+        slurm_env.wait_for(
+            "the first job's lock",
+            lambda: lock.is_file() and f'"slurm_job_id": "{job_id}"' in lock.read_text(),
+            300,
+        )
+        holder = json.loads(lock.read_text())
+        forced = run_cli(LAUNCH, *args, "--force", "--wait", env=clean_env(), timeout=600)
+        second_id = submitted(forced.stdout)
+        assert forced.returncode == 1, forced.stdout[-2000:] + forced.stderr[-2000:]
+        refusal = (
+            f"run_dir {run_dir} is in use by pid {holder['pid']} on {holder['host']} (SLURM job {job_id}) since "
+            f"{holder['since']}; wait for it, scancel {job_id}, or use another run_dir"
+        )
+        last = forced.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: job {second_id} failed: train.run.RunError: {refusal} (log: "), last
+        rank1 = (run_dir / "slurm" / second_id / f"{second_id}_1_log.err").read_text()
+        assert f"train.run.RunError: {refusal}" in rank1  # rank 1 stopped with the same line
+        assert slurm_env.squeue_state(job_id) == "RUNNING"  # the first job was not disturbed
+    finally:
+        for j in (job_id, second_id):
+            if j:
+                slurm_env.run("scancel", j, check=False)
+        slurm_env.wait_for("the jobs to leave the queue", lambda: not slurm_env.squeue_state(job_id), 120)

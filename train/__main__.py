@@ -8,6 +8,8 @@
     torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet   # one node, 8 GPUs
 
 Without torchrun (or SLURM's srun) it trains in one process. It resumes from <run_dir>/last.pth when there is one.
+One training per run folder: while one runs, another into the same run_dir stops at once with
+`error: run_dir ... is in use by pid N on HOST (SLURM job J) since ...` (rank 0 holds <run_dir>/.lock).
 Run folder: config.yaml, train.log, metrics.jsonl (one line per epoch), curves.png, last.pth / best.pth,
 checkpoints/epoch_NNN.pth, wandb/ (offline runs: `wandb sync <run_dir>/wandb/offline-run-*`).
 """
