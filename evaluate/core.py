@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from train import distributed
@@ -32,21 +33,28 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class Counts:
-    """Summed integer counts; the errors derive from them."""
+    """Summed integer counts; the errors derive from them. ``loss_sum`` (the summed cross-entropy, float64) is
+    there when asked for (``count_loader(..., with_loss=True)``, the training loop's validation)."""
 
     correct1: int
     correct5: int
     n: int
+    loss_sum: float | None = None
 
     @property
     def top1_err(self) -> float:
-        """Top-1 error in percent: 100 * (1 - correct@1 / n), float64."""
-        return 100.0 * (1.0 - self.correct1 / self.n)
+        """Top-1 error in percent: 100 * (1 - correct@1 / n), float64 (nan for no images)."""
+        return 100.0 * (1.0 - self.correct1 / self.n) if self.n else float("nan")
 
     @property
     def top5_err(self) -> float:
         """Top-5 error in percent (top-k with k = min(5, classes): 0 when there are <= 5 classes)."""
-        return 100.0 * (1.0 - self.correct5 / self.n)
+        return 100.0 * (1.0 - self.correct5 / self.n) if self.n else float("nan")
+
+    @property
+    def loss(self) -> float:
+        """Mean cross-entropy per image (nan without ``loss_sum`` or images)."""
+        return self.loss_sum / self.n if self.loss_sum is not None and self.n else float("nan")
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,12 +65,19 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[t
     return hit[:, 0].sum(dtype=torch.int64), hit.any(dim=1).sum(dtype=torch.int64)
 
 
-def reduce_counts(correct1: torch.Tensor, correct5: torch.Tensor, n: torch.Tensor) -> Counts:
-    """Sum the per-process int64 counts over all processes (a no-op for one process)."""
+def reduce_counts(
+    correct1: torch.Tensor, correct5: torch.Tensor, n: torch.Tensor, loss_sum: torch.Tensor | None = None
+) -> Counts:
+    """Sum the per-process int64 counts (and the float64 loss sum, when given) over all processes (a no-op for
+    one process)."""
     stacked = torch.stack([correct1, correct5, n]).to(torch.int64)
     distributed.all_reduce_sum(stacked)
     c1, c5, total = (int(x) for x in stacked.tolist())
-    return Counts(c1, c5, total)
+    if loss_sum is None:
+        return Counts(c1, c5, total)
+    loss = loss_sum.detach().to(torch.float64).reshape(1)
+    distributed.all_reduce_sum(loss)
+    return Counts(c1, c5, total, float(loss.item()))
 
 
 @contextlib.contextmanager
@@ -93,15 +108,18 @@ def count_loader(
     precision: str = "fp32",
     channels_last: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    with_loss: bool = False,
 ) -> Counts:
     """Top-1/top-5 counts of ``model`` over ``loader`` (batches of normalised images and int64 labels).
 
     Counts stay on the device during the loop (no per-batch host sync) and are all-reduced at the end.
     ``progress(batches_done, images_done_here)`` is called every 10% of the batches when given.
+    ``with_loss``: also sum the cross-entropy (float64; ``Counts.loss``), as the training loop's validation does.
     """
     model.eval()
     zero = torch.zeros((), dtype=torch.int64, device=device)
     c1, c5, n = zero.clone(), zero.clone(), zero.clone()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device) if with_loss else None
     try:
         total = len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -114,6 +132,8 @@ def count_loader(
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             logits = model(images).float()
+            if loss_sum is not None:
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             a, b = topk_hits(logits, labels)
             c1 += a
             c5 += b
@@ -121,4 +141,4 @@ def count_loader(
             images_here += labels.numel()
             if progress is not None and i % every == 0:
                 progress(i, images_here)
-    return reduce_counts(c1, c5, n)
+    return reduce_counts(c1, c5, n, loss_sum)

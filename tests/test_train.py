@@ -10,7 +10,10 @@ import pytest
 import torch
 import torchvision
 
+from data_pipeline.layout import index_split
+from data_pipeline.loader import epoch_shards
 from tests.conftest import run_cli
+from tests.test_loaders import opened_files
 from tests.wandb_files import run_files
 from train import distributed
 from train.checkpoint import load_checkpoint_file
@@ -80,8 +83,15 @@ def test_resume_after_epoch_and_mid_epoch_is_exact(tree, tmp_path, deterministic
     assert trainer.run()["status"] == "interrupted"
     state = load_checkpoint_file(tmp_path / "mid" / "last.pth")
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 2)
-    assert train(load_config("demo", overrides(tree, tmp_path / "mid")))["status"] == "done"
+    mid_cfg = load_config("demo", overrides(tree, tmp_path / "mid"))
+    with opened_files(tree / "train") as opened:
+        assert train(mid_cfg)["status"] == "done"
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mid"))
+    # the resumed epoch started at batch 2 without reading batches 0-1 (1 process, 7 batches of 8 per epoch)
+    samples = index_split(tree, "train").samples
+    epoch0 = [samples[i][0] for i in epoch_shards(len(samples), 1, mid_cfg.seed, 0)[0]]
+    assert len(samples) == 56 and len(opened) == (3 * 7 - 2) * 8
+    assert opened[: 5 * 8] == epoch0[2 * 8 :]
 
     # and the interrupted epoch's train statistics continue where they stopped
     def epoch_log(run: str) -> list[dict]:

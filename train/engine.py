@@ -4,7 +4,12 @@
     torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet
 
 Resume is automatic from ``run_dir/last.pth`` (``ckpt.resume=auto``). A run stopped after epoch k and resumed
-ends with the same weights as one that was never stopped (tests/test_train.py checks it bitwise on CPU).
+ends with the same weights as one that was never stopped (tests/test_train.py checks it bitwise on CPU). A run
+stopped mid-epoch (SLURM time limit or preemption: ``last.pth`` holds ``batch_in_epoch = k``) resumes at batch k:
+``train_loader.set_epoch(epoch, start_batch=k)`` starts the epoch's order there without reading or decoding the
+first k batches. With the torchvision backend batches k.. are bitwise those of the uninterrupted run, and so are
+the final weights (checked on CPU); with DALI they are the same images in the same order with fresh random
+augmentation (``data_pipeline.dali_backend``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from evaluate.core import topk_hits
+from evaluate.core import count_loader, reduce_counts, topk_hits
 from train import distributed
 from train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file, unwrap
 from train.config import Config, from_dict, to_dict, validate
 from train.optim import Schedule, build_optimizer
 from train.report import ETA, JsonLines, format_duration, max_memory_gb, plot_curves, setup_logging
-from train.run import RunError, prepare_run_dir
+from train.run import RunError, claim_run_dir
 
 # Config keys a resumed run must share with its checkpoint (others, e.g. sched.epochs, may change and are logged).
 RESUME_MUST_MATCH = ("recipe", "model", "data.batch_size", "optim.name")
@@ -38,60 +42,9 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-@dataclass
-class Counts:
-    """Summed over processes: never averaged, so the error is exact whatever the shard sizes."""
-
-    loss_sum: float
-    correct1: int
-    correct5: int
-    n: int
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.n, 1)
-
-    @property
-    def top1_err(self) -> float:
-        return 100.0 * (1.0 - self.correct1 / self.n) if self.n else float("nan")
-
-    @property
-    def top5_err(self) -> float:
-        return 100.0 * (1.0 - self.correct5 / self.n) if self.n else float("nan")
-
-
-def reduce_counts(loss_sum: torch.Tensor, c1: torch.Tensor, c5: torch.Tensor, n: torch.Tensor) -> Counts:
-    packed = torch.stack([loss_sum.double(), c1.double(), c5.double(), n.double()])
-    distributed.all_reduce_sum(packed)  # float64 holds integer counts exactly up to 2^53
-    loss, a, b, m = packed.tolist()
-    return Counts(loss, int(a), int(b), int(m))
-
-
 def autocast(cfg: Config, device: torch.device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
-@torch.no_grad()
-def validate_model(model: nn.Module, loader, cfg: Config, device: torch.device) -> Counts:
-    """Loss and top-1/top-5 counts over this rank's val shard, summed over all ranks (each image once)."""
-    model.eval()
-    zero = torch.zeros((), dtype=torch.int64, device=device)
-    loss_sum, c1, c5, n = (
-        torch.zeros((), dtype=torch.float64, device=device),
-        zero.clone(),
-        zero.clone(),
-        zero.clone(),
-    )
-    for images, labels in loader:
-        with autocast(cfg, device):
-            logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
-        a, b = topk_hits(logits, labels)
-        c1 += a
-        c5 += b
-        n += labels.numel()
-    return reduce_counts(loss_sum, c1, c5, n)
 
 
 def rng_state() -> dict[str, Any]:
@@ -136,19 +89,34 @@ class Trainer:
     """One training run on this process (one of world_size)."""
 
     def __init__(self, cfg: Config, dist_info: distributed.DistInfo) -> None:
+        self.cfg, self.dist = cfg, dist_info
+        self.device = dist_info.device
+        validate(cfg, world_size=dist_info.world_size)
+        # One training per run folder: rank 0 locks run_dir before anything is written there, then writes
+        # config.yaml; if either fails, every rank raises the same RunError (none waits for the dist timeout).
+        # The lock is released by close(): at the end of run(), or right here if the rest of the setup fails.
+        self.run_lock = claim_run_dir(cfg, dist_info.is_main)
+        try:
+            self._setup(cfg, dist_info)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder's lock (rank 0 holds it); idempotent."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _setup(self, cfg: Config, dist_info: distributed.DistInfo) -> None:
         from data_pipeline import build_loader
         from train.models import build_model_from_config
         from train.tracking import Tracker
 
-        self.cfg, self.dist = cfg, dist_info
-        self.device = dist_info.device
-        validate(cfg, world_size=dist_info.world_size)
         run_dir = Path(cfg.run_dir)
-        if dist_info.is_main:
-            prepare_run_dir(cfg)  # RunError if not writable
-        distributed.barrier()
         self.run_dir = run_dir
         self.log = setup_logging(dist_info.is_main, run_dir / "train.log")
+        if self.run_lock is not None and self.run_lock.warning:
+            self.log.warning("warning: %s", self.run_lock.warning)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
@@ -278,6 +246,14 @@ class Trainer:
     # -------------------------------------------------------------------------------------------- loop
 
     def run(self) -> dict[str, Any]:
+        """Train to cfg.sched.epochs, or to an agreed stop ("interrupted"); releases the run folder's lock at the
+        end, also when it raises."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         cfg, log = self.cfg, self.log
         epochs = cfg.sched.epochs
         steps_per_epoch = len(self.train_loader)
@@ -301,26 +277,27 @@ class Trainer:
     def _train_epoch(self, eta: ETA, steps_per_epoch: int) -> str:
         cfg, device, epoch = self.cfg, self.device, self.epoch
         lr = self.schedule.start_epoch(epoch)
-        self.train_loader.set_epoch(epoch)
+        # Resumed mid-epoch (a checkpoint after batch `skip`): the loader starts at batch `skip` of the epoch's
+        # order without reading the batches before it, and `i` below stays the batch index within the epoch.
+        skip, self.batch_in_epoch = self.batch_in_epoch, 0
+        if skip > steps_per_epoch:  # the checkpoint's epoch had more batches (another world size or dataset)
+            self.log.warning("checkpoint is at batch %d, but an epoch has %d batches here: resuming at its end",
+                             skip, steps_per_epoch)  # fmt: skip
+            skip = steps_per_epoch
+        self.train_loader.set_epoch(epoch, start_batch=skip)
         self.forward.train()
         zero = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         c1, c5, n = zero.clone(), zero.clone(), zero.clone()
-        if self.batch_in_epoch and self.partial_counts:  # resumed mid-epoch: continue the epoch's counts
+        if skip and self.partial_counts:  # resumed mid-epoch: continue the epoch's counts
             loss_sum += self.partial_counts[0]
             for counter, value in zip((c1, c5, n), self.partial_counts[1:], strict=True):
                 counter += value
         interval_loss = torch.zeros((), dtype=torch.float64, device=device)
         interval_n, data_time, t0 = 0, 0.0, time.perf_counter()
         per_rank_batch = cfg.data.batch_size // self.dist.world_size
-        skip, self.batch_in_epoch = self.batch_in_epoch, 0
         end = time.perf_counter()
-        for i, (images, labels) in enumerate(self.train_loader):
-            if (
-                i < skip
-            ):  # mid-epoch resume: the loader is deterministic, so skipping replays the same batches
-                end = time.perf_counter()
-                continue
+        for i, (images, labels) in enumerate(self.train_loader, start=skip):
             data_time += time.perf_counter() - end
             with autocast(cfg, device):
                 logits = self.forward(images)
@@ -379,8 +356,9 @@ class Trainer:
                     self._save_interrupt()
                     return "interrupted"
             end = time.perf_counter()
-        self.train_counts = reduce_counts(loss_sum, c1, c5, n)
-        self.epoch_time = time.perf_counter() - t0
+        self.train_counts = reduce_counts(c1, c5, n, loss_sum)
+        self.epoch_time = time.perf_counter() - t0  # a resumed epoch: the part run since the resume
+        self.epoch_images = (steps_per_epoch - skip) * per_rank_batch * self.dist.world_size  # trained in it
         self.epoch_lr = lr
         return "ok"
 
@@ -395,9 +373,10 @@ class Trainer:
         # DDP broadcasts BatchNorm buffers from rank 0 before each forward, but each rank's last forward then
         # updated its own copy: make every rank validate (and rank 0 save) the same model.
         distributed.broadcast_buffers(self.model)
-        val = validate_model(
-            self.model, self.val_loader, cfg, self.device
-        )  # no DDP: shards may differ in batches
+        # The evaluator's own count (python evaluate runs the same function), plus the loss; on the bare model,
+        # not DDP: val shards may differ by a batch between ranks.
+        val = count_loader(self.model, self.val_loader, self.device, cfg.train.precision, cfg.train.channels_last,
+                           with_loss=True)  # fmt: skip
         self.schedule.end_epoch(self.epoch, 100.0 - val.top1_err)
         train = self.train_counts
         self.epoch += 1
@@ -416,7 +395,9 @@ class Trainer:
             "val_top5_err": val.top5_err,
             "val_images": val.n,
             "epoch_time_s": self.epoch_time,
-            "img_per_s": train.n / self.epoch_time,
+            # images trained in epoch_time (train.n also counts those before a mid-epoch resume); null when a
+            # resume found nothing left of the epoch
+            "img_per_s": self.epoch_images / self.epoch_time if self.epoch_images else None,
         }
         log.info(
             "epoch %d/%d done in %s: train loss %.4f top-1 err %.2f%% | val loss %.4f top-1 err %.2f%% "
