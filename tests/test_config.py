@@ -200,6 +200,7 @@ BAD = [
     (["launch.time=3 days"], r"launch.time must be SLURM's"),
     (["optim.lr"], r"override 'optim.lr' is not of the form section.key=value"),
     (["log.tags=x"], r"log.tags: expected list\[str\]"),
+    (["dist.grad_compression=int8"], r"dist.grad_compression='int8' is not one of: none, fp16, bf16$"),
 ]
 
 

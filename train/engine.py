@@ -10,6 +10,9 @@ stopped mid-epoch (SLURM time limit or preemption: ``last.pth`` holds ``batch_in
 first k batches. With the torchvision backend batches k.. are bitwise those of the uninterrupted run, and so are
 the final weights (checked on CPU); with DALI they are the same images in the same order with fresh random
 augmentation (``data_pipeline.dali_backend``).
+
+Gradient compression (``dist.grad_compression=fp16|bf16``, default none = the recipes' fp32 all-reduce) registers
+PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook`` on DDP: half the all-reduce bytes, rounded gradients.
 """
 
 from __future__ import annotations
@@ -85,6 +88,42 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+# dist.grad_compression → the dtype PyTorch's DDP compression hook all-reduces gradient buckets in
+GRAD_COMPRESSION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def check_all_reduce_dtype(dtype: torch.dtype, device: torch.device, what: str) -> None:
+    """RunError (one line, the same on every rank) if the default process group cannot all-reduce ``dtype``.
+
+    torch 2.14.1's gloo all-reduces float16 and bfloat16 (CPU tensors), NCCL both; older gloo builds rejected
+    bfloat16 with "Invalid scalar type" (pytorch/pytorch#111131), which inside DDP's comm hook would only show at
+    the first backward. One element, once, at startup.
+    """
+    try:
+        torch.distributed.all_reduce(torch.zeros(1, dtype=dtype, device=device))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(
+            f"{what}: the {torch.distributed.get_backend()} backend of torch {torch.__version__} cannot all-reduce "
+            f"{dtype} tensors ({reason}); use dist.grad_compression=none or another dtype"
+        ) from None
+
+
+def register_grad_compression(ddp: DistributedDataParallel, mode: str, device: torch.device) -> str:
+    """Register PyTorch's fp16/bf16 compression comm hook on ``ddp`` (state None: the default process group), after
+    checking the backend can all-reduce that dtype; returns the line to log."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    dtype = GRAD_COMPRESSION_DTYPES[mode]
+    check_all_reduce_dtype(dtype, device, f"dist.grad_compression={mode}")
+    hook = default_hooks.fp16_compress_hook if mode == "fp16" else default_hooks.bf16_compress_hook
+    ddp.register_comm_hook(None, hook)
+    return (
+        f"dist.grad_compression={mode}: DDP all-reduces gradients as {dtype} over "
+        f"{torch.distributed.get_backend()} (torch {hook.__name__}: cast, ÷ world size, sum, cast back to fp32)"
+    )
+
+
 class Trainer:
     """One training run on this process (one of world_size)."""
 
@@ -147,6 +186,13 @@ class Trainer:
             if dist_info.distributed
             else model
         )
+        compression = cfg.dist.grad_compression
+        if compression != "none" and dist_info.distributed:
+            self.log.info("%s", register_grad_compression(self.ddp, compression, self.device))
+        elif compression != "none":
+            self.log.info(
+                "dist.grad_compression=%s has no effect: one process, no DDP all-reduce", compression
+            )
         self.forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
         rank, world = dist_info.rank, dist_info.world_size
         self.train_loader = build_loader(cfg, "train", rank=rank, world_size=world, device=self.device)
