@@ -2,8 +2,8 @@
 
     import torch
     model = torch.hub.load("/path/to/this/repo", "vgg16_bn", source="local")  # random init
-    model = torch.hub.load("/path/to/this/repo", "vgg16_bn", source="local", weights="runs/x/best.pt")
-    model = torch.hub.load("/path/to/this/repo", "vgg16_bn", source="local", weights="vgg16_bn-6002323d.pth")
+    model = torch.hub.load("/path/to/this/repo", "vgg16_bn", source="local", weights="runs/x/best.pth")
+    model = torch.hub.load("/path/to/this/repo", "vgg16_bn", source="local", weights="vgg16_bn-6c64b313.pth")
     model = torch.hub.load("/path/to/this/repo", "vgg16_c", source="local", num_classes=10)
 
 torch.hub puts the repository folder first on sys.path, so this works without `pip install`. torch.hub.list and

@@ -43,10 +43,10 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     machine_info,
     make_tree,
     now_utc,
+    publish,
     tree_stats,
     usable_cpus,
     warm_page_cache,
-    write_result,
 )
 
 FULL = dict(
@@ -259,8 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="timed rounds: one epoch of everything each (default 3; smoke 1)",
     )
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/loader_throughput_cpu.json")
-    parser.add_argument("--readme", type=Path, default=REPO / "benchmarks/results/README.md")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="JSON (default benchmarks/results/loader_throughput_cpu.json; smoke: runs/bench_smoke/)",
+    )
+    parser.add_argument(
+        "--readme", type=Path, help="results table to append to (default: beside the JSON's folder)"
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny images and counts: checks the script in seconds"
     )
@@ -403,10 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "notes": notes,
     }
     table = markdown(result)
-    write_result(result, args.out, args.readme, table)
-    print(table)
-    print(f"wrote {args.out} and appended to {args.readme}", flush=True)
-    return 0
+    return publish(result, ["loader_throughput_cpu"], table, args, args.smoke)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ Check a dataset root: class folders, counts against ILSVRC2012's, every image de
 Running demo or prepare-val again on a finished tree does nothing and says so. Exit status: demo: 0 done (or
 nothing to do), 1 the output directory holds something else (another demo tree, other files); prepare-val: 0
 done, 1 labels and folder disagree (one error line per problem); check: 0 the tree is sound, 1 problems (one a
-line); all: 2 bad arguments (including paths that do not exist).
+line; a missing ROOT is one); all: 2 bad arguments (prepare-val: including a VAL_DIR or label file that does not
+exist).
 """
 
 from __future__ import annotations

@@ -28,43 +28,17 @@ import signal
 import socket
 import sys
 import time
-import zlib
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import submitit
 
+from train.distributed import master_port
+
 # After a stop on SIGTERM alone, how long rank 0 waits for submitit's preemption signal (USR2) before deciding
 # that nobody asked for a requeue (submitit's _interrupt sends TERM and USR2 from two scancel calls).
 USR_SIGNAL_GRACE_S = 5.0
-
-
-def ephemeral_port_range() -> tuple[int, int]:
-    """Linux's range for outgoing connections' local ports (``net.ipv4.ip_local_port_range``)."""
-    try:
-        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
-
-def master_port(job_id: str, restart: int) -> int:
-    """The rendezvous port of one run of a job: the same on every task (no communication needed), different per
-    job and per requeue, and below the ephemeral range.
-
-    submitit's default derives a port in 20000-60000 from the job id alone, which overlaps Linux's ephemeral ports
-    (32768-60999): an outgoing connection can hold it, and ``init_process_group`` fails with EADDRINUSE while the
-    other ranks wait for their rendezvous timeout. Ports below the ephemeral range are only taken by explicit
-    binds. crc32, not ``hash()``: Python randomises string hashes per process.
-    """
-    lo_eph, hi_eph = ephemeral_port_range()
-    lo, hi = 20000, lo_eph  # [20000, 32768) with Linux's defaults
-    if hi - lo < 1000:  # an unusual ephemeral range: use what lies above it instead
-        lo, hi = hi_eph + 1, 65536
-    if hi - lo < 1000:
-        lo, hi = 20000, 32768
-    return lo + zlib.crc32(f"{job_id}:{restart}".encode()) % (hi - lo)
 
 
 def restart_count() -> int:

@@ -7,12 +7,14 @@
     python slurm/launch.py --config demo --cluster slurm --wait          # the same job through sbatch, followed
 
 ``--gpus`` is the total; nodes = ceil(gpus / gpus-per-node) unless ``--nodes`` is given, the same number of
-tasks on every node (``--gpus 12 --gpus-per-node 8`` runs 2 nodes × 6, and says so), per-GPU batch = global
+tasks on every node (``--gpus 12 --gpus-per-node 8 data.batch_size=384`` runs 2 nodes × 6, and says so),
+per-GPU batch = global
 ``data.batch_size`` / gpus (refused if it does not divide; the lr is the recipe's, scaled only with
 ``optim.lr_scaling=linear``). On SLURM it prints the job id, run folder, log paths and W&B run and returns; the job
 checkpoints and requeues itself ``launch.signal_delay_s`` before its time limit (at most
-``launch.max_num_timeout`` times) and on preemption, and resumes where it stopped (same epoch, step and W&B
-run). ``--cluster local`` runs the same job on this machine (submitit's local executor, one process per GPU;
+``launch.max_num_timeout`` times), and resumes where it stopped (same epoch, step and W&B run); on SIGTERM
+alone (``scancel``, a preemption without SIGUSR2) every rank saves ``last.pth`` and exits, and SLURM's preemption
+mode (REQUEUE) or the same command again resumes it. ``--cluster local`` runs the same job on this machine (submitit's local executor, one process per GPU;
 CPU processes with gloo when there is no GPU) and follows its log; ``--cluster debug`` runs it in this process
 (submitit's DebugExecutor: one task, and an exception opens pdb).
 Running the same command again resumes from ``<run_dir>/last.pth``. Exit status: 0 submitted (or trained to the end,

@@ -108,6 +108,15 @@ def test_first_host(nodelist, host):
     assert distributed.first_host(nodelist) == host
 
 
+def test_master_port_is_below_the_ephemeral_range_and_per_job_run():
+    lo, _ = distributed.ephemeral_port_range()
+    ports = {distributed.master_port(str(job), restart) for job in range(1000, 1200) for restart in (0, 1)}
+    # below the ephemeral range, unless it leaves no room there
+    assert all(1024 <= p < lo for p in ports) or lo <= 21000
+    assert len(ports) > 350  # per (job, restart): a requeued job does not reuse its last port
+    assert distributed.master_port("1234", 2) == distributed.master_port("1234", 2)  # the same on every task
+
+
 def test_single_process_setup_picks_cpu_here(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # as SLURM sets it on GPU-less test nodes
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):

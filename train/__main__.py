@@ -2,7 +2,9 @@
 
     python -m train --list                                       # the recipes
     python -m train --config vgg16_bn --print-config             # resolved config as YAML
-    python -m train --config demo data.root=data/demo            # what `make demo` runs
+    python -m train --config demo data.root=data/demo            # the demo in one process (`make demo` runs
+                                                                 # slurm/launch.py --config demo --cluster local:
+                                                                 # 2 processes)
     python -m train --config paper/vgg16 data.root=/datasets/imagenet optim.lr=0.02
 
     torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet   # one node, 8 GPUs
@@ -10,8 +12,9 @@
 Without torchrun (or SLURM's srun) it trains in one process. It resumes from <run_dir>/last.pth when there is one.
 One training per run folder: while one runs, another into the same run_dir stops at once with
 `error: run_dir ... is in use by pid N on HOST (SLURM job J) since ...` (rank 0 holds <run_dir>/.lock).
-Run folder: config.yaml, train.log, metrics.jsonl (one line per epoch), curves.png, last.pth / best.pth,
-checkpoints/epoch_NNN.pth, wandb/ (offline runs: `wandb sync <run_dir>/wandb/offline-run-*`).
+Run folder: config.yaml, train.log, metrics.jsonl (one line per epoch), steps.jsonl, curves.png, last.pth /
+best.pth, checkpoints/epoch_NNN.pth, .lock, wandb_id.txt, wandb/ (offline runs: `wandb sync
+<run_dir>/wandb/offline-run-*`).
 """
 
 from __future__ import annotations

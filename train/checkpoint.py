@@ -3,7 +3,7 @@
 `torch.load(weights_only=True)`.
 
     from train.checkpoint import load_weights
-    load_weights(model, "runs/vgg16_bn/last.pt", arch="vgg16_bn")
+    load_weights(model, "runs/torchvision-vgg16_bn/last.pth", arch="vgg16_bn")
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -74,6 +76,33 @@ def detect() -> tuple[int, int, int, str]:
     return 0, 0, 1, "single"
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """Linux's range for outgoing connections' local ports (``net.ipv4.ip_local_port_range``)."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def master_port(job_id: str, restart: int) -> int:
+    """The rendezvous port of one run of a job: the same on every task (no communication needed), different per
+    job and per requeue, and below the ephemeral range.
+
+    submitit's default derives a port in 20000-60000 from the job id alone, which overlaps Linux's ephemeral ports
+    (32768-60999): an outgoing connection can hold it, and ``init_process_group`` fails with EADDRINUSE while the
+    other ranks wait for their rendezvous timeout. Ports below the ephemeral range are only taken by explicit
+    binds. crc32, not ``hash()``: Python randomises string hashes per process.
+    """
+    lo_eph, hi_eph = ephemeral_port_range()
+    lo, hi = 20000, lo_eph  # [20000, 32768) with Linux's defaults
+    if hi - lo < 1000:  # an unusual ephemeral range: use what lies above it instead
+        lo, hi = hi_eph + 1, 65536
+    if hi - lo < 1000:
+        lo, hi = 20000, 32768
+    return lo + zlib.crc32(f"{job_id}:{restart}".encode()) % (hi - lo)
+
+
 def setup(backend: str = "auto", timeout_min: int = 30) -> DistInfo:
     """Initialise the process group (if more than one process) and pick this process's device."""
     rank, local_rank, world_size, source = detect()
@@ -96,10 +125,11 @@ def setup(backend: str = "auto", timeout_min: int = 30) -> DistInfo:
             os.environ.setdefault(
                 "MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost"))
             )
-            # One port per job, so two jobs sharing a node do not collide.
-            os.environ.setdefault(
-                "MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000)
-            )
+            # One port per job run (job id, restart), so two jobs sharing a node do not collide, and below the
+            # ephemeral range, so no outgoing connection holds it (master_port).
+            restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+            port = master_port(os.environ.get("SLURM_JOB_ID", "0"), restart)
+            os.environ.setdefault("MASTER_PORT", str(port))
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
                 raise DistError(f"{var} is not set: launch with torchrun, srun or slurm/launch.py")
