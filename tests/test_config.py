@@ -278,3 +278,48 @@ def test_cli_lists_recipes():
 
 def test_arch_registry_matches_recipes():
     assert set(ARCHS_8 + PAPER_EXTRA) <= set(ARCHS)
+
+
+# ------------------------------------------------------------------------------------------ model.init
+
+
+def test_model_init_defaults_to_torchvision_in_every_recipe():
+    assert Config().model.init == "torchvision"
+    for name in RECIPES:
+        assert load_config(name).model.init == "torchvision", name
+
+
+@pytest.mark.parametrize("init", ["torchvision", "paper", "glorot"])
+def test_model_init_round_trips_yaml_and_dict(init, tmp_path):
+    cfg = load_config("paper/vgg13", [f"model.init={init}", "model.init_from=runs/paper-vgg11/best.pth"])
+    assert cfg.model.init == init and cfg.model.init_from == "runs/paper-vgg11/best.pth"
+    path = save_yaml(cfg, tmp_path / "config.yaml")
+    assert f"init: {init}" in path.read_text()
+    assert load_config(path) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+    torch.save({"config": to_dict(cfg)}, tmp_path / "c.pth")
+    stored = torch.load(tmp_path / "c.pth", weights_only=True)["config"]
+    assert stored["model"]["init"] == init and from_dict(stored) == cfg
+    (tmp_path / "mine.yaml").write_text(
+        f"base: {CONFIG_DIR / 'paper' / 'vgg11.yaml'}\nmodel:\n  init: {init}\n"
+    )
+    assert load_config(tmp_path / "mine.yaml").model.init == init
+
+
+def test_model_init_missing_from_an_older_stored_config_means_torchvision():
+    old = to_dict(load_config("vgg16_bn"))
+    del old["model"]["init"]
+    assert from_dict(old).model.init == "torchvision"
+
+
+@pytest.mark.parametrize("value", ["he", "Paper", "xavier"])
+def test_bad_model_init_is_one_clear_error(value):
+    with pytest.raises(ConfigError) as info:
+        load_config("paper/vgg11", [f"model.init={value}"])
+    assert str(info.value) == f"model.init={value!r} is not one of: torchvision, paper, glorot"
+
+
+def test_bad_model_init_on_the_command_line_is_one_line():
+    out = run_cli("-m", "train", "--config", "paper/vgg11", "model.init=he", "--print-config")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == "error: model.init='he' is not one of: torchvision, paper, glorot"

@@ -357,3 +357,192 @@ def test_cli_unknown_arch_exits_2_with_one_line():
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown arch 'vgg17'")
     assert "vgg16_bn" in lines[0] and "vgg11_lrn" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ initialisation (model.init)
+
+SMALL_INIT_ARCHS = ["vgg11", "vgg11_bn"]
+
+
+def _model_cfg(arch: str, init: str, **kwargs):
+    from train.config import ModelConfig
+
+    return ModelConfig(arch=arch, init=init, **{**SMALL, **kwargs})
+
+
+def _weighted(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def _fans(m: nn.Module) -> tuple[int, int]:
+    w = m.weight
+    receptive = w[0, 0].numel() if w.ndim == 4 else 1
+    return w.shape[1] * receptive, w.shape[0] * receptive
+
+
+def _assert_biases_and_bn(model: nn.Module) -> None:
+    for name, m in _weighted(model):
+        assert torch.count_nonzero(m.bias) == 0, name
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.count_nonzero(bn.bias) == 0
+        assert torch.count_nonzero(bn.running_mean) == 0 and torch.equal(
+            bn.running_var, torch.ones(bn.num_features)
+        )
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}  # nothing left on meta
+
+
+def test_init_schemes_are_the_config_choices():
+    from train.config import CHOICES
+    from train.models import INITS, PAPER_INIT_STD
+
+    assert CHOICES["model.init"] == INITS == ("torchvision", "paper", "glorot")
+    assert PAPER_INIT_STD == 0.01  # the σ = 0.01 reading of "10^-2 variance" (see train/models.py)
+
+
+@pytest.mark.parametrize("arch", SMALL_INIT_ARCHS)
+def test_paper_init_is_normal_0_01_with_zero_bias(arch):
+    torch.manual_seed(0)
+    model = build_model_from_config(_model_cfg(arch, "paper"))
+    layers = _weighted(model)
+    assert len(layers) == 8 + 3  # A's 8 convs and 3 FC layers, the replaced (16-wide) classifier included
+    for name, m in layers:
+        w, n = m.weight.detach(), m.weight.numel()
+        # the sample std of n normal draws has a standard error of σ / sqrt(2n): allow 6 of them
+        tol = 6 * 0.01 / (2 * n) ** 0.5
+        assert abs(w.std().item() - 0.01) < tol, (name, w.std().item(), tol)
+        assert abs(w.mean().item()) < 6 * 0.01 / n**0.5, name
+        if n > 100_000:  # big layers: ≈ 0.01 within 1 %
+            assert abs(w.std().item() - 0.01) < 1e-4, name
+    _assert_biases_and_bn(model)
+    with torch.no_grad():
+        out = model.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", SMALL_INIT_ARCHS)
+def test_glorot_init_is_xavier_uniform_with_zero_bias(arch):
+    torch.manual_seed(0)
+    model = build_model_from_config(_model_cfg(arch, "glorot"))
+    layers = _weighted(model)
+    assert len(layers) == 11
+    for name, m in layers:
+        w, n = m.weight.detach(), m.weight.numel()
+        fan_in, fan_out = _fans(m)
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert w.abs().max().item() <= bound, name
+        # U(-b, b): std b / sqrt(3); the sample std's standard error is ≈ 0.45 σ / sqrt(n) (kurtosis 1.8)
+        std = bound / 3**0.5
+        assert abs(w.std().item() - std) < 6 * 0.45 * std / n**0.5, (name, w.std().item(), std)
+        if n > 100_000:  # big layers fill the interval
+            assert w.abs().max().item() > 0.999 * bound, name
+    # the formula by hand for one conv and one FC layer (fan = channels × kernel area)
+    conv, fc = model.features[0], model.classifier[0]
+    assert _fans(conv) == (3 * 9, 64 * 9) and _fans(fc) == (512 * 7 * 7, 16)
+    _assert_biases_and_bn(model)
+
+
+@pytest.mark.parametrize("arch", SMALL_INIT_ARCHS)
+def test_torchvision_init_is_unchanged_and_equals_torchvision(arch):
+    # Full classifier width: the default path builds torchvision's VGG itself, so under the same seed every
+    # tensor equals torchvision.models.<arch>()'s (with a narrower classifier torchvision has no counterpart).
+    torch.manual_seed(0)
+    ours = build_model_from_config(_model_cfg(arch, "torchvision", classifier_width=4096))
+    torch.manual_seed(0)
+    theirs = torchvision.models.get_model(arch, num_classes=10)
+    ours_sd, their_sd = ours.state_dict(), theirs.state_dict()
+    assert list(ours_sd) == list(their_sd)
+    for key in ours_sd:
+        assert torch.equal(ours_sd[key], their_sd[key]), key
+    # The key's default is torchvision's, on both entry points.
+    torch.manual_seed(0)
+    default = build_model(arch, **SMALL)
+    torch.manual_seed(0)
+    explicit = build_model_from_config(_model_cfg(arch, "torchvision"))
+    for key, value in default.state_dict().items():
+        assert torch.equal(value, explicit.state_dict()[key]), key
+    conv = explicit.features[0]
+    assert abs(conv.weight.std().item() - (2 / (64 * 9)) ** 0.5) < 0.01  # kaiming normal, fan_out
+    _assert_biases_and_bn(explicit)
+
+
+@pytest.mark.parametrize("init", ["paper", "glorot"])
+def test_init_is_deterministic_under_manual_seed(init):
+    def weights(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        return list(build_model("vgg11_bn", init=init, **SMALL).state_dict().values())
+
+    first, again, other = weights(0), weights(0), weights(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0], other[0])
+    torch.manual_seed(0)
+    tv = build_model("vgg11_bn", **SMALL).state_dict()
+    assert not torch.equal(first[0], tv["features.0.weight"])  # the scheme did change the weights
+
+
+def test_bad_init_is_one_line():
+    with pytest.raises(ValueError, match=r"^unknown init 'he'; valid: torchvision, paper, glorot$"):
+        build_model("vgg11", init="he", **SMALL)
+    from train.models import init_weights
+
+    with pytest.raises(ValueError, match=r"^unknown init 'xavier'; valid: torchvision, paper, glorot$"):
+        init_weights(nn.Linear(2, 2), "xavier")
+
+
+def test_paper_init_comes_before_init_from(small_tree, tmp_path):
+    # §3.1: B starts from a trained A; with model.init=paper the layers not copied keep N(0, 0.01²) and the copied
+    # ones are A's exactly, as the engine builds (and initialises) the model before copying A over it.
+    from tests.test_train import overrides
+    from train import distributed
+    from train.config import load_config
+    from train.engine import Trainer
+
+    torch.manual_seed(5)
+    a = build_model("vgg11", num_classes=4, classifier_width=32)
+    torch.save({"model": a.state_dict()}, tmp_path / "a.pth")
+    cfg = load_config(
+        "demo",
+        overrides(small_tree, tmp_path / "run", "model.arch=vgg13", "model.init=paper",
+                  f"model.init_from={tmp_path / 'a.pth'}", "launch.gpus=1"),
+    )  # fmt: skip
+    trainer = Trainer(cfg, distributed.setup())
+    try:
+        b = trainer.model.state_dict()
+    finally:
+        trainer.close()
+    a_sd = a.state_dict()
+    # A's convs 1-4 are at (block, position) (1,1), (2,1), (3,1), (3,2): A's features 0, 3, 6, 8; B's 0, 5, 10, 12
+    for a_idx, b_idx in [(0, 0), (3, 5), (6, 10), (8, 12)]:
+        for suffix in ("weight", "bias"):
+            assert torch.equal(b[f"features.{b_idx}.{suffix}"], a_sd[f"features.{a_idx}.{suffix}"])
+    for i in (0, 3, 6):
+        assert torch.equal(b[f"classifier.{i}.weight"], a_sd[f"classifier.{i}.weight"])
+    # B's extra convs (block 1 and 2 position 2, blocks 4-5) are the paper's draws, not torchvision's kaiming
+    for idx in (2, 7, 15, 17, 20, 22):
+        w = b[f"features.{idx}.weight"]
+        assert abs(w.std().item() - 0.01) < 6 * 0.01 / (2 * w.numel()) ** 0.5, idx
+        assert torch.count_nonzero(b[f"features.{idx}.bias"]) == 0
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("init", ["paper", "glorot"])
+def test_demo_like_run_trains_with_init(small_tree, tmp_path, init):
+    import json
+
+    from tests.test_train import overrides
+    from train.checkpoint import load_checkpoint_file
+    from train.config import load_config
+    from train.engine import train
+
+    cfg = load_config(
+        "demo",
+        overrides(small_tree, tmp_path / "run", f"model.init={init}", "sched.epochs=1", "launch.gpus=1",
+                  "train.deterministic=false"),
+    )  # fmt: skip
+    result = train(cfg)
+    assert result["status"] == "done" and result["epoch"] == 1
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert torch.isfinite(torch.tensor([record["train_loss"], record["val_loss"]])).all(), record
+    state = load_checkpoint_file(tmp_path / "run" / "last.pth")
+    assert state["config"]["model"]["init"] == init
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -67,6 +67,9 @@ class ModelConfig:
     classifier_width: int = 4096  # torchvision's; only the CPU demo shrinks it
     layers: list[Any] | None = None  # arch=custom: [64, 'M', 128, ..., 'LRN', '1x1:512', ...]
     batch_norm: bool | None = None  # arch=custom only
+    # torchvision: torchvision's VGG init (kaiming conv) | paper: §3.1's N(0, 0.01²) | glorot: xavier_uniform_
+    # (train.models.init_weights); applied before init_from copies net A's layers over it
+    init: str = "torchvision"
     init_from: str | None = None  # paper §3.1: initialise from a trained net A (first 4 conv + 3 FC)
 
 
@@ -174,6 +177,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dali_device": ("auto", "gpu", "cpu"),
     "data.augment": ("rrc", "scale"),
     "data.interpolation": ("bilinear", "bicubic"),
+    "model.init": ("torchvision", "paper", "glorot"),  # train.models.INITS
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.lr_scaling": ("none", "linear"),
     "sched.name": ("step", "plateau", "cosine"),

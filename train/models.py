@@ -40,6 +40,8 @@ from torchvision.models.vgg import make_layers as tv_make_layers
 
 __all__ = [
     "ARCHS",
+    "INITS",
+    "PAPER_INIT_STD",
     "TORCHVISION_ARCHS",
     "ArchSpec",
     "LayerInfo",
@@ -48,6 +50,7 @@ __all__ = [
     "build_model",
     "build_model_from_config",
     "format_summary",
+    "init_weights",
     "lrn",
     "summarize",
     "validate_layers",
@@ -70,6 +73,21 @@ LRN_K = 2.0
 # VGG's classifier starts with Linear(512 * 7 * 7, 4096) after AdaptiveAvgPool2d((7, 7)).
 FEATURE_CHANNELS = 512
 CLASSIFIER_WIDTH = 4096
+
+# Weight initialisation schemes (model.init):
+#   torchvision: torchvision's VGG (conv: kaiming_normal_ fan_out, Linear: N(0, 0.01²), BatchNorm 1/0; biases 0).
+#   paper: arXiv 1409.1556 §3.1, "we sampled the weights from a normal distribution with the zero mean and 10^-2
+#          variance. The biases were initialised with zero": every conv and Linear weight ~ N(0, PAPER_INIT_STD²).
+#   glorot: the paper's no-pre-training alternative (§3.1, Glorot & Bengio 2010's normalized init):
+#          xavier_uniform_, U(-b, b) with b = sqrt(6 / (fan_in + fan_out)); biases 0.
+INITS: tuple[str, ...] = ("torchvision", "paper", "glorot")
+# "10^-2 variance" read literally is σ = 0.1; we use σ = 0.01, as Caffe VGG training prototxts (gaussian
+# weight_filler, std 0.01) and reimplementations do. A 512-channel 3x3 conv (fan_in 4608) multiplies its input's
+# variance by fan_in · σ² = 46 at σ = 0.1 (23 after the ReLU) and by 0.46 at σ = 0.01. As every layer scales
+# its input by σ (no BatchNorm), σ = 0.1 gives 10^depth times σ = 0.01's logits; measured on N(0, 1) 224x224
+# inputs: logit std 2e6 (vgg11) and 5e8 (vgg16) at σ = 0.1, 2e-5 and 5e-8 at σ = 0.01. That vanishing signal
+# is the "instability of gradient in deep nets" the paper (§3.1) avoids by starting B-E from A (model.init_from).
+PAPER_INIT_STD = 0.01
 
 
 def lrn() -> nn.LocalResponseNorm:
@@ -226,6 +244,33 @@ def _classifier(width: int, num_classes: int, dropout: float) -> nn.Sequential:
     return classifier
 
 
+def init_weights(model: nn.Module, init: str) -> nn.Module:
+    """Initialise every Conv2d, Linear and BatchNorm of ``model`` in place by scheme ``init`` (one of INITS).
+
+    torchvision: conv weights kaiming_normal_ (fan_out, ReLU), Linear weights N(0, 0.01²); paper: conv and Linear
+    weights N(0, PAPER_INIT_STD²); glorot: conv and Linear weights xavier_uniform_. All biases 0, BatchNorm
+    weight 1 and bias 0. Draws from torch's global RNG, so it is deterministic under ``torch.manual_seed``.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            if init == "paper":
+                nn.init.normal_(m.weight, 0.0, PAPER_INIT_STD)
+            elif init == "glorot":
+                nn.init.xavier_uniform_(m.weight)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def _check_arch(arch: str) -> ArchSpec:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
@@ -239,12 +284,15 @@ def build_model(
     classifier_width: int = CLASSIFIER_WIDTH,
     layers: Sequence[Any] | None = None,
     batch_norm: bool | None = None,
+    init: str = "torchvision",
 ) -> torchvision.models.VGG:
-    """Build a randomly initialised VGG (torchvision's class and initialisation).
+    """Build a randomly initialised VGG (torchvision's class; initialisation `init`, one of INITS).
 
     `layers` is required for arch 'custom' (its `batch_norm` defaults to False) and must be None otherwise.
     A named arch fixes BatchNorm, so `batch_norm` must then be None or agree with it (vgg16 vs vgg16_bn).
     `classifier_width` other than 4096 shrinks the two hidden Linear layers (for the CPU demo).
+    init='torchvision' is torchvision's VGG initialisation: with the 4096-wide classifier the model equals
+    `torchvision.models.vgg16_bn(num_classes=...)` built under the same `torch.manual_seed`.
     """
     spec = _check_arch(arch)
     if spec.layers is None:
@@ -268,21 +316,36 @@ def build_model(
         raise ValueError(f"classifier_width must be a positive int, got {classifier_width!r}")
     if not 0.0 <= dropout <= 1.0:
         raise ValueError(f"dropout must be in [0, 1], got {dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
 
     features = build_features(layers_to_build, batch_norm=bn)
-    if classifier_width == CLASSIFIER_WIDTH:
+    if classifier_width == CLASSIFIER_WIDTH and init == "torchvision":
         return torchvision.models.VGG(features, num_classes, dropout=dropout)
     # torchvision's VGG always creates the 4096-wide classifier (120M parameters, ~1 s to initialise on a CPU):
     # create it on the meta device (no memory, no init work) and replace it. `features` already exist on the
     # CPU, so VGG's init loop still initialises them for real.
     with torch.device("meta"):
         model = torchvision.models.VGG(features, num_classes, dropout=dropout)
-    model.classifier = _classifier(classifier_width, num_classes, dropout)
-    return model
+    if init == "torchvision":
+        model.classifier = _classifier(classifier_width, num_classes, dropout)
+        return model
+    # Another scheme re-initialises every layer, the classifier included: allocate the classifier without
+    # initialising it (to_empty) and let init_weights draw all weights once.
+    if classifier_width != CLASSIFIER_WIDTH:
+        with torch.device("meta"):
+            model.classifier = _classifier(classifier_width, num_classes, dropout)
+    model.classifier.to_empty(device="cpu")
+    return init_weights(model, init)
 
 
 def build_model_from_config(model_cfg: Any) -> torchvision.models.VGG:
-    """`build_model` from a config node (arch, num_classes, dropout, classifier_width, layers, batch_norm)."""
+    """`build_model` from a config node (arch, num_classes, dropout, classifier_width, layers, batch_norm, init).
+
+    The weights are initialised here by ``model.init``; ``model.init_from`` (train/init.py) copies net A's layers
+    over them afterwards (train/engine.py builds, then copies). A node without ``init`` (an older saved config
+    read as a namespace) gets torchvision's.
+    """
     layers = model_cfg.layers
     return build_model(
         model_cfg.arch,
@@ -291,6 +354,7 @@ def build_model_from_config(model_cfg: Any) -> torchvision.models.VGG:
         classifier_width=model_cfg.classifier_width,
         layers=None if layers is None else list(layers),
         batch_norm=model_cfg.batch_norm,
+        init=getattr(model_cfg, "init", "torchvision"),
     )
 
 
