@@ -37,6 +37,7 @@ from evaluate.protocols import PROTOCOLS, default_scales, evaluate_protocol
 from evaluate.reference import PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
 from train import distributed
 from train.config import Config, from_dict, to_dict
+from train.report import format_duration
 
 __all__ = [
     "IMAGENET_VAL_IMAGES",
@@ -337,9 +338,11 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
     arch = loaded.spec.arch
 
     def progress(batches: int, images: int) -> None:
-        if info.is_main:
-            rate = images * info.world_size / max(time.perf_counter() - start, 1e-9)
-            log.info(f"  {batches} steps, ~{images * info.world_size:,} images, ~{rate:,.0f} img/s")
+        if info.is_main:  # rank 0's count × world size: shards differ by at most a batch
+            done = min(images * info.world_size, len(val))
+            rate = done / max(time.perf_counter() - start, 1e-9)
+            eta = format_duration((len(val) - done) / max(rate, 1e-9))
+            log.info(f"  {batches} steps, ~{done:,} of {len(val):,} images, ~{rate:,.0f} img/s, eta {eta}")
 
     log.info(
         f"evaluating {arch} ({loaded.arch_source}) from {loaded.path} on {len(val):,} images in {val.root}, "
