@@ -455,7 +455,7 @@ def wandb_run(cfg: Config) -> str:
         return f"W&B: online ({why}): {state} {run_id} in {entity}{cfg.log.project}; the job's log prints its URL"
     return (
         f"W&B: offline ({why}): {state} {run_id}, files in {run_dir}/wandb; upload with: "
-        f"wandb sync {run_dir}/wandb/offline-run-*-{run_id}"
+        f"wandb sync {run_dir}/wandb/offline-run-*-{run_id}*"
     )
 
 

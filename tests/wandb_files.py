@@ -82,7 +82,21 @@ def run_files(run_dir: Path, run_id: str, timeout: float = 60.0) -> list[RunFile
     wandb's service writes the last records a moment after ``finish()`` returns (it flushes for certain at
     process exit), so wait until every file holds its exit record.
     """
-    paths = sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+
+    # wandb names a start's folder offline-run-<time>-<id>, with "-1", "-2"... appended when two starts of the
+    # same id fall in the same second (e.g. a training start and an evaluation continuing its run)
+    def start_order(path: Path) -> tuple[str, int]:  # (time, same-second number)
+        stamp, _, rest = path.parent.name.removeprefix("offline-run-").partition("-")
+        suffix = rest.removeprefix(run_id).lstrip("-")
+        return stamp, int(suffix) if suffix else 0
+
+    paths = sorted(
+        {
+            *run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"),
+            *run_dir.glob(f"wandb/offline-run-*-{run_id}-[0-9]*/run-{run_id}.wandb"),
+        },
+        key=start_order,
+    )
     deadline = time.monotonic() + timeout
     while True:
         files = [RunFile(p, check=False) for p in paths]

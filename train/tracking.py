@@ -7,7 +7,7 @@ fatal to the job.
     tracker.summary(best_top1_err=29.6)
     tracker.finish()
 
-    wandb sync runs/demo/wandb/offline-run-*-<id>    # upload an offline run later (the log line names the id)
+    wandb sync runs/demo/wandb/offline-run-*-<id>*   # upload an offline run later (the log line names the id)
 
 Mode (``log.wandb_mode``): an explicit ``WANDB_MODE`` environment variable (online | offline | disabled) wins
 over the config, and the line logged at start says which applied. ``auto`` means online when wandb finds an
@@ -146,7 +146,7 @@ class Tracker:
         if mode == "online":
             where = f"run {run.url}"
         else:
-            pattern = Path(run.settings.sync_dir).parent / f"offline-run-*-{run.id}"
+            pattern = Path(run.settings.sync_dir).parent / f"offline-run-*-{run.id}*"
             where = f"offline run {run.id} in {run.settings.sync_dir}; upload with: wandb sync {pattern}"
         log.info(f"W&B {mode} ({why}{resumed}): {where}")
         return cls(run, mode, cfg.log.log_checkpoint)
