@@ -369,3 +369,51 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
     ), p.stdout
     (run,) = run_files(run_dir, result[2])
     assert user_rows(run) == [{"_step": 7, "train/loss": 0.5}]
+
+
+def test_rows_reach_the_offline_file_before_a_sigterm_kills_wandbs_service(tmp_path, wandb_env):
+    """SLURM's SIGTERM (preemption, scancel) reaches every process of a job, wandb's service included, and the
+    service exits at once: rows it had not yet written to the run file are lost. Rows logged more than
+    TRANSACTION_FLUSH_S before the signal must be in the file (wandb's default flush interval is 15 s)."""
+    script = """
+        import os, signal, sys, time
+        from pathlib import Path
+        from train.config import load_config
+        from train.tracking import TRANSACTION_FLUSH_S, Tracker
+
+        t = Tracker.create(load_config("demo", ["log.wandb_mode=offline"]), Path(sys.argv[1]), is_main=True)
+        for step in range(1, 21):
+            t.log({"train/loss": 1.0 / step}, step=step)
+        t.log({"train/loss": 0.0}, step=21)  # wandb holds the last row open until the next step: this one
+        time.sleep(TRANSACTION_FLUSH_S + 1.5)
+        me, killed = str(os.getpid()), []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[1] == me:  # a child of this process: wandb's service
+                os.kill(int(pid), signal.SIGTERM)
+                killed.append(stat.split("(", 1)[1].split(")", 1)[0])
+        print("killed:", killed, flush=True)
+        time.sleep(1.0)
+        os._exit(0)  # as the task does after its checkpoint; the service is gone, finish() would fail
+    """
+    run_dir = tmp_path / "run"
+    p = _run_script(script.replace("sys.argv[1]", repr(str(run_dir))), _subprocess_env(wandb_env))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "wandb-core" in p.stdout, p.stdout
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    run = RunFile(path, check=False)
+    assert not run.exited  # the service really died before finishing the run
+    rows = [
+        {
+            item.key or "/".join(item.nested_key): float(item.value_json)
+            for item in r.history.item
+            if (item.key or "/".join(item.nested_key)) in ("train/loss", "_step")
+        }
+        for r in run.records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    assert [row["_step"] for row in rows][:20] == list(range(1, 21)), rows
+    assert [row["train/loss"] for row in rows][:20] == [1.0 / s for s in range(1, 21)]

@@ -26,6 +26,10 @@ Failures: every wandb call is guarded. The first failure logs one warning on the
 tracking off for the rest of the job; an online start that fails (no network, bad key, timeout after
 ``WANDB_INIT_TIMEOUT`` or 30 s) falls back to offline with the same run id. Non-main ranks and ``disabled``
 never import wandb.
+
+Preemption: SLURM's SIGTERM reaches wandb's service process too, which exits at once; the service writes the run
+file every ``TRANSACTION_FLUSH_S`` (2 s; wandb's default is 15 s), so only rows of the last seconds are lost
+from W&B (``metrics.jsonl`` / ``steps.jsonl`` in run_dir keep everything). ``USR2`` (time limit) does not stop it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ log = logging.getLogger("train")
 MODES = ("online", "offline", "disabled")
 ID_FILE = "wandb_id.txt"  # in run_dir: the W&B run id of the last start
 INIT_TIMEOUT_S = 30.0  # wandb's default is 90 s; WANDB_INIT_TIMEOUT (wandb's own variable) overrides this
+TRANSACTION_FLUSH_S = 2.0  # how often wandb's service writes the run file (its default: 15 s); see _init
 _ENV_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline"}
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -230,6 +235,11 @@ def _init(cfg: Config, run_dir: Path, mode: str, run_id: str | None) -> Any:
         settings["init_timeout"] = INIT_TIMEOUT_S
     if (_REPO / ".git").exists():
         settings["git_root"] = str(_REPO)  # the code's commit, wherever run_dir is
+    if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):
+        # SLURM's SIGTERM (preemption, scancel) reaches every process of the job, and wandb's service exits on it
+        # at once: whatever it had not yet written to the run file (offline mode's only copy) is lost. wandb
+        # flushes every 15 s by default; every TRANSACTION_FLUSH_S bounds the loss to the last few seconds.
+        settings["x_transaction_log_flush_interval"] = TRANSACTION_FLUSH_S
     run_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(
         dir=run_dir,
