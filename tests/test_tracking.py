@@ -86,9 +86,12 @@ def _subprocess_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run_script(script: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+def _run_script(
+    script: str, env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """``python -c SCRIPT ARGS...`` from the repository root (``sys.argv[1:]`` = ARGS), capturing text."""
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
+        [sys.executable, "-c", textwrap.dedent(script), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -257,15 +260,7 @@ def test_non_main_ranks_and_disabled_never_import_wandb(tmp_path, wandb_env):
         print("files:", sorted(p.name for p in run_dir.iterdir()))
         print("wandb imported:", any(m == "wandb" or m.startswith("wandb.") for m in sys.modules))
     """
-    env = _subprocess_env(wandb_env)
-    p = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), str(tmp_path / "run")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = _run_script(script, _subprocess_env(wandb_env), str(tmp_path / "run"))
     assert p.returncode == 0, p.stderr
     assert "files: []" in p.stdout and "wandb imported: False" in p.stdout, p.stdout
 
@@ -349,14 +344,7 @@ def test_unreachable_server_falls_back_to_offline(tmp_path):
         home, WANDB_API_KEY="k" * 40, WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT="2"
     )
     run_dir = tmp_path / "run"
-    p = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), str(run_dir)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    p = _run_script(script, env, str(run_dir))
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     warnings = [line for line in lines if line.startswith("WARNING")]
@@ -400,7 +388,7 @@ def test_rows_reach_the_offline_file_before_a_sigterm_kills_wandbs_service(tmp_p
         os._exit(0)  # as the task does after its checkpoint; the service is gone, finish() would fail
     """
     run_dir = tmp_path / "run"
-    p = _run_script(script.replace("sys.argv[1]", repr(str(run_dir))), _subprocess_env(wandb_env))
+    p = _run_script(script, _subprocess_env(wandb_env), str(run_dir))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "wandb-core" in p.stdout, p.stdout
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
