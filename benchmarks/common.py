@@ -158,6 +158,20 @@ def warm_page_cache(root: Path) -> int:
     return sum(len(f.read_bytes()) for f in sorted(root.rglob("*.JPEG")))
 
 
+def prepare_tree(root: Path, params: dict, workers: int) -> dict:
+    """The benchmark tree, ready to time: made (or reused) with ``make_tree``, described, read into the page
+    cache. Returns its record for the result JSON: ``tree_stats`` + ``root`` + ``generation`` (make_tree's)."""
+    print(f"data: {root}", flush=True)
+    made = make_tree(root, params, workers)
+    stats = {**tree_stats(root), "root": str(root), "generation": made}
+    print(
+        f"  {stats['files']} JPEGs, {stats['mean_kb']} KB, ~{stats['mean_width']}x{stats['mean_height']}",
+        flush=True,
+    )
+    warm_page_cache(root)
+    return stats
+
+
 def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

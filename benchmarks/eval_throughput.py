@@ -46,14 +46,12 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     device_label,
     fail,
     machine_info,
-    make_tree,
     now_utc,
+    prepare_tree,
     publish,
     resolve_archs,
     slug,
-    tree_stats,
     usable_cpus,
-    warm_page_cache,
 )
 
 SOURCES = ("synthetic", "dali", "torchvision")
@@ -198,10 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.benchmark = True
     data = args.data or (REPO / ("data/bench_gpu_smoke" if smoke else "data/bench_gpu"))
     info = machine_info()
-    print(f"device: {device_label(info)}\ndata: {data}", flush=True)
-    made = make_tree(data, GPU_SMOKE if smoke else GPU_TREE, usable_cpus())
-    stats = {**tree_stats(data), "root": str(data), "generation": made}
-    warm_page_cache(data)
+    print(f"device: {device_label(info)}", flush=True)
+    stats = prepare_tree(data, GPU_SMOKE if smoke else GPU_TREE, usable_cpus())
+    made = stats["generation"]
 
     def config(arch: str, backend: str) -> Any:
         overrides = [

@@ -41,12 +41,10 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without `pip in
 from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     command_line,
     machine_info,
-    make_tree,
     now_utc,
+    prepare_tree,
     publish,
-    tree_stats,
     usable_cpus,
-    warm_page_cache,
 )
 
 FULL = dict(
@@ -290,15 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     # The main process normalises the torchvision backends' batches on one core; the workers do the rest.
     torch.set_num_threads(1)
     info = machine_info()
-    print(f"data: {data}", flush=True)
-    made = make_tree(data, params, usable)
-    stats = tree_stats(data)
-    print(
-        f"  {stats['files']} JPEGs, {stats['mean_kb']} KB, ~{stats['mean_width']}x{stats['mean_height']}",
-        flush=True,
-    )
+    stats = prepare_tree(data, params, usable)  # every run reads from memory
     files = [str(f) for f in sorted(data.rglob("*.JPEG"))]
-    warm_page_cache(data)  # every run reads from memory
 
     small = [
         "data.train_crop=64",
@@ -401,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "batch": batch,
         "reps": reps,
-        "data": {**stats, "root": str(data), "generation": made},
+        "data": stats,
         "decode_only": ceiling,
         "results": results,
         "dali_stages_cpu": stages,

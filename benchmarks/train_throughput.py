@@ -60,15 +60,13 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     fail,
     gemm_tflops,
     machine_info,
-    make_tree,
     now_utc,
+    prepare_tree,
     publish,
     resolve_archs,
     scaling_report,
     slug,
-    tree_stats,
     usable_cpus,
-    warm_page_cache,
 )
 
 SOURCES = ("synthetic", "dali", "dali-cpu", "torchvision")
@@ -367,13 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     needs_data = any(s != "synthetic" for s in subjects)
     stats: dict[str, Any] = {}
     if needs_data:
-        print(f"data: {data}", flush=True)
-        made = make_tree(data, GPU_SMOKE if smoke else GPU_TREE, usable_cpus())
-        stats = {**tree_stats(data), "root": str(data), "generation": made}
-        warm_page_cache(data)
-        print(
-            f"  {stats['files']} JPEGs, {stats['mean_kb']} KB, ~{stats['mean_width']}x{stats['mean_height']}"
-        )
+        stats = prepare_tree(data, GPU_SMOKE if smoke else GPU_TREE, usable_cpus())
         per_epoch = train_steps(len(index_split(data, "train")), 1, batch)
         if per_epoch - warmup - profile_steps < 1:  # the timed steps fit in one epoch (see the docstring)
             raise fail(
