@@ -44,6 +44,13 @@ GPU_TREE = dict(
 GPU_SMOKE = dict(
     classes=2, train_per_class=24, val_per_class=8, min_size=48, max_size=72, noise=8.0, quality=90
 )
+# Smoke runs of the GPU benchmarks (CPU, seconds): a narrow classifier and 32-pixel crops on GPU_SMOKE's tree.
+GPU_SMOKE_OVERRIDES = [
+    "model.classifier_width=64",
+    "data.train_crop=32",
+    "data.val_resize=36",
+    "data.val_crop=32",
+]
 
 
 class Parser(argparse.ArgumentParser):
@@ -367,6 +374,19 @@ def gemm_tflops(device: Any, n: int, reps: int = 10, rounds: int = 3, warmup: in
     }
 
 
+def shared_machine_note(info: dict, cpus: int | None = None) -> str | None:
+    """A note for the result when the machine was busy at the start (load average above half of ``cpus``, by
+    default the usable CPUs of ``info``): absolute numbers are then noisy, ratios of one run still compare."""
+    cpus = info["usable_cpus"] if cpus is None else cpus
+    load = info["load_average_at_start"][0]
+    if load <= 0.5 * cpus:
+        return None
+    return (
+        f"The machine was shared (load average {load} on {cpus} CPUs at start): absolute numbers are noisy; "
+        "the ratios come from the same run."
+    )
+
+
 def best_of(runs: Sequence[float]) -> dict:
     """images/s of repeated runs: the best (least disturbed), the median and every run."""
     return {
@@ -379,14 +399,12 @@ def best_of(runs: Sequence[float]) -> dict:
 # --------------------------------------------------------------------------------------- the scaling model
 
 IMAGENET_TRAIN = 1_281_167
-IMAGENET_VAL = 50_000
 # Stated interconnect of the scaling note (benchmarks/README.md): ASSUMED effective all-reduce bus bandwidths,
 # not measured here. Intra-node: 8 × H100 SXM on NVLink 4 / NVSwitch (900 GB/s per GPU, both directions
 # together); inter-node: one 400 Gb/s InfiniBand NDR port per GPU (50 GB/s line rate), ~90% usable.
 INTRA_NODE_BUS_GBPS = 360.0
 INTER_NODE_BUS_GBPS = 45.0
 GPUS_PER_NODE = 8
-DDP_BUCKET_MB = 25  # torch DistributedDataParallel's bucket_cap_mb default
 
 
 def ring_allreduce_seconds(nbytes: float, gpus: int, bus_gbps: float) -> float:
@@ -449,7 +467,11 @@ def recipe_hours(images_per_s: float, epochs: int, gpus: int = 1, efficiency: fl
     }
 
 
-RECIPE_EPOCHS = {"torchvision": 90, "paper": 74}  # configs/_base/torchvision.yaml, configs/_base/paper.yaml
+def recipe_epochs() -> dict[str, int]:
+    """Epochs of each recipe family, from its configs (vgg16's: every arch of a family trains as long)."""
+    from train.config import load_config
+
+    return {recipe: load_config(f"{recipe}/vgg16").sched.epochs for recipe in ("torchvision", "paper")}
 
 
 def scaling_report(
@@ -472,7 +494,7 @@ def scaling_report(
         for dtype, nbytes in grads.items()
     }
     recipes = {}
-    for recipe, epochs in RECIPE_EPOCHS.items():
+    for recipe, epochs in recipe_epochs().items():
         rows = [recipe_hours(images_per_s, epochs)]
         for e in efficiency["fp32"]:
             rows.append(recipe_hours(images_per_s, epochs, e["gpus"], e["efficiency"]))

@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without `pip in
 
 from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     GPU_SMOKE,
+    GPU_SMOKE_OVERRIDES,
     GPU_TREE,
     Parser,
     best_of,
@@ -50,17 +51,12 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     prepare_tree,
     publish,
     resolve_archs,
+    shared_machine_note,
     slug,
     usable_cpus,
 )
 
 SOURCES = ("synthetic", "dali", "torchvision")
-SMOKE_OVERRIDES = [
-    "model.classifier_width=64",
-    "data.train_crop=32",
-    "data.val_resize=36",
-    "data.val_crop=32",
-]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -208,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             f"data.backend={backend}",
             f"data.dali_device={'gpu' if cuda else 'cpu'}",
             "launch.gpus=1",
-            *(SMOKE_OVERRIDES if smoke else []),
+            *(GPU_SMOKE_OVERRIDES if smoke else []),
         ]
         try:
             return load_config(arch, overrides)  # the arch's torchvision recipe: val resize 256, crop 224
@@ -268,11 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             "CPU run: checks the script end to end on real JPEGs; its figures say nothing about GPU throughput "
             "(the GPU numbers are still to be taken on a lent GPU); DALI runs its CPU pipeline here."
         )
-    if info["load_average_at_start"][0] > 0.5 * info["usable_cpus"]:
-        notes.append(
-            f"The machine was shared (load average {info['load_average_at_start'][0]} on "
-            f"{info['usable_cpus']} CPUs at start): absolute numbers are noisy."
-        )
+    if note := shared_machine_note(info):
+        notes.append(note)
     result = {
         "benchmark": "eval_throughput",
         "date": now_utc(),

@@ -25,10 +25,8 @@ Writes ``--out`` (JSON: machine, versions, command, every figure, ratios, notes)
 
 from __future__ import annotations
 
-import argparse
 import io
 import multiprocessing as mp
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,11 +37,14 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without `pip in
     sys.path.insert(0, str(REPO))
 
 from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
+    Parser,
+    best_of,
     command_line,
     machine_info,
     now_utc,
     prepare_tree,
     publish,
+    shared_machine_note,
     usable_cpus,
 )
 
@@ -150,15 +151,7 @@ def round_robin(subjects: dict[str, Any], reps: int) -> dict[str, dict]:
             runs[name].append(n / dt)
             counts[name] = n
             print(f"  round {r + 1}/{reps}  {name:40s} {n / dt:8.1f} img/s", flush=True)
-    return {
-        k: {
-            "images_per_s": round(max(v), 1),
-            "median_images_per_s": round(statistics.median(v), 1),
-            "runs": [round(x, 1) for x in v],
-            "images_per_epoch": counts[k],
-        }
-        for k, v in runs.items()
-    }
+    return {k: {**best_of(v), "images_per_epoch": counts[k]} for k, v in runs.items()}
 
 
 def dali_stage_pipelines(root: Path, split: str, threads: int, batch: int, spec: Any) -> dict[str, DaliStage]:
@@ -243,7 +236,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--data", type=Path, default=None, help="benchmark JPEG tree (default data/bench_loader)"
     )
@@ -378,11 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"antialiased resize (of the crop window only) costs {resize_ms / decode_ms:.2f}× the decode, so "
                 "decode + resize cannot reach 0.7× of a ceiling that only decodes; the other stages are small."
             )
-    if info["load_average_at_start"][0] > 0.5 * usable:
-        notes.append(
-            f"The machine was shared (load average {info['load_average_at_start'][0]} on {usable} CPUs at start): "
-            "absolute numbers are low and noisy; the ratios come from the same run."
-        )
+    if note := shared_machine_note(info, usable):
+        notes.append(note)
     result = {
         "benchmark": "loader_throughput_cpu",
         "date": now_utc(),

@@ -52,6 +52,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without `pip in
 
 from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     GPU_SMOKE,
+    GPU_SMOKE_OVERRIDES,
     GPU_TREE,
     Parser,
     StepTimer,
@@ -65,6 +66,7 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     publish,
     resolve_archs,
     scaling_report,
+    shared_machine_note,
     slug,
     usable_cpus,
 )
@@ -82,15 +84,9 @@ TARGETS = {
     "dali_over_pil_dataloader": 1.5,
     "mfu_vgg16_bn_bf16_channels_last": 0.45,
 }
+
+
 # --smoke: a model and images small enough for seconds on a CPU (the code path is the same).
-SMOKE_OVERRIDES = [
-    "model.classifier_width=64",
-    "data.train_crop=32",
-    "data.val_resize=36",
-    "data.val_crop=32",
-]
-
-
 def parse_args(argv: list[str] | None) -> Any:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -389,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             f"train.precision={args.precision}",
             f"train.channels_last={str(args.channels_last).lower()}",
             f"train.compile={str(args.compile).lower()}",
-            *(SMOKE_OVERRIDES if smoke else []),
+            *(GPU_SMOKE_OVERRIDES if smoke else []),
         ]
         try:
             return load_config(arch, overrides)  # the arch's torchvision recipe (optimizer, crops)
@@ -515,11 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             "(the GPU numbers are still to be taken on a lent GPU). DALI-CPU stands in for DALI-GPU; MFU is "
             "against this CPU's bf16 GEMM rate.",
         )
-    if info["load_average_at_start"][0] > 0.5 * info["usable_cpus"]:
-        notes.append(
-            f"The machine was shared (load average {info['load_average_at_start'][0]} on "
-            f"{info['usable_cpus']} CPUs at start): absolute numbers are noisy."
-        )
+    if note := shared_machine_note(info):
+        notes.append(note)
     result = {
         "benchmark": "train_throughput",
         "date": now_utc(),

@@ -34,19 +34,11 @@ from typing import Any
 
 import submitit
 
-from train.distributed import master_port
+from train.distributed import master_port, restart_count
 
 # After a stop on SIGTERM alone, how long rank 0 waits for submitit's preemption signal (USR2) before deciding
 # that nobody asked for a requeue (submitit's _interrupt sends TERM and USR2 from two scancel calls).
 USR_SIGNAL_GRACE_S = 5.0
-
-
-def restart_count() -> int:
-    """How often SLURM has restarted this job (requeue, node failure); 0 on the first run and off SLURM."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    except ValueError:
-        return 0
 
 
 def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
@@ -222,4 +214,4 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
 
 
-__all__ = ["StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env", "master_port"]
+__all__ = ["StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env"]

@@ -134,6 +134,7 @@ def test_eval_throughput_smoke(tmp_path):
         ("eval_throughput", ["--arch", "custom"], "error: --arch 'custom': custom is not one of"),
         ("eval_throughput", ["--reps", "0"], "error: --batch, --reps and --workers must be positive"),
         ("eval_throughput", ["--sources", "dali,x"], "error: --sources 'dali,x': x is not one of"),
+        ("loader_throughput", ["--batch", "x"], "error: argument --batch: invalid int value: 'x'"),
     ],
 )
 def test_throughput_bad_input(script, args, message, capsys):

@@ -103,6 +103,14 @@ def master_port(job_id: str, restart: int) -> int:
     return lo + zlib.crc32(f"{job_id}:{restart}".encode()) % (hi - lo)
 
 
+def restart_count() -> int:
+    """How often SLURM has restarted this job (requeue, node failure); 0 on the first run and off SLURM."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
 def setup(backend: str = "auto", timeout_min: int = 30) -> DistInfo:
     """Initialise the process group (if more than one process) and pick this process's device."""
     rank, local_rank, world_size, source = detect()
@@ -127,8 +135,7 @@ def setup(backend: str = "auto", timeout_min: int = 30) -> DistInfo:
             )
             # One port per job run (job id, restart), so two jobs sharing a node do not collide, and below the
             # ephemeral range, so no outgoing connection holds it (master_port).
-            restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-            port = master_port(os.environ.get("SLURM_JOB_ID", "0"), restart)
+            port = master_port(os.environ.get("SLURM_JOB_ID", "0"), restart_count())
             os.environ.setdefault("MASTER_PORT", str(port))
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if var not in os.environ:
