@@ -54,7 +54,15 @@ from torchvision.datasets.folder import find_classes
 from data_pipeline.layout import DataError, SplitIndex, index_split
 from data_pipeline.transforms import TransformSpec
 
-__all__ = ["SPLITS", "Loader", "build_loader", "epoch_shards", "train_steps", "val_shard"]
+__all__ = [
+    "SPLITS",
+    "Loader",
+    "build_loader",
+    "epoch_shards",
+    "train_steps",
+    "val_shard",
+    "worker_error_line",
+]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +198,15 @@ def decode_error_reason(e: BaseException) -> str:
         return "not an image format PIL can read"
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def worker_error_line(message: str) -> str:
+    """The original one-line message of a ``DataError`` that DataLoader re-raises from a worker process with the
+    worker's traceback around it."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else message
+    prefix = "data_pipeline.layout.DataError: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
 
 
 def _index(root: str, split: str) -> SplitIndex:

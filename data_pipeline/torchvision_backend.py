@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from data_pipeline.layout import DataError
-from data_pipeline.loader import CHECK_HINT, Loader, decode_error_reason, val_shard
+from data_pipeline.loader import CHECK_HINT, Loader, decode_error_reason, val_shard, worker_error_line
 
 __all__ = ["DECODERS", "TorchvisionLoader", "decode"]
 
@@ -187,7 +187,7 @@ class TorchvisionLoader(Loader):
             except StopIteration:
                 return
             except DataError as e:  # re-raised from a worker with its traceback: keep the one line
-                raise DataError(_last_line(str(e))) from None
+                raise DataError(worker_error_line(str(e))) from None
             images = images.to(self.device, non_blocking=self._pin)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -200,11 +200,3 @@ class TorchvisionLoader(Loader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._dl._iterator = None
-
-
-def _last_line(message: str) -> str:
-    """The original message of an exception DataLoader re-raises with a worker traceback around it."""
-    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else message
-    prefix = "data_pipeline.layout.DataError: "
-    return last[len(prefix) :] if last.startswith(prefix) else last

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from data_pipeline.layout import DataError, index_split
+from data_pipeline.loader import decode_error_reason
 from data_pipeline.transforms import TransformSpec
 from evaluate.imagenet_classes import IMAGENET_CLASSES
 
@@ -74,8 +75,7 @@ def predict_images(
         try:
             image = decode(str(path))
         except Exception as e:  # PIL: OSError / UnidentifiedImageError; FileNotFoundError
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"cannot read image {path} ({reason})") from None
+            raise DataError(f"cannot read image {path} ({decode_error_reason(e)})") from None
         x = spec.normalize(transform(image).unsqueeze(0)).to(device)
         probs = model(x).float().softmax(dim=1)[0]
         p, idx = probs.topk(min(k, probs.numel()))

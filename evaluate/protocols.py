@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.layout import DataError
-from data_pipeline.loader import val_shard
+from data_pipeline.loader import decode_error_reason, val_shard, worker_error_line
 from data_pipeline.transforms import TransformSpec, load_rgb, normalize, resize_shorter
 from evaluate.core import Counts, precision_context, reduce_counts, topk_hits
 
@@ -159,8 +159,7 @@ class ScaledImages(Dataset):
         try:
             image = load_rgb(path)
         except Exception as e:  # PIL: OSError / UnidentifiedImageError
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"cannot decode {path} ({reason})") from None
+            raise DataError(f"cannot decode {path} ({decode_error_reason(e)})") from None
         views = [resize_shorter(image, q, self.spec.interpolation) for q in self.scales]
         return [normalize(v, self.spec.mean, self.spec.std) for v in views], label
 
@@ -233,7 +232,7 @@ def evaluate_protocol(
             try:
                 views, label = next(batches)
             except DataError as e:  # re-raised from a worker with its traceback: keep the last line
-                raise DataError(str(e).strip().splitlines()[-1]) from None
+                raise DataError(worker_error_line(str(e))) from None
             label_t = torch.tensor([label], device=device)
             post: dict[str, torch.Tensor] = {}
             views = [v.to(device, non_blocking=True) for v in views]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from data_pipeline import build_loader
 from data_pipeline.demo import make_demo_dataset
-from data_pipeline.layout import index_split
+from data_pipeline.layout import DataError, index_split
 from data_pipeline.transforms import TransformSpec
 from evaluate.__main__ import main
 from evaluate.core import Counts, count_loader
@@ -496,3 +496,18 @@ def test_gpu_dali_evaluation_equals_an_independent_count(demo, ours):
     model = loaded.model.cuda()
     c1, c5, n = _plain_count(model, build_loader(cfg, "val", 0, 1, torch.device("cuda")))
     assert (result.counts.correct1, result.counts.correct5, result.counts.n) == (c1, c5, n)
+
+
+def test_protocol_with_workers_names_an_unreadable_image_in_one_plain_line(ours, demo, tmp_path):
+    """A DataError raised in a DataLoader worker comes back wrapped in the worker's traceback; the protocols
+    report its own line, without the exception's module path."""
+    import shutil
+
+    root = tmp_path / "demo"
+    shutil.copytree(demo, root)
+    bad = sorted((root / "val").rglob("*.JPEG"))[0]
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(DataError) as info:
+        run_evaluation(EvalOptions(checkpoint=str(ours), data=str(root), protocol="dense", workers=1))
+    message = str(info.value)
+    assert message.startswith(f"cannot decode {bad} (") and "\n" not in message, message
