@@ -367,8 +367,10 @@ class Trainer:
                 n += labels.numel()
             interval_n += 1
             if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch:
-                # The only host sync of the loop: once per print interval (no .item() per step).
-                mean_loss = (interval_loss / interval_n).item()
+                # The only host sync of the loop, once per print interval (no .item() per step): the interval's
+                # loss averaged over all ranks and the stop flag, in one all-reduce, so every rank sees the same
+                # values and stops (or raises on a non-finite loss) at the same step; none is left waiting.
+                mean_loss, stop = self._interval_agreed(interval_loss, interval_n)
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLoss(
                         f"loss is {mean_loss} at epoch {epoch + 1}, step {self.step} (lr {lr:g}): stopping; "
@@ -397,7 +399,7 @@ class Trainer:
                                            "loss": mean_loss, "lr": lr})  # fmt: skip
                 interval_loss.zero_()
                 interval_n = 0
-                if self._stop_agreed():
+                if stop:
                     self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
                     self._save_interrupt()
                     return "interrupted"
@@ -408,11 +410,13 @@ class Trainer:
         self.epoch_lr = lr
         return "ok"
 
-    def _stop_agreed(self) -> bool:
-        """All ranks stop at the same step if any of them was asked to (signal), else none does."""
-        flag = torch.tensor([1 if self.stop_requested else 0], device=self.device)
-        distributed.all_reduce_sum(flag)
-        return bool(flag.item())
+    def _interval_agreed(self, interval_loss: torch.Tensor, steps: int) -> tuple[float, bool]:
+        """(the interval's mean loss over all ranks, whether any rank was asked to stop), the same on every rank:
+        one all-reduce of [loss sum, stop flag]."""
+        packed = torch.stack([interval_loss.double(), interval_loss.new_tensor(float(self.stop_requested))])
+        distributed.all_reduce_sum(packed)
+        loss_sum, flag = packed.tolist()
+        return loss_sum / (steps * self.dist.world_size), flag > 0
 
     def _end_epoch(self) -> None:
         cfg, log = self.cfg, self.log
