@@ -160,6 +160,9 @@ def eval_config(loaded: LoadedModel, opts: EvalOptions, world_size: int) -> Conf
         raise EvalError(f"--batch-size must be positive, got {per_process}")
     tree["data"]["batch_size"] = per_process * world_size  # the config's batch is global
     tree["launch"].update(gpus=world_size, nodes=0)
+    # The loader hands batches in the layout the model runs in (--channels-last), not the training run's: a
+    # mismatch would cost a layout copy of every batch.
+    tree["train"]["channels_last"] = opts.channels_last
     return from_dict(tree)
 
 
@@ -353,11 +356,10 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
     if opts.protocol == "1-crop":
         from data_pipeline import build_loader
 
-        loader = build_loader(cfg, "val", info.rank, info.world_size, info.device)
-        if len(loader.classes) != loaded.spec.num_classes:
-            raise EvalError(
-                f"{val.root} has {len(loader.classes)} classes but the model has {loaded.spec.num_classes} outputs"
-            )
+        # One input shape (the crop; a last partial batch adds one more): cuDNN's autotuning pays off, as in
+        # training. (The dense protocols run each image at its own size: they leave it as it is.)
+        torch.backends.cudnn.benchmark = True
+        loader = build_loader(cfg, "val", info.rank, info.world_size, info.device)  # classes: _check_classes
         backend = loader.backend
         try:
             counts = count_loader(

@@ -50,12 +50,17 @@ class LoadedModel:
     model: nn.Module
     spec: ModelSpec
     path: Path
-    sha256: str
     kind: str  # "checkpoint" (ours: weights + stored config) | "state_dict" (bare, e.g. torchvision's)
     config: Config | None  # the stored training config, for our checkpoints
     arch_source: str  # how the arch was known: "stored config" | "state dict shapes"
     wandb_id: str | None = None
     epoch: int | None = None
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The file's sha256, read when first asked for: only the process writing the record reads the file
+        again (a VGG checkpoint is ~0.5-1.6 GB)."""
+        return file_sha256(self.path)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
@@ -149,7 +154,6 @@ def load_model(path: str | os.PathLike[str], arch: str | None = None) -> LoadedM
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     stored = obj.get("config") if isinstance(obj, Mapping) and "model" in obj else None
-    sha = file_sha256(path)
 
     config: Config | None = None
     if isinstance(stored, Mapping):
@@ -195,7 +199,6 @@ def load_model(path: str | os.PathLike[str], arch: str | None = None) -> LoadedM
         model=model,
         spec=spec,
         path=path,
-        sha256=sha,
         kind="checkpoint" if config is not None else "state_dict",
         config=config,
         arch_source=arch_source,
