@@ -47,16 +47,3 @@ def index_split(root: str | Path, split: str) -> SplitIndex:
         # torchvision names the empty class folders in its message
         raise DataError(f"{folder}: {str(e).splitlines()[0]}") from None
     return SplitIndex(folder, classes, samples)
-
-
-def index_root(root: str | Path) -> tuple[SplitIndex, SplitIndex]:
-    """Index train/ and val/ and check they have the same classes."""
-    train, val = index_split(root, "train"), index_split(root, "val")
-    if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        raise DataError(
-            f"train/ and val/ class folders differ: {len(only_train)} only in train {only_train[:5]}, "
-            f"{len(only_val)} only in val {only_val[:5]}"
-        )
-    return train, val

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import TextIO
 
 __all__ = [
-    "FULL_VAL_IMAGES",
     "PrepareError",
     "PrepareSummary",
     "Progress",
@@ -55,7 +54,6 @@ __all__ = [
     "read_meta",
 ]
 
-FULL_VAL_IMAGES = 50_000
 LOC_CSV_HEADER = ["ImageId", "PredictionString"]
 # The only files in VAL_DIR that must have a label; anything else (a README, the labels file) is left alone.
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")

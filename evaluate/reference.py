@@ -129,11 +129,6 @@ def paper_row(
     return None
 
 
-def reference_for(arch: str) -> Reference | None:
-    """torchvision's 1-crop reference for an arch, or None where torchvision publishes no weights."""
-    return TORCHVISION.get(arch)
-
-
 def format_table() -> str:
     """The 1-crop reference table as printed by ``python evaluate --reference``."""
     lines = [f"{'arch':<10} {'top-1 err':>9} {'top-5 err':>9}  source", "-" * 78]

@@ -378,8 +378,7 @@ class Trainer:
                     )
                 elapsed = time.perf_counter() - t0
                 steps_done = i + 1 - skip
-                eta.update(eta.steps_done + interval_n)
-                left = (cfg.sched.epochs - epoch - 1) * steps_per_epoch + steps_per_epoch - (i + 1)
+                eta.steps_done += interval_n
                 metrics = {
                     "train/loss": mean_loss,
                     "train/lr": lr,
@@ -391,7 +390,7 @@ class Trainer:
                     "epoch %d/%d  step %d/%d  loss %.4f  lr %.4g  %.1f img/s  data %.3fs  mem %.2fG  eta %s",
                     epoch + 1, cfg.sched.epochs, i + 1, steps_per_epoch, mean_loss, lr,
                     metrics["train/img_per_s"], metrics["train/data_time_s"], metrics["train/max_mem_gb"],
-                    format_duration(eta.remaining(left)),
+                    format_duration(eta.remaining()),
                 )  # fmt: skip
                 self.tracker.log(metrics, step=self.step)
                 if self.dist.is_main:

@@ -60,7 +60,6 @@ class Schedule:
         self.warmup_epochs = s.warmup_epochs
         self.warmup_lr = self.base_lr * s.warmup_factor
         self.drops = 0
-        self.max_drops = s.plateau_max_drops
         self._timm = None
         self._plateau = None
         if s.name == "step":

@@ -55,13 +55,11 @@ class ETA:
         self.start = time.perf_counter()
         self.steps_done = 0
 
-    def update(self, steps_done_this_session: int) -> None:
-        self.steps_done = steps_done_this_session
-
-    def remaining(self, steps_left: int) -> float:
+    def remaining(self) -> float:
+        """Seconds left for the ``total_steps - steps_done`` steps still to run (nan before the first)."""
         if self.steps_done == 0:
             return float("nan")
-        return (time.perf_counter() - self.start) / self.steps_done * steps_left
+        return (time.perf_counter() - self.start) / self.steps_done * (self.total_steps - self.steps_done)
 
 
 class JsonLines:

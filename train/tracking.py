@@ -158,11 +158,6 @@ class Tracker:
 
     # ---------------------------------------------------------------------------------------- logging
 
-    @property
-    def active(self) -> bool:
-        """True while a W&B run is open and healthy on this process."""
-        return self._run is not None
-
     def _failed(self, what: str, e: BaseException) -> None:
         log.warning(f"W&B off for the rest of this job: {what} failed ({_one_line(e)}); training continues")
         run, self._run, self.mode, self._pending_checkpoint = self._run, None, "disabled", None
