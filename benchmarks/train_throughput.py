@@ -7,9 +7,10 @@ memory and MFU.
     python benchmarks/train_throughput.py --sources synthetic --profile   # + a torch.profiler table per source
     python benchmarks/train_throughput.py --smoke --out /tmp/tt.json --readme /tmp/tt.md   # CPU, seconds (tests)
 
-Sources, each driving the same training step (the product's pieces: ``train.models.build_model_from_config``,
-``train.optim.build_optimizer``, ``train.engine.autocast``, cross-entropy, SGD step; cudnn.benchmark and the TF32
-switches set as ``train.engine.Trainer`` sets them; ``torch.compile`` of the model with ``--compile``):
+Sources, each driving the training loop's own step (``train.engine.train_step``: autocast forward, cross-entropy,
+GradScaler for fp16, clipping when configured, the optimizer from ``train.optim.build_optimizer``, on
+``train.models.build_model_from_config``; cudnn/TF32 flags from ``train.engine.set_backend_flags``;
+``torch.compile`` of the model with ``--compile``) but not its on-device loss and top-k sums:
 
     synthetic    one random batch already on the device, reused: the compute ceiling (a)
     dali         data_pipeline.build_loader, data.backend=dali, data.dali_device=gpu (nvJPEG decode) (b)
@@ -153,17 +154,13 @@ class Bench:
 
     def __init__(self, cfg: Any, device: Any, compile_model: bool) -> None:
         import torch
-        import torch.nn.functional as F
 
-        from train.engine import autocast
+        from train.engine import set_backend_flags, train_step
         from train.models import build_model_from_config, summarize
         from train.optim import build_optimizer
 
         self.cfg, self.device = cfg, device
-        torch.backends.cudnn.benchmark = True  # as train.engine.Trainer (deterministic=false)
-        tf32 = cfg.train.precision == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+        set_backend_flags(cfg)  # as train.engine.Trainer
         torch.manual_seed(cfg.seed)
         model = build_model_from_config(cfg.model).to(device)
         if cfg.train.channels_last:
@@ -175,16 +172,13 @@ class Bench:
         self.model = model
         self.optimizer = build_optimizer(cfg, model)
         forward = torch.compile(model) if compile_model else model
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         self.last_loss = torch.zeros((), device=device)
-        smoothing = cfg.optim.label_smoothing
 
         def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-            with autocast(cfg, device):
-                logits = forward(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            _, loss = train_step(
+                cfg, forward, model, self.optimizer, scaler, images, labels
+            )  # the engine's step
             self.last_loss = loss.detach()  # no .item(): a host sync per step would distort the timing
 
         self.step: Callable[[Any, Any], None] = step

@@ -50,6 +50,44 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def set_backend_flags(cfg: Config) -> None:
+    """cuDNN autotuning (off, with deterministic algorithms, under train.deterministic) and TF32 (train.precision
+    =tf32 only), as training runs them; benchmarks/train_throughput.py sets them the same way."""
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+    tf32 = cfg.train.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def train_step(
+    cfg: Config,
+    forward: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step: autocast forward (``forward``: the DDP / compiled wrapper of ``model``), cross-entropy in
+    fp32, scaled backward, gradient clipping when configured, optimizer and scaler steps. Returns (logits, loss),
+    not synced to the host. The training loop's step, and the one benchmarks/train_throughput.py times."""
+    with autocast(cfg, images.device):
+        logits = forward(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.optim.clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return logits, loss
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG states as bytes, ints and lists: picklable across ranks (all_gather_object) and
     loadable with weights_only=True."""
@@ -156,14 +194,7 @@ class Trainer:
         self.log = setup_logging(dist_info.is_main, run_dir / "train.log")
         if self.run_lock is not None and self.run_lock.warning:
             self.log.warning("warning: %s", self.run_lock.warning)
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
-            torch.backends.cudnn.benchmark = False
-        else:
-            torch.backends.cudnn.benchmark = True
-        tf32 = cfg.train.precision == "tf32"
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+        set_backend_flags(cfg)
         # Same init on every rank (DDP also broadcasts rank 0's weights); dropout streams differ per rank.
         torch.manual_seed(cfg.seed)
         model = build_model_from_config(cfg.model)
@@ -345,16 +376,9 @@ class Trainer:
         end = time.perf_counter()
         for i, (images, labels) in enumerate(self.train_loader, start=skip):
             data_time += time.perf_counter() - end
-            with autocast(cfg, device):
-                logits = self.forward(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if cfg.optim.clip_grad_norm > 0:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            logits, loss = train_step(
+                cfg, self.forward, self.model, self.optimizer, self.scaler, images, labels
+            )
             self.step += 1
             self.batch_in_epoch = i + 1
             with torch.no_grad():
