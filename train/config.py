@@ -306,12 +306,13 @@ def finalize(cfg: Config) -> Config:
     return cfg
 
 
-def _all_keys(node: Any, prefix: str = "") -> list[str]:
+def all_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every leaf key of a config (dataclass) tree, dotted, in field order."""
     keys = []
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
-            keys += _all_keys(value, f"{prefix}{f.name}.")
+            keys += all_keys(value, f"{prefix}{f.name}.")
         else:
             keys.append(f"{prefix}{f.name}")
     return keys
@@ -323,7 +324,7 @@ def _check_keys(raw: Any, schema: Any, source: str, prefix: str = "") -> None:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            valid = _all_keys(Config())
+            valid = all_keys(Config())
             hint = difflib.get_close_matches(full, valid, n=1, cutoff=0.7)
             if hint:
                 raise ConfigError(f"{source}: unknown key {full!r} (did you mean {hint[0]!r}?)")
@@ -565,9 +566,11 @@ __all__ = [
     "CONFIG_DIR",
     "Config",
     "ConfigError",
+    "all_keys",
     "available_recipes",
     "effective_lr",
     "from_dict",
+    "get",
     "load_config",
     "per_process_batch",
     "resolve_config_path",

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from evaluate.core import count_loader, reduce_counts, topk_hits
 from train import distributed
 from train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file, unwrap
-from train.config import Config, from_dict, to_dict, validate
+from train.config import Config, all_keys, from_dict, get, to_dict, validate
 from train.optim import Schedule, build_optimizer
 from train.report import ETA, JsonLines, format_duration, max_memory_gb, plot_curves, setup_logging
 from train.run import RunError, claim_run_dir
@@ -113,17 +113,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, list | tuple) else x
-
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(f"{prefix}{k}")
-    return keys
 
 
 # dist.grad_compression → the dtype PyTorch's DDP compression hook all-reduces gradient buckets in
@@ -263,14 +252,14 @@ class Trainer:
             raise CheckpointError(
                 f"{path} is not a training checkpoint of this project (no 'model'/'config')"
             )
-        saved, now = to_dict(from_dict(state["config"])), to_dict(self.cfg)
-        differ = _diff_keys(saved, now)
+        saved = from_dict(state["config"])  # an older checkpoint's missing keys take their defaults
+        differ = [k for k in all_keys(self.cfg) if get(saved, k) != get(self.cfg, k)]
         bad = [k for k in differ if any(k == m or k.startswith(m + ".") for m in RESUME_MUST_MATCH)]
         if bad:
             k = bad[0]
             raise CheckpointError(
-                f"cannot resume from {path}: it was trained with {k}={_get(saved, k)!r}, this run has "
-                f"{_get(now, k)!r} (use another run_dir, or ckpt.resume=never)"
+                f"cannot resume from {path}: it was trained with {k}={get(saved, k)!r}, this run has "
+                f"{get(self.cfg, k)!r} (use another run_dir, or ckpt.resume=never)"
             )
         if differ:
             self.log.warning("resuming with changed config keys: %s", ", ".join(differ))
@@ -515,12 +504,6 @@ class Trainer:
         self.tracker.finish(exit_code=0)
         return {"status": status, "epoch": self.epoch, "step": self.step, "best_top1_err": self.best_top1_err,
                 **{k: v for k, v in last.items() if k.startswith("val_")}}  # fmt: skip
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def train(cfg: Config) -> dict[str, Any]:
