@@ -29,9 +29,7 @@ import io
 import math
 import os
 import re
-import secrets
 import shutil
-import string
 import subprocess
 import sys
 import time
@@ -429,7 +427,7 @@ def absolute_paths(cfg: Config) -> Config:
 def wandb_run(cfg: Config) -> str:
     """Which W&B run the job will log to, in one line. Fixes a new run's id now (``<run_dir>/wandb_id.txt``, which
     the job's tracker reads), so it can be printed before the job starts; a resumed run keeps its id."""
-    from train.tracking import ID_FILE, resolve_mode
+    from train.tracking import new_run_id, read_run_id, resolve_mode, sync_pattern, write_run_id
 
     try:
         mode, why = resolve_mode(cfg.log.wandb_mode)
@@ -440,22 +438,16 @@ def wandb_run(cfg: Config) -> str:
     run_dir = Path(cfg.run_dir)
     if cfg.ckpt.resume == "never":
         return f"W&B: {mode} ({why}); ckpt.resume=never starts a new run, named in the job's log"
-    id_file = run_dir / ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else ""
-    state = "continues run"
+    run_id, state = read_run_id(run_dir), "continues run"
     if not run_id:
-        # W&B run ids are short [a-z0-9] strings; wandb.init(id=...) takes any such id.
-        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        tmp = id_file.with_name(ID_FILE + ".tmp")
-        tmp.write_text(run_id + "\n")
-        tmp.replace(id_file)
-        state = "new run"
+        run_id, state = new_run_id(), "new run"
+        write_run_id(run_dir, run_id)
     if mode == "online":
         entity = f"{cfg.log.entity}/" if cfg.log.entity else ""
         return f"W&B: online ({why}): {state} {run_id} in {entity}{cfg.log.project}; the job's log prints its URL"
     return (
         f"W&B: offline ({why}): {state} {run_id}, files in {run_dir}/wandb; upload with: "
-        f"wandb sync {run_dir}/wandb/offline-run-*-{run_id}*"
+        f"wandb sync {sync_pattern(run_dir / 'wandb', run_id)}"
     )
 
 

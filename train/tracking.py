@@ -37,13 +37,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
+import string
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from train.config import Config, to_dict
 
-__all__ = ["ID_FILE", "INIT_TIMEOUT_S", "MODES", "Tracker", "has_api_key", "resolve_mode"]
+__all__ = [
+    "ID_FILE",
+    "INIT_TIMEOUT_S",
+    "MODES",
+    "Tracker",
+    "has_api_key",
+    "new_run_id",
+    "read_run_id",
+    "resolve_mode",
+    "sync_pattern",
+    "write_run_id",
+]
 
 log = logging.getLogger("train")
 
@@ -89,12 +102,31 @@ def resolve_mode(config_mode: str, env: Mapping[str, str] | None = None) -> tupl
     return "offline", "log.wandb_mode=auto, no API key found"
 
 
-def _read_id(path: Path) -> str | None:
+def read_run_id(run_dir: Path) -> str | None:
+    """The W&B run id stored in ``run_dir/wandb_id.txt`` (None when there is none)."""
     try:
-        text = path.read_text().strip()
+        text = (run_dir / ID_FILE).read_text().strip()
     except OSError:
         return None
     return text or None
+
+
+def write_run_id(run_dir: Path, run_id: str) -> None:
+    """Store ``run_id`` in ``run_dir/wandb_id.txt`` (atomically: a job may read it while the launcher writes)."""
+    tmp = run_dir / (ID_FILE + ".tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(run_dir / ID_FILE)
+
+
+def new_run_id() -> str:
+    """A fresh W&B run id: 8 characters of [a-z0-9], as wandb makes them (wandb.init(id=...) takes any such id)."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def sync_pattern(wandb_dir: Path, run_id: str) -> str:
+    """The ``wandb sync`` argument covering every offline start of ``run_id`` (wandb appends -1, -2... to a
+    folder when two starts fall in the same second)."""
+    return f"{wandb_dir}/offline-run-*-{run_id}*"
 
 
 class Tracker:
@@ -126,7 +158,7 @@ class Tracker:
         run_dir = Path(run_dir)
         run_id, id_source = resume_id, "checkpoint"
         if run_id is None and cfg.ckpt.resume != "never":
-            run_id, id_source = _read_id(run_dir / ID_FILE), ID_FILE
+            run_id, id_source = read_run_id(run_dir), ID_FILE
         try:
             run = _init(cfg, run_dir, mode, run_id)
         except Exception as e:
@@ -142,16 +174,14 @@ class Tracker:
                 return cls()
 
         try:
-            tmp = run_dir / (ID_FILE + ".tmp")
-            tmp.write_text(run.id + "\n")
-            tmp.replace(run_dir / ID_FILE)
+            write_run_id(run_dir, run.id)
         except OSError as e:
             log.warning(f"W&B: could not write {run_dir / ID_FILE} ({_one_line(e)}); tracking continues")
         resumed = f", continuing id from {id_source}" if run_id else ""
         if mode == "online":
             where = f"run {run.url}"
         else:
-            pattern = Path(run.settings.sync_dir).parent / f"offline-run-*-{run.id}*"
+            pattern = sync_pattern(Path(run.settings.sync_dir).parent, run.id)
             where = f"offline run {run.id} in {run.settings.sync_dir}; upload with: wandb sync {pattern}"
         log.info(f"W&B {mode} ({why}{resumed}): {where}")
         return cls(run, mode, cfg.log.log_checkpoint)
