@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from data_pipeline.layout import DataError
     from evaluate.evaluator import EvalError, EvalOptions, format_result, run_evaluation
+    from evaluate.imagenet_classes import ClassListError
     from train.checkpoint import CheckpointError
     from train.config import ConfigError
     from train.distributed import DistError, cleanup, detect
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                 wandb_run=args.wandb_run,
             )
         )
-    except (CheckpointError, ConfigError, DataError, DistError, EvalError) as e:
+    except (CheckpointError, ClassListError, ConfigError, DataError, DistError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

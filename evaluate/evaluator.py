@@ -31,7 +31,7 @@ import yaml
 from data_pipeline.layout import SplitIndex, index_split
 from data_pipeline.transforms import TransformSpec
 from evaluate.core import PRECISIONS, Counts, count_loader
-from evaluate.imagenet_classes import IMAGENET_CLASSES
+from evaluate.imagenet_classes import NUM_CLASSES, imagenet_wnids
 from evaluate.loading import LoadedModel, describe, load_model
 from evaluate.protocols import PROTOCOLS, default_scales, evaluate_protocol
 from evaluate.reference import PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
@@ -242,13 +242,15 @@ def _check_classes(loaded: LoadedModel, val: SplitIndex) -> None:
         raise EvalError(
             f"{val.root} has {len(val.classes)} class folders but the checkpoint's model has {n} outputs"
         )
-    if loaded.kind == "state_dict" and n == len(IMAGENET_CLASSES):
-        wnids = [w for w, _ in IMAGENET_CLASSES]
-        if val.classes != wnids:
-            bad = next(c for c, w in zip(val.classes, wnids, strict=True) if c != w)
+    if loaded.kind == "state_dict" and n == NUM_CLASSES:
+        wnids = imagenet_wnids()
+        if val.classes != wnids:  # same count, both sorted and unique: some folders are not wnids
+            extra = sorted(set(val.classes) - set(wnids))
+            missing = sorted(set(wnids) - set(val.classes))
             raise EvalError(
-                f"{val.root}: class folders are not ImageNet-1k's wnids (e.g. {bad!r}); torchvision's weights "
-                "index classes by sorted ImageNet wnid"
+                f"{val.root}: {len(extra)} class folders are not ImageNet-1k's wnids (e.g. {extra[0]!r}) and "
+                f"{len(missing)} wnids have no folder (e.g. {missing[0]!r}); torchvision's weights index classes "
+                "by sorted ImageNet wnid"
             )
 
 

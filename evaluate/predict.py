@@ -4,7 +4,7 @@
     python evaluate --checkpoint runs/demo/best.pth --data data/demo --predict data/demo/val/n99000003/*.JPEG
 
 Images go through the 1-crop val view (resize, centre crop, normalise) of the evaluation. Class names: for a
-1000-class model, ImageNet's (shipped in ``evaluate/imagenet_classes.py``); otherwise the data root's
+1000-class model, ImageNet's (torchvision's category names, ``evaluate/imagenet_classes.py``); otherwise the data root's
 ``class_index.json`` (the demo tree's, in ``imagenet_class_index.json``'s format) or, lacking one, its val
 folder names (wnids); else "class <i>".
 """
@@ -22,7 +22,7 @@ from torch import nn
 from data_pipeline.layout import DataError, index_split
 from data_pipeline.loader import decode_error_reason
 from data_pipeline.transforms import TransformSpec
-from evaluate.imagenet_classes import IMAGENET_CLASSES
+from evaluate.imagenet_classes import NUM_CLASSES, imagenet_names
 
 __all__ = ["Prediction", "class_names", "format_predictions", "predict_images"]
 
@@ -50,8 +50,8 @@ def class_names(num_classes: int, data_root: str | Path | None) -> tuple[list[st
         if len(names) != num_classes:
             raise DataError(f"{source} names {len(names)} classes but the model has {num_classes} outputs")
         return names, source
-    if num_classes == len(IMAGENET_CLASSES):
-        return [name for _, name in IMAGENET_CLASSES], "ImageNet-1k (evaluate/imagenet_classes.py)"
+    if num_classes == NUM_CLASSES:
+        return imagenet_names(), "ImageNet-1k (torchvision's category names)"
     return [f"class {i}" for i in range(num_classes)], "class indices (no --data given)"
 
 

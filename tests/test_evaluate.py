@@ -28,7 +28,7 @@ from data_pipeline.transforms import TransformSpec
 from evaluate.__main__ import main
 from evaluate.core import Counts, count_loader
 from evaluate.evaluator import EvalOptions, compare, run_evaluation
-from evaluate.imagenet_classes import IMAGENET_CLASSES
+from evaluate.imagenet_classes import imagenet_classes
 from evaluate.loading import infer_spec, load_model
 from evaluate.predict import class_names
 from evaluate.protocols import DenseVGG, default_scales, evaluate_protocol
@@ -364,15 +364,36 @@ def test_predict_prints_top_classes_with_probabilities(demo, ours, capsys):
     assert probs == pytest.approx(expect, abs=2e-6)
 
 
-def test_class_names_shipped_for_imagenet():
+def test_imagenet_class_list_matches_timm_and_torchvision():
+    classes = imagenet_classes()
     tv = torchvision.models.VGG16_Weights.IMAGENET1K_V1.meta["categories"]
-    assert [name for _, name in IMAGENET_CLASSES] == tv
+    assert [name for _, name in classes] == tv
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo()
-    assert [w for w, _ in IMAGENET_CLASSES] == [info.index_to_label_name(i) for i in range(1000)]
+    assert [w for w, _ in classes] == [info.index_to_label_name(i) for i in range(1000)]
+    assert classes[0] == ("n01440764", "tench") and classes[-1] == ("n15075141", "toilet tissue")
     names, source = class_names(1000, None)
-    assert names[258] == "Samoyed" and "imagenet_classes" in source
+    assert names[258] == "Samoyed" and "torchvision" in source
+
+
+def test_bare_imagenet_weights_refuse_folders_that_are_not_imagenet_wnids(tmp_path):
+    from data_pipeline.layout import SplitIndex
+    from evaluate.evaluator import EvalError, _check_classes
+    from evaluate.imagenet_classes import imagenet_wnids
+    from evaluate.loading import LoadedModel, ModelSpec
+
+    wnids = imagenet_wnids()
+    loaded = LoadedModel(
+        torch.nn.Identity(), ModelSpec("vgg16", 1000, 4096), tmp_path / "w.pth", "state_dict", None, ""
+    )
+    _check_classes(loaded, SplitIndex(tmp_path, wnids, []))  # ImageNet's own folders pass
+    renamed = [*wnids[:500], "n99000000", *wnids[501:]]
+    with pytest.raises(
+        EvalError,
+        match=rf"1 class folders are not ImageNet-1k's wnids \(e.g. 'n99000000'\) and 1 wnids have no folder \(e.g. '{wnids[500]}'\)",
+    ):
+        _check_classes(loaded, SplitIndex(tmp_path, sorted(renamed), []))
 
 
 # --------------------------------------------------------------------------------------------- bad input
