@@ -35,11 +35,14 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = [
     "PCA_EIGVAL",
@@ -47,6 +50,7 @@ __all__ = [
     "TransformSpec",
     "load_rgb",
     "normalize",
+    "open_rgb",
     "resize_shorter",
 ]
 
@@ -191,23 +195,38 @@ class TransformSpec:
 # ------------------------------------------------------------------------------ helpers (evaluate, backends)
 
 
-def load_rgb(path: str | Path) -> torch.Tensor:
-    """Decode an image file to a uint8 (3, H, W) RGB tensor, as the torchvision backend does (PIL, libjpeg-turbo):
-    greyscale and CMYK JPEGs are converted to RGB, a PNG under a .JPEG name is read as PNG."""
+def open_rgb(path: str | Path) -> PILImage:
+    """Decode an image file to an RGB PIL image, as the torchvision backend does (PIL, libjpeg-turbo): greyscale
+    and CMYK JPEGs are converted to RGB, a PNG under a .JPEG name is read as PNG."""
     from PIL import Image
 
     with open(path, "rb") as f, Image.open(f) as img:
-        return TF.pil_to_tensor(img.convert("RGB"))
+        return img.convert("RGB")  # a loaded copy: valid after the file is closed
 
 
-def resize_shorter(image: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+def load_rgb(path: str | Path) -> torch.Tensor:
+    """``open_rgb`` as a uint8 (3, H, W) tensor."""
+    return TF.pil_to_tensor(open_rgb(path))
+
+
+def resize_shorter(
+    image: torch.Tensor | PILImage, size: int, interpolation: str = "bilinear"
+) -> torch.Tensor:
     """Resize so the shorter side is ``size`` (the longer side: int(size × long / short), as torchvision does),
-    antialiased. A CPU uint8 (3, H, W) tensor is resized with PIL, exactly as the torchvision backend and
-    torchvision's presets resize PIL images; anything else with torch's antialiased kernel."""
+    antialiased. A PIL image or a CPU uint8 (3, H, W) tensor is resized with PIL, exactly as the torchvision
+    backend and torchvision's presets resize PIL images, and comes back as a uint8 tensor; anything else with
+    torch's antialiased kernel."""
     mode = INTERPOLATIONS[interpolation]
-    if image.device.type == "cpu" and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3:
-        return TF.pil_to_tensor(TF.resize(TF.to_pil_image(image), [size], interpolation=mode, antialias=True))
-    return TF.resize(image, [size], interpolation=mode, antialias=True)
+    if isinstance(image, torch.Tensor):
+        if not (
+            image.device.type == "cpu"
+            and image.dtype == torch.uint8
+            and image.ndim == 3
+            and image.shape[0] == 3
+        ):
+            return TF.resize(image, [size], interpolation=mode, antialias=True)
+        image = TF.to_pil_image(image)
+    return TF.pil_to_tensor(TF.resize(image, [size], interpolation=mode, antialias=True))
 
 
 @functools.lru_cache(maxsize=16)

