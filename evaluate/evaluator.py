@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from data_pipeline.layout import SplitIndex, index_split
 from data_pipeline.transforms import TransformSpec
@@ -36,7 +35,7 @@ from evaluate.loading import LoadedModel, describe, load_model
 from evaluate.protocols import PROTOCOLS, default_scales, evaluate_protocol
 from evaluate.reference import PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
 from train import distributed
-from train.config import Config, from_dict, to_dict
+from train.config import Config, from_dict, to_dict, with_overrides
 from train.report import format_duration
 
 __all__ = [
@@ -113,42 +112,23 @@ class EvalResult:
 # ----------------------------------------------------------------------------------------------- config
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        tree = tree.setdefault(p, {})
-        if not isinstance(tree, dict):
-            raise EvalError(f"override {dotted}: {p!r} is a value, not a section")
-    tree[leaf] = value
-
-
 def eval_config(loaded: LoadedModel, opts: EvalOptions, world_size: int) -> Config:
-    """The config this evaluation runs with: stored (or default) config, then options and overrides."""
+    """The config this evaluation runs with: stored (or default) config, then overrides, then options."""
     if loaded.config is not None:
-        tree = to_dict(loaded.config)
+        base = loaded.config
     else:
-        tree = to_dict(Config())
-        tree["model"].update(
-            arch=loaded.spec.arch,
-            num_classes=loaded.spec.num_classes,
-            classifier_width=loaded.spec.classifier_width,
-        )
+        base = Config()
+        base.model.arch = loaded.spec.arch
+        base.model.num_classes = loaded.spec.num_classes
+        base.model.classifier_width = loaded.spec.classifier_width
     for item in opts.overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise EvalError(
-                f"override {item!r} is not of the form section.key=value (e.g. data.val_resize=256)"
-            )
-        if not key.startswith(OVERRIDABLE):
+        key, sep, _ = item.partition("=")
+        if sep and key and not key.startswith(OVERRIDABLE):
             raise EvalError(
                 f"override {key}: only data.*, dist.* and log.* can be set here; the model comes from the "
                 "checkpoint (--arch only checks it)"
             )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        _set(tree, key, value)
+    tree = to_dict(with_overrides(base, opts.overrides))
     if opts.data is not None:
         tree["data"]["root"] = opts.data
     if opts.backend is not None:

@@ -436,6 +436,11 @@ def bad_files(demo, ours) -> dict[str, Path]:
             "training crop 64",
         ),
         ("model override", ["--checkpoint", "{ours}", "model.arch=vgg16"], "model comes from the checkpoint"),
+        (
+            "override typo",
+            ["--checkpoint", "{ours}", "data.val_rezise=64"],
+            "command line: unknown key 'data.val_rezise' (did you mean 'data.val_resize'?)",
+        ),
         ("bad image", ["--checkpoint", "{ours}", "--predict", "{truncated}"], "cannot read image"),
     ],
 )

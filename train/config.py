@@ -297,6 +297,21 @@ def load_config(
     return cfg
 
 
+def with_overrides(cfg: Config, overrides: Sequence[str], world_size: int | None = None) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied, parsed and checked as ``load_config`` does (unknown
+    keys and wrong types are errors that name the command line)."""
+    merged = OmegaConf.structured(cfg)
+    if overrides:
+        try:
+            merged = OmegaConf.merge(merged, _parse_overrides(overrides))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command line: {_describe(e)}") from None
+    out: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    out = finalize(out)
+    validate(out, world_size=world_size)
+    return out
+
+
 def finalize(cfg: Config) -> Config:
     """Fill derived values (so the saved config states them): run_dir, launch.nodes."""
     if not cfg.run_dir:
