@@ -285,7 +285,19 @@ def load_config(
         layers += [(str(path), layer) for layer in _read_yaml(path)]
     if overrides:
         layers.append(("command line", _parse_overrides(overrides)))
-    merged = OmegaConf.structured(Config)
+    return _merged(OmegaConf.structured(Config), layers, world_size)
+
+
+def with_overrides(cfg: Config, overrides: Sequence[str], world_size: int | None = None) -> Config:
+    """A copy of ``cfg`` with ``key=value`` overrides applied, parsed and checked as ``load_config`` does (unknown
+    keys and wrong types are errors that name the command line)."""
+    layers = [("command line", _parse_overrides(overrides))] if overrides else []
+    return _merged(OmegaConf.structured(cfg), layers, world_size)
+
+
+def _merged(base: DictConfig, layers: Sequence[tuple[str, DictConfig]], world_size: int | None) -> Config:
+    """``base`` with each (source, layer) merged over it in order (errors name the source), finalised, validated."""
+    merged = base
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -295,21 +307,6 @@ def load_config(
     cfg = finalize(cfg)
     validate(cfg, world_size=world_size)
     return cfg
-
-
-def with_overrides(cfg: Config, overrides: Sequence[str], world_size: int | None = None) -> Config:
-    """A copy of ``cfg`` with ``key=value`` overrides applied, parsed and checked as ``load_config`` does (unknown
-    keys and wrong types are errors that name the command line)."""
-    merged = OmegaConf.structured(cfg)
-    if overrides:
-        try:
-            merged = OmegaConf.merge(merged, _parse_overrides(overrides))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"command line: {_describe(e)}") from None
-    out: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    out = finalize(out)
-    validate(out, world_size=world_size)
-    return out
 
 
 def finalize(cfg: Config) -> Config:
@@ -536,14 +533,9 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Inverse of to_dict (e.g. the config stored in a checkpoint), validated the same way as a YAML file."""
-    merged = OmegaConf.structured(Config)
-    try:
-        merged = OmegaConf.merge(merged, _to_omegaconf(raw, source="stored config"))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"stored config: {_describe(e)}") from None
-    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(finalize(cfg))
-    return cfg
+    return _merged(
+        OmegaConf.structured(Config), [("stored config", _to_omegaconf(raw, source="stored config"))], None
+    )
 
 
 def to_yaml(cfg: Config) -> str:
