@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from train.config import (
     from_dict,
     load_config,
     per_process_batch,
+    resolve_config_path,
     save_yaml,
     to_dict,
     to_yaml,
@@ -204,6 +206,33 @@ BAD = [
     (["dist.grad_compression=FP16"], r"dist.grad_compression='FP16' is not one of: none, fp16, bf16$"),
     (["model.init=he"], r"model.init='he' is not one of: torchvision, paper, glorot$"),
     (["model.init=Paper"], r"model.init='Paper' is not one of: torchvision, paper, glorot$"),
+    # a key in the wrong section (or none) suggests the section that has it
+    (["train.epochs=1"], r"unknown key 'train.epochs' \(did you mean 'sched.epochs'\?\)$"),
+    (["epochs=1"], r"unknown key 'epochs' \(did you mean 'sched.epochs'\?\)$"),
+    (["train.epoch=1"], r"unknown key 'train.epoch' \(did you mean 'sched.epochs'\?\)$"),
+    (["lr=0.1"], r"unknown key 'lr' \(did you mean 'optim.lr'\?\)$"),
+    (["dist.name=x"], r"\(did you mean 'optim.name' or 'sched.name' or 'log.name'\?\)$"),
+    # non-finite floats, scalars and lists alike
+    (["optim.lr=.inf"], r"^optim.lr must be a finite number, got inf$"),
+    (["optim.lr=1e400"], r"^optim.lr must be a finite number, got inf$"),
+    (["optim.lr=.nan"], r"^optim.lr must be a finite number, got nan$"),
+    (["sched.gamma=-.inf"], r"^sched.gamma must be a finite number, got -inf$"),
+    (["data.std=[0.2, .inf, 0.2]"], r"^data.std must hold finite numbers, got \[0.2, inf, 0.2\]$"),
+    # null for a key that has no null
+    (["seed=null"], r"^command line: seed: expected int, got null$"),
+    (["model.arch=null"], r"^command line: model.arch: expected str, got null$"),
+    (["data.mean=null"], r"^command line: data.mean: expected list\[float\], got null$"),
+    # crops smaller than the max pools allow (vgg16_bn: 5 pools)
+    (
+        ["data.train_crop=16", "data.val_resize=18", "data.val_crop=16"],
+        r"^data.train_crop=16: vgg16_bn has 5 max pools, so crops must be >= 32 px$",
+    ),
+    (["data.val_crop=31"], r"^data.val_crop=31: vgg16_bn has 5 max pools, so crops must be >= 32 px$"),
+    (["data.val_crop=1"], r"^data.val_crop=1: vgg16_bn has 5 max pools, so crops must be >= 32 px$"),
+    (
+        ["model.arch=custom", "model.layers=[64, M, LRN, 1x1:512, M, 512, M]", "data.train_crop=7"],
+        r"^data.train_crop=7: model.layers \(arch=custom\) has 3 max pools, so crops must be >= 8 px$",
+    ),
 ]
 
 
@@ -212,6 +241,40 @@ def test_bad_input_is_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_config("vgg16_bn", overrides)
     assert "\n" not in str(info.value)
+
+
+def test_smallest_crop_the_max_pools_accept():
+    assert (
+        load_config("demo", ["data.train_crop=32", "data.val_resize=32", "data.val_crop=32"]).data.val_crop
+        == 32
+    )
+    for arch in ARCHS_8 + PAPER_EXTRA:
+        load_config(arch, ["data.val_crop=32", "data.train_crop=32"])
+        with pytest.raises(
+            ConfigError, match=rf"^data.val_crop=31: {arch} has 5 max pools, so crops must be >= 32"
+        ):
+            load_config(arch, ["data.val_crop=31"])
+    custom = ["model.arch=custom", "model.layers=[64, M, 512, M]"]
+    assert load_config("vgg11", [*custom, "data.train_crop=4", "data.val_crop=4"]).data.train_crop == 4
+    # the paper's scale S is >= train_crop, so it is bounded too
+    with pytest.raises(ConfigError, match=r"train_crop \(224\) <= scale_min \(16\)"):
+        load_config("paper/vgg16", ["data.scale_min=16"])
+
+
+def test_cli_crop_too_small_is_one_line():
+    out = run_cli(
+        "-m", "train", "--config", "demo", "data.train_crop=16", "data.val_resize=18", "data.val_crop=16"
+    )
+    assert out.returncode == 2 and out.stdout == ""
+    assert (
+        out.stderr.strip() == "error: data.train_crop=16: vgg11_bn has 5 max pools, so crops must be >= 32 px"
+    )
+
+
+def test_null_in_a_yaml_file_names_the_file(tmp_path):
+    (tmp_path / "n.yaml").write_text("seed: ~\n")
+    with pytest.raises(ConfigError, match=r"n.yaml: seed: expected int, got null$"):
+        load_config(tmp_path / "n.yaml")
 
 
 def test_world_size_must_divide_global_batch():
@@ -251,6 +314,70 @@ def test_yaml_base_chain_and_precedence(tmp_path):
         and cfg.sched.epochs == 3
     )
     assert cfg.optim.weight_decay == 5e-4  # from the paper base
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn", "paper/vgg11_lrn", "demo"])
+def test_recipe_copied_out_of_the_repo_finds_its_base(name, tmp_path):
+    # configs/<family>/*.yaml say `base: ../_base/<family>.yaml`, demo.yaml `base: _base/torchvision.yaml`
+    copy = tmp_path / "deep" / "my.yaml"
+    copy.parent.mkdir()
+    copy.write_text(resolve_config_path(name).read_text())
+    assert load_config(copy) == load_config(name)
+
+
+def test_base_next_to_the_file_wins_over_configs(tmp_path):
+    (tmp_path / "_base").mkdir()
+    (tmp_path / "_base" / "torchvision.yaml").write_text("recipe: paper\nsched:\n  epochs: 7\n")
+    (tmp_path / "my.yaml").write_text("base: _base/torchvision.yaml\noptim:\n  lr: 0.5\n")
+    cfg = load_config(tmp_path / "my.yaml")
+    assert (cfg.recipe, cfg.sched.epochs, cfg.optim.lr) == ("paper", 7, 0.5)
+    # a list of bases, later ones win; one found next to the file, one in configs/
+    (tmp_path / "two.yaml").write_text("base: [../_base/paper.yaml, _base/torchvision.yaml]\n")
+    cfg = load_config(tmp_path / "two.yaml")
+    assert (cfg.sched.epochs, cfg.optim.weight_decay) == (7, 5e-4)
+
+
+BAD_BASES = [
+    ("nope.yaml", r"base 'nope.yaml' not found \(tried {tmp}/nope.yaml, {cfg}/nope.yaml\)$"),
+    ("../_base/nope.yaml", r"base '../_base/nope.yaml' not found \(tried .*, {cfg}/_base/nope.yaml\)$"),
+    (
+        "demo",
+        r"base 'demo' is not a .yaml file path \(tried {tmp}/demo, {cfg}/demo\); did you mean 'demo.yaml'\?$",
+    ),
+    ("_base", r"base '_base' is not a .yaml file path \(tried {tmp}/_base, {cfg}/_base\)$"),
+    (
+        "dir.yaml",
+        r"base 'dir.yaml' is a directory, not a YAML file \(tried {tmp}/dir.yaml, {cfg}/dir.yaml\)$",
+    ),
+    ("3", r"base must be a YAML file path or a list of them, got 3$"),
+    ("[demo.yaml, 4]", r"base must be a YAML file path or a list of them, got 4$"),
+]
+
+
+@pytest.mark.parametrize(("base", "message"), BAD_BASES, ids=[b[0] for b in BAD_BASES])
+def test_bad_base_is_one_error_naming_the_file_and_places_tried(base, message, tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {base}\n")
+    pattern = re.escape(f"{bad.resolve()}: ") + message.format(
+        tmp=re.escape(str(tmp_path.resolve())), cfg=re.escape(str(CONFIG_DIR))
+    )
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_copied_recipe_prints_its_config(tmp_path):
+    copy = tmp_path / "my.yaml"
+    copy.write_text((CONFIG_DIR / "torchvision" / "vgg16_bn.yaml").read_text())
+    out = run_cli("-m", "train", "--config", str(copy), "--print-config")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == to_yaml(load_config("vgg16_bn"))
+    (tmp_path / "b.yaml").write_text("base: nope.yaml\n")
+    out = run_cli("-m", "train", "--config", str(tmp_path / "b.yaml"), "--print-config")
+    assert (
+        out.returncode == 2 and out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_cli_print_config_round_trips(tmp_path):

@@ -5,7 +5,10 @@
     python -m train --config my_run/config.yaml optim.lr=0.02          # any YAML file, e.g. a saved run config
 
 Order of precedence (later wins): the dataclass defaults below, the YAML file's ``base:`` chain, the YAML file
-itself, then ``key=value`` overrides. Unknown keys, wrong types and impossible values raise ``ConfigError`` with
+itself, then ``key=value`` overrides. ``base:`` names one YAML file or a list of them (each may have its own
+``base:``), looked up relative to the file that names it first, then in the project's ``configs/`` folder (leading
+``../`` dropped), so a recipe copied out of the repository, e.g. with ``base: ../_base/torchvision.yaml``, still
+finds configs/_base/torchvision.yaml. Unknown keys, wrong types and impossible values raise ``ConfigError`` with
 a one-line message. The resolved config is written next to every run (``config.yaml``) and into checkpoints as a
 plain dict, and loading that file gives the same config back.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -217,8 +221,35 @@ def available_recipes() -> list[str]:
     return names
 
 
+def _find_base(path: Path, base: Any) -> Path:
+    """The file a ``base:`` entry of ``path`` names: relative to ``path``'s folder if there, else relative to
+    CONFIG_DIR with leading ``..`` parts dropped (``../_base/paper.yaml``, as written in configs/paper/, and
+    ``_base/paper.yaml`` both mean configs/_base/paper.yaml), so a recipe copied elsewhere keeps its bases."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base must be a YAML file path or a list of them, got {base!r}")
+    rel = Path(base)
+    tried = [path.parent / rel]
+    if not rel.is_absolute():
+        parts = list(rel.parts)
+        while parts and parts[0] == "..":
+            parts.pop(0)
+        if parts:
+            tried.append(CONFIG_DIR.joinpath(*parts))
+    tried = list(dict.fromkeys(p.resolve() for p in tried))
+    where = f"tried {', '.join(str(p) for p in tried)}"
+    if rel.suffix not in (".yaml", ".yml"):
+        near = any(p.with_name(p.name + ".yaml").is_file() for p in tried)
+        hint = f"; did you mean {base + '.yaml'!r}?" if near else ""
+        raise ConfigError(f"{path}: base {base!r} is not a .yaml file path ({where}){hint}")
+    for candidate in tried:
+        if candidate.is_file():
+            return candidate
+    kind = "is a directory, not a YAML file" if any(p.is_dir() for p in tried) else "not found"
+    raise ConfigError(f"{path}: base {base!r} {kind} ({where})")
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
-    """The YAML file and its ``base:`` files, bases first. ``base`` is a path relative to the file."""
+    """The YAML file and its ``base:`` files, bases first (each base found by ``_find_base``)."""
     path = path.resolve()
     if path in chain:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
@@ -235,8 +266,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
     layers: list[DictConfig] = []
     base = raw.pop("base", None)
     if base is not None:
-        for b in [base] if isinstance(base, str) else base:
-            layers += _read_yaml(path.parent / b, (*chain, path))
+        for b in base if isinstance(base, list) else [base]:
+            layers += _read_yaml(_find_base(path, b), (*chain, path))
     layers.append(_to_omegaconf(raw, source=str(path)))
     return layers
 
@@ -336,10 +367,9 @@ def _check_keys(raw: Any, schema: Any, source: str, prefix: str = "") -> None:
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in fields:
-            valid = all_keys(Config())
-            hint = difflib.get_close_matches(full, valid, n=1, cutoff=0.7)
+            hint = _suggest(full)
             if hint:
-                raise ConfigError(f"{source}: unknown key {full!r} (did you mean {hint[0]!r}?)")
+                raise ConfigError(f"{source}: unknown key {full!r} (did you mean {hint}?)")
             listing = ", ".join(fields)
             raise ConfigError(
                 f"{source}: unknown key {full!r} (valid keys{' in ' + prefix[:-1] if prefix else ''}: {listing})"
@@ -353,6 +383,24 @@ def _check_keys(raw: Any, schema: Any, source: str, prefix: str = "") -> None:
             _check_keys(value, child, source, f"{full}.")
         elif isinstance(value, dict):
             raise ConfigError(f"{source}: {full!r} is a value, not a section")
+
+
+def _suggest(full: str) -> str:
+    """Did-you-mean for an unknown dotted key: the same leaf name in another section (``train.epochs``, ``epochs``
+    → ``sched.epochs``), else a close dotted key (``optim.lrr`` → ``optim.lr``), else a close leaf name in any
+    section (``epoch`` → ``sched.epochs``). '' when nothing is close."""
+    valid = all_keys(Config())
+    leaf = full.rpartition(".")[2]
+    by_leaf: dict[str, list[str]] = {}
+    for k in valid:
+        by_leaf.setdefault(k.rpartition(".")[2], []).append(k)
+    matches = by_leaf.get(leaf, [])
+    if not matches:
+        matches = difflib.get_close_matches(full, valid, n=1, cutoff=0.7)
+    if not matches:
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+        matches = by_leaf[close[0]] if close else []
+    return " or ".join(repr(k) for k in matches)
 
 
 def _field_names(node: Any) -> list[str]:
@@ -383,6 +431,8 @@ def _expected_type(key: str) -> str | None:
 
 
 def _offending_value(msg: str) -> str:
+    if re.match(r"Incompatible value 'None' for field|field '.*' is not Optional", msg):
+        return "null"  # `key=null` / `key: null` / `key: ~` for a key that has no null
     m = re.search(r"Value '(.*?)'", msg, re.S)
     if m:
         return repr(m.group(1))
@@ -401,6 +451,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError (one line) for the first impossible value."""
     from train.models import ARCHS, validate_layers  # late import: torch is heavy and not needed to parse
 
+    # Every float and list of floats (YAML's .inf / .nan, or 1e400, which overflows): one check for all keys, as
+    # inf passes the range checks below (lr > 0) and nan fails them with a misleading message.
+    for key in all_keys(cfg):
+        value = get(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        if isinstance(value, list) and any(isinstance(x, float) and not math.isfinite(x) for x in value):
+            raise ConfigError(f"{key} must hold finite numbers, got {value}")
     for key, allowed in CHOICES.items():
         value = get(cfg, key)
         if value not in allowed:
@@ -505,9 +563,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(message)
     if m.layers is not None:
         try:
-            validate_layers(list(m.layers))
+            layers = validate_layers(list(m.layers))
         except ValueError as e:
             raise ConfigError(f"model.layers: {e}") from None
+    else:
+        layers = list(ARCHS[m.arch].layers or ())
+    # Each 'M' (2x2 max pool, stride 2) halves the side; below 2**pools px one fails ("Output size is too small").
+    # scale_min >= train_crop and val_resize >= val_crop are checked above.
+    pools = layers.count("M")
+    net = "model.layers (arch=custom)" if m.arch == "custom" else m.arch
+    for key in ("data.train_crop", "data.val_crop"):
+        if get(cfg, key) < 2**pools:
+            raise ConfigError(
+                f"{key}={get(cfg, key)}: {net} has {pools} max pools, so crops must be >= {2**pools} px"
+            )
     divisor, what = world_size or cfg.launch.gpus, "world size" if world_size else "launch.gpus"
     if d.batch_size % divisor:
         raise ConfigError(
