@@ -7,8 +7,13 @@
 What is a problem (one line each on stdout, exit status 1): a missing root, train/ or val/; a split without
 class folders; a class folder without images (ImageFolder refuses those); class folders that differ between
 train/ and val/; a hidden folder (``.ipynb_checkpoints``) the loaders would take as a class; a file that cannot be
-read, is empty, is not an image, or does not decode (truncated or corrupt); with ``--full``, sizes other than
-ILSVRC2012's (1,000 classes, 1,281,167 train and 50,000 val images, 50 val images per class).
+read, is empty, is not an image, or does not decode (truncated or corrupt); a GIF image under any name (PIL
+and so the torchvision backend read it; DALI, the default backend, cannot decode GIF, and DALI 2.4's CPU decoder
+can crash the process on one, so GIFs are never handed to it); a directory inside a class folder that leads back
+to the class folder or above it (a link loop) or into another class's folder (``layout.NestedDirCheck``: the
+loaders follow links, and would label other classes' images as this class; ``layout.index_split`` refuses such
+a tree); with ``--full``, sizes other than ILSVRC2012's (1,000 classes, 1,281,167 train and 50,000 val images,
+50 val images per class).
 
 What is a note (reported, not a problem): ImageNet's own oddities, which every pipeline converts to RGB: images in
 another format under a .JPEG name (train has one PNG, n02105855_2933.JPEG), CMYK JPEGs (22 in train) and
@@ -38,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+from data_pipeline.layout import NestedDirCheck
 from data_pipeline.prepare import Progress
 
 __all__ = [
@@ -125,12 +131,19 @@ def _scan_split(root: Path, split: str, report: CheckReport, images: list[str]) 
                 loose.append(entry.name)
     report.classes[split] = classes
     counts: dict[str, int] = {}
+    nested = NestedDirCheck(folder, classes)
     for cls in classes:
         if cls.startswith("."):
             report.problems.append(f"{split}/{cls}/ is a hidden folder: the loaders would take it as a class")
         n = 0
-        # Recursively, following links, as ImageFolder's make_dataset does.
-        for dirpath, dirnames, filenames in os.walk(folder / cls, followlinks=True):
+        # Recursively, following links, as ImageFolder's make_dataset does; top-down, so a directory that loops
+        # back or leads into another class is reported once and not walked into.
+        top = str(folder / cls)
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+            if dirpath != top and (found := nested.problem(cls, dirpath)):
+                report.problems.append(f"{os.path.relpath(found[0], root)}: {found[1]}")
+                dirnames.clear()
+                continue
             dirnames.sort()
             for name in sorted(filenames):
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
@@ -207,7 +220,7 @@ def _what_is(data: bytes) -> str | None:
 
 def _read(root: Path, rel: str) -> _Read:
     """Read one file and look at its header (PIL reads the header only) for the notes."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         data = (root / rel).read_bytes()
@@ -223,6 +236,20 @@ def _read(root: Path, rel: str) -> _Read:
     if fmt is None:
         out.data = None
         out.problem = f"not an image: no known image header (starts with {data[:12]!r})"
+        return out
+    if fmt == "GIF":  # not for DALI's decoder: it cannot decode GIF, and 2.4's CPU decoder may crash on one
+        out.data = None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+        except Exception as e:  # UnidentifiedImageError's message names the BytesIO object: not worth a line
+            why = "PIL cannot identify it" if isinstance(e, UnidentifiedImageError) else f"PIL says {e}"
+            out.problem = f"GIF data that does not decode (truncated or corrupt): {why.splitlines()[0]}"
+        else:
+            out.problem = (
+                "GIF data (PIL reads it, DALI cannot decode GIF: convert it to JPEG or use "
+                "data.backend=torchvision)"
+            )
         return out
     try:
         with Image.open(io.BytesIO(data)) as img:

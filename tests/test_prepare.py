@@ -515,3 +515,119 @@ def test_check_full_flags_a_subset(demo):
 def test_check_bad_workers_is_a_usage_error(demo, cli):
     out = cli("check", demo.root, "--workers", "0")
     assert out.returncode == 2 and lines(out.stderr) == ["error: --workers must be at least 1, got 0"]
+
+
+def test_check_names_a_gif_and_does_not_hand_it_to_dali(demo, tmp_path, cli):
+    """DALI cannot decode GIF (2.4's CPU decoder crashed the process on one in 5 of 8 tries): check says what the
+    file is, that PIL (the torchvision backend) reads it, and counts it as a problem for the default backend."""
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(demo.root, root)
+    gif = root / "train" / "n99000001" / "n99000001_gif.JPEG"
+    Image.new("RGB", (50, 40)).save(gif, format="GIF")
+    cut = root / "val" / "n99000002" / "ILSVRC2012_val_gif.JPEG"
+    cut.write_bytes(gif.read_bytes()[:56])  # a truncated GIF: PIL fails too
+    with Image.open(gif) as img:
+        assert img.format == "GIF" and img.convert("RGB").size == (50, 40)
+
+    out = cli("check", root, "--workers", "2")
+    assert out.returncode == 1
+    assert sorted(lines(out.stdout, "problem: ")) == [
+        "problem: train/n99000001/n99000001_gif.JPEG: GIF data (PIL reads it, DALI cannot decode GIF: convert it "
+        "to JPEG or use data.backend=torchvision)",
+        "problem: val/n99000002/ILSVRC2012_val_gif.JPEG: GIF data that does not decode (truncated or corrupt): "
+        "PIL says image file is truncated (20 bytes not processed)",
+    ]
+    assert "decoded 68 images with DALI's CPU decoder" in out.stdout  # neither GIF went to DALI
+    assert not [ln for ln in lines(out.stdout, "note: ") if "_gif" in ln]  # and neither is a note
+
+
+def _leaving_links(root: Path) -> list[tuple[Path, str]]:
+    """Directory links inside class folders that leave their class: (link, expected target), made in root."""
+    train = root / "train"
+    made = [
+        (train / "n99000001" / "loop", ".."),  # the split folder: every class labelled n99000001
+        (train / "n99000002" / "self", "."),  # the class folder itself
+        (train / "n99000003" / "sub" / "other", "../../n99000000"),  # another class, one real folder down
+    ]
+    (train / "n99000003" / "sub").mkdir()
+    shutil.copy(next((train / "n99000003").glob("*.JPEG")), train / "n99000003" / "sub" / "x.JPEG")
+    for link, target in made:
+        link.symlink_to(target, target_is_directory=True)
+    return [(link, os.path.realpath(link)) for link, _ in made]
+
+
+def test_index_split_refuses_a_directory_that_leaves_its_class(demo, tmp_path):
+    """make_dataset walks with followlinks=True: `ln -s .. loop` in a class folder gave that class every image of
+    the split ~40 times over. index_split names the first such directory and where it leads."""
+    from data_pipeline.layout import DataError, index_split
+
+    root = tmp_path / "data"
+    shutil.copytree(demo.root, root)
+    (loop, split), (self_link, cls), (other, elsewhere) = _leaving_links(root)
+    with pytest.raises(DataError) as e:
+        index_split(root, "train")
+    assert str(e.value) == (
+        f"{loop} leads to {split}, which holds the whole split folder: the loaders would walk it again and again "
+        "(a link loop) and label every class's images as n99000001"
+    )
+    loop.unlink()
+    with pytest.raises(
+        DataError, match=re.escape(f"{self_link} leads back to {cls}, the same directory as class")
+    ):
+        index_split(root, "train")
+    self_link.unlink()
+    with pytest.raises(DataError) as e:
+        index_split(root, "train")
+    assert str(e.value) == (
+        f"{other} leads to {elsewhere}, inside the split folder but outside class folder n99000003/ (in "
+        "n99000000/): the loaders would label the images there as n99000003"
+    )
+    other.unlink()
+    index = index_split(root, "train")  # the real sub-folder is fine
+    assert len(index) == 49 and (str(root / "train" / "n99000003" / "sub" / "x.JPEG"), 3) in index.samples
+
+
+def test_index_split_takes_linked_class_folders_and_links_out_of_the_split(demo, tmp_path):
+    """Class folders that are links to other storage, and nested links to places outside the split folder, keep
+    working; a nested link into another class's storage does not."""
+    from data_pipeline.layout import DataError, index_split
+
+    root, storage, extra = tmp_path / "data", tmp_path / "storage", tmp_path / "extra"
+    shutil.copytree(demo.root, root)
+    for cls in ("n99000000", "n99000001"):
+        shutil.move(root / "train" / cls, storage / cls)
+        (root / "train" / cls).symlink_to(storage / cls, target_is_directory=True)
+    extra.mkdir()
+    shutil.copy(next((storage / "n99000001").glob("*.JPEG")), extra / "more.JPEG")
+    (storage / "n99000001" / "more").symlink_to(extra, target_is_directory=True)
+    index = index_split(root, "train")
+    assert len(index) == 49
+    assert (str(root / "train" / "n99000001" / "more" / "more.JPEG"), 1) in index.samples
+    assert check_root(root, workers=1).sound
+
+    stolen = storage / "n99000001" / "stolen"
+    stolen.symlink_to(storage / "n99000000", target_is_directory=True)
+    with pytest.raises(DataError) as e:
+        index_split(root, "train")
+    assert str(e.value) == (
+        f"{root / 'train' / 'n99000001' / 'stolen'} leads to {storage / 'n99000000'}, inside class folder "
+        f"n99000000/ ({storage / 'n99000000'}): the loaders would label its images as n99000001"
+    )
+
+
+def test_check_reports_a_directory_that_leaves_its_class_and_does_not_walk_it(demo, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo.root, root)
+    (_, split), (_, cls), (_, elsewhere) = _leaving_links(root)
+    report = check_root(root, workers=2)
+    assert report.problems == [
+        f"train/n99000001/loop: leads to {split}, which holds the whole split folder: the loaders would walk it "
+        "again and again (a link loop) and label every class's images as n99000001",
+        f"train/n99000002/self: leads back to {cls}, the same directory as class folder n99000002/: a link loop, "
+        "the loaders would read the same images again and again",
+        f"train/n99000003/sub/other: leads to {elsewhere}, inside the split folder but outside class folder "
+        "n99000003/ (in n99000000/): the loaders would label the images there as n99000003",
+    ]
+    assert report.counts["train"] == 49 and report.decoded == 49 + 20  # nothing behind the links was read
