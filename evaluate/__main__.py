@@ -12,15 +12,20 @@ paper's dense / multi-crop / multi-scale protocols, and top-5 predictions for im
     python evaluate --checkpoint vgg16-397923af.pth --predict dog.jpg cat.jpg
 
 Exit status: 0 when the result is PASS or has no reference, 1 when it is FAIL, 2 for bad input (one
-``error:`` line: missing/truncated checkpoint, not a checkpoint, wrong-arch weights, class count mismatch).
+``error:`` line: missing/truncated checkpoint, not a checkpoint, wrong-arch weights, class count mismatch, a
+--json destination that cannot be written, options that do not apply to --predict), checked before the
+evaluation runs where it can be.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 if not __package__:
     # `python evaluate`: Python put this folder first on sys.path, where our module names could shadow
@@ -43,6 +48,69 @@ def _scales(text: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (percentage points), got {text!r}")
+    return value
+
+
+# Options of the evaluation that --predict (top-5 classes of image files) does not use: (flag, args attribute).
+NOT_FOR_PREDICT = (
+    ("--json", "json_path"),
+    ("--protocol", "protocol"),
+    ("--scales", "scales"),
+    ("--multi-scale", "multi_scale"),
+    ("--tolerance", "tolerance"),
+    ("--backend", "backend"),
+    ("--batch-size", "batch_size"),
+    ("--workers", "workers"),
+    ("--precision", "precision"),
+    ("--channels-last", "channels_last"),
+    ("--wandb", "wandb"),
+    ("--wandb-run", "wandb_run"),
+)
+
+
+def json_destination_problem(path: str) -> str | None:
+    """Why --json ``path`` cannot be written, or None when it can: it is an existing folder, a part of its parent
+    is a file, or its folder is not writable (checked by creating and removing a probe file in it; a parent that
+    does not exist yet is made only when the result is written: its nearest existing ancestor must be writable)."""
+    out = Path(path)
+    if out.is_dir():
+        return f"{path} is a folder; give a file path such as {out / 'eval.json'}"
+    parent = out.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    if ancestor != parent:
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"cannot create {parent}: {ancestor} is not writable"
+        return None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+    except OSError as e:
+        return f"cannot write in {parent}: {e.strerror or e}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python evaluate",
@@ -58,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", help="data root holding val/<wnid>/*.JPEG (default: the checkpoint's data.root)")
     p.add_argument("--backend", choices=("dali", "torchvision"), help="1-crop loader (default: checkpoint's)")
-    p.add_argument("--batch-size", type=int, help="images per process and step (default 64)")
+    p.add_argument("--batch-size", type=_positive_int, help="images per process and step (default 64)")
     p.add_argument("--workers", type=int, help="loader threads/processes per process (default: data.workers)")
+    # --protocol, --precision, --tolerance: None when not given (so that --predict can refuse them); the
+    # defaults named in their help are EvalOptions'.
     p.add_argument(
         "--protocol",
-        default="1-crop",
         choices=("1-crop", "dense", "multi-crop", "dense+multi-crop"),
-        help="1-crop: resize + centre crop (the reference table's); the others: arXiv 1409.1556 §3.2",
+        help="1-crop (the default): resize + centre crop (the reference table's); the others: arXiv 1409.1556 "
+        "§3.2",
     )
     p.add_argument("--scales", type=_scales, help="test scales Q for dense/multi-crop, e.g. 256,384,512")
     p.add_argument(
@@ -73,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's three test scales: {S-32, S, S+32} for fixed-S models, {Smin, mid, Smax} for "
         "jittered S, {1, 1.5, 2} x data.val_resize otherwise",
     )
-    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16", "fp16"))
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"), help="default fp32")
     p.add_argument(
         "--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)"
     )
     p.add_argument(
-        "--tolerance", type=float, default=0.3, help="PASS if |top-1 err - reference| <= this (pp)"
+        "--tolerance", type=_tolerance, help="PASS if |top-1 err - reference| <= this (pp; default 0.3)"
     )
     p.add_argument("--json", dest="json_path", help="write the result (and checkpoint hash, versions) here")
     p.add_argument("--predict", nargs="+", metavar="IMAGE", help="print top-5 classes of these images")
@@ -142,6 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("error: give --checkpoint PATH (or --reference)", file=sys.stderr)
         return 2
+    if args.predict:
+        given = [flag for flag, name in NOT_FOR_PREDICT if getattr(args, name) not in (None, False)]
+        if given:
+            parser.print_usage(sys.stderr)
+            verb = "does" if len(given) == 1 else "do"
+            print(
+                f"error: --predict prints the top-5 classes of images; {', '.join(given)} {verb} not apply",
+                file=sys.stderr,
+            )
+            return 2
+    elif args.json_path is not None:
+        problem = json_destination_problem(args.json_path)
+        if problem:  # refused now, not after the whole evaluation
+            print(f"error: --json {args.json_path}: {problem}", file=sys.stderr)
+            return 2
     from data_pipeline.layout import DataError
     from evaluate.evaluator import EvalError, EvalOptions, format_result, run_evaluation
     from evaluate.imagenet_classes import ClassListError
@@ -153,26 +238,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.predict:
             return _predict(args)
-        result = run_evaluation(
-            EvalOptions(
-                checkpoint=args.checkpoint,
-                arch=args.arch,
-                data=args.data,
-                backend=args.backend,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                protocol=args.protocol,
-                scales=args.scales,
-                multi_scale=args.multi_scale,
-                precision=args.precision,
-                channels_last=args.channels_last,
-                tolerance=args.tolerance,
-                overrides=args.overrides,
-                json_path=args.json_path,
-                wandb=args.wandb,
-                wandb_run=args.wandb_run,
-            )
+        options = dict(
+            checkpoint=args.checkpoint,
+            arch=args.arch,
+            data=args.data,
+            backend=args.backend,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            protocol=args.protocol,
+            scales=args.scales,
+            multi_scale=args.multi_scale,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            tolerance=args.tolerance,
+            overrides=args.overrides,
+            json_path=args.json_path,
+            wandb=args.wandb,
+            wandb_run=args.wandb_run,
         )
+        # options not given (None) take EvalOptions' defaults
+        result = run_evaluation(EvalOptions(**{k: v for k, v in options.items() if v is not None}))
     except (CheckpointError, ClassListError, ConfigError, DataError, DistError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -135,7 +136,7 @@ def eval_config(loaded: LoadedModel, opts: EvalOptions, world_size: int) -> Conf
         tree["data"]["backend"] = opts.backend
     if opts.workers is not None:
         tree["data"]["workers"] = opts.workers
-    per_process = opts.batch_size or DEFAULT_BATCH_PER_PROCESS
+    per_process = DEFAULT_BATCH_PER_PROCESS if opts.batch_size is None else opts.batch_size
     if per_process < 1:
         raise EvalError(f"--batch-size must be positive, got {per_process}")
     tree["data"]["batch_size"] = per_process * world_size  # the config's batch is global
@@ -222,6 +223,16 @@ def _check_classes(loaded: LoadedModel, val: SplitIndex) -> None:
         raise EvalError(
             f"{val.root} has {len(val.classes)} class folders but the checkpoint's model has {n} outputs"
         )
+    if loaded.classes is not None and val.classes != loaded.classes:  # same count: some folders differ
+        extra = sorted(set(val.classes) - set(loaded.classes))
+        missing = sorted(set(loaded.classes) - set(val.classes))
+        what = (
+            f"{len(extra)} class folders were not trained on (e.g. {extra[0]!r}) and {len(missing)} trained classes "
+            f"have no folder (e.g. {missing[0]!r})"
+            if extra
+            else "the class folders sort differently from the trained classes"
+        )
+        raise EvalError(f"{val.root}: {what}; labels would not match the checkpoint's outputs")
     if loaded.kind == "state_dict" and n == NUM_CLASSES:
         wnids = imagenet_wnids()
         if val.classes != wnids:  # same count, both sorted and unique: some folders are not wnids
@@ -256,8 +267,11 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -310,7 +324,7 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
         raise EvalError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     if opts.protocol == "1-crop" and (opts.scales or opts.multi_scale):
         raise EvalError("--scales / --multi-scale are for --protocol dense, multi-crop or dense+multi-crop")
-    if opts.tolerance < 0:
+    if not math.isfinite(opts.tolerance) or opts.tolerance < 0:
         raise EvalError(f"--tolerance must be >= 0, got {opts.tolerance}")
     info = distributed.setup()
     loaded = load_model(opts.checkpoint, arch=opts.arch)

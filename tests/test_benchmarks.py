@@ -147,6 +147,41 @@ def test_throughput_bad_input(script, args, message, capsys):
     assert err.startswith(message) and "\n" not in err
 
 
+@pytest.mark.parametrize("script", ["train_throughput", "eval_throughput", "loader_throughput"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--out", "{tmp}"],
+            "error: argument --out: {tmp} is a folder; give a file path such as {tmp}/result.json",
+        ),
+        (["--out", "{tmp}/file/o.json"], "error: argument --out: {tmp}/file is not a folder"),
+        (["--readme", "{tmp}"], "error: argument --readme: {tmp} is a folder"),
+    ],
+)
+def test_throughput_output_checked_before_any_work(script, args, message, tmp_path, capsys):
+    """--out / --readme that cannot be written are one `error:` line and exit status 2 before the benchmark runs
+    (--out to a folder used to crash with IsADirectoryError after it, leaving a .NAME.tmp-PID file)."""
+    (tmp_path / "file").write_text("x")
+    module = importlib.import_module(f"benchmarks.{script}")
+    argv = ["--smoke", "--data", str(tmp_path / "data"), *(a.format(tmp=tmp_path) for a in args)]
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message.format(tmp=tmp_path)) and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no data made, no probe or temp file left
+
+
+def test_write_result_leaves_no_temp_file_when_the_destination_is_a_folder(tmp_path):
+    from benchmarks.common import write_result
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_result({"x": 1}, tmp_path / "out", tmp_path / "README.md", "| table |")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_train_throughput_tree_too_small(tmp_path, capsys):
     """A timed window that does not fit in one epoch of the tree is refused with a hint."""
     from benchmarks import train_throughput
