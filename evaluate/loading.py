@@ -55,6 +55,7 @@ class LoadedModel:
     arch_source: str  # how the arch was known: "stored config" | "state dict shapes"
     wandb_id: str | None = None
     epoch: int | None = None
+    classes: list[str] | None = None  # the class folders it was trained on (our checkpoints; index = label)
 
     @functools.cached_property
     def sha256(self) -> str:
@@ -195,6 +196,7 @@ def load_model(path: str | os.PathLike[str], arch: str | None = None) -> LoadedM
     model.eval()
     wandb_id = obj.get("wandb_id") if isinstance(obj, Mapping) else None
     epoch = obj.get("epoch") if isinstance(obj, Mapping) else None
+    classes = obj.get("classes") if isinstance(obj, Mapping) else None
     return LoadedModel(
         model=model,
         spec=spec,
@@ -204,6 +206,7 @@ def load_model(path: str | os.PathLike[str], arch: str | None = None) -> LoadedM
         arch_source=arch_source,
         wandb_id=wandb_id if isinstance(wandb_id, str) and wandb_id else None,
         epoch=int(epoch) if isinstance(epoch, int) else None,
+        classes=[str(c) for c in classes] if isinstance(classes, list | tuple) else None,
     )
 
 

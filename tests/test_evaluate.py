@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -377,6 +378,29 @@ def test_imagenet_class_list_matches_timm_and_torchvision():
     assert names[258] == "Samoyed" and "torchvision" in source
 
 
+def test_checkpoint_refuses_val_folders_it_was_not_trained_on(demo, ours, tmp_path, capsys):
+    """Our checkpoints store the class folders (label order) they were trained on: a val tree with the same
+    number of classes but other folders would silently mislabel every image."""
+    state = torch.load(ours, weights_only=True)
+    classes = index_split(demo, "val").classes
+    state["classes"] = classes
+    path = tmp_path / "with_classes.pth"
+    torch.save(state, path)
+    assert main(["--checkpoint", str(path), "--data", str(demo), "--workers", "0"]) in (
+        0,
+        1,
+    )  # its own folders
+    shutil.copytree(demo / "val", tmp_path / "other" / "val")
+    (tmp_path / "other" / "val" / classes[2]).rename(tmp_path / "other" / "val" / "n99999999")
+    capsys.readouterr()
+    assert main(["--checkpoint", str(path), "--data", str(tmp_path / "other"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: {tmp_path / 'other' / 'val'}: 1 class folders were not trained on (e.g. 'n99999999') and 1 trained "
+        f"classes have no folder (e.g. {classes[2]!r}); labels would not match the checkpoint's outputs"
+    )
+
+
 def test_bare_imagenet_weights_refuse_folders_that_are_not_imagenet_wnids(tmp_path):
     from data_pipeline.layout import SplitIndex
     from evaluate.evaluator import EvalError, _check_classes
@@ -415,6 +439,9 @@ def bad_files(demo, ours) -> dict[str, Path]:
     return {p.stem: p for p in folder.iterdir()}
 
 
+PREDICT = ["--checkpoint", "{ours}", "--predict", "{image}"]
+
+
 @pytest.mark.parametrize(
     "case, args, message",
     [
@@ -442,6 +469,42 @@ def bad_files(demo, ours) -> dict[str, Path]:
             "command line: unknown key 'data.val_rezise' (did you mean 'data.val_resize'?)",
         ),
         ("bad image", ["--checkpoint", "{ours}", "--predict", "{truncated}"], "cannot read image"),
+        # argparse's refusals (its line reads "python evaluate: error: argument ...")
+        (
+            "batch size 0",
+            ["--checkpoint", "{ours}", "--batch-size", "0"],
+            "argument --batch-size: expected a positive integer, got '0'",
+        ),
+        (
+            "batch size < 0",
+            ["--checkpoint", "{ours}", "--batch-size", "-1"],
+            "argument --batch-size: expected a positive integer, got '-1'",
+        ),
+        (
+            "tolerance nan",
+            ["--checkpoint", "{ours}", "--tolerance", "nan"],
+            "argument --tolerance: expected a finite number >= 0 (percentage points), got 'nan'",
+        ),
+        ("tolerance inf", ["--checkpoint", "{ours}", "--tolerance", "inf"], "got 'inf'"),
+        ("tolerance < 0", ["--checkpoint", "{ours}", "--tolerance", "-0.1"], "got '-0.1'"),
+        # --json: checked before the evaluation runs
+        ("json to a folder", ["--checkpoint", "{ours}", "--json", "{dir}"], "{dir} is a folder"),
+        (
+            "json under a file",
+            ["--checkpoint", "{ours}", "--json", "{truncated}/e.json"],
+            "--json {truncated}/e.json: {truncated} is not a folder",
+        ),
+        # --predict with options of the evaluation it ignores
+        (
+            "predict + evaluation options",
+            [*PREDICT, "--json", "{dir}/p.json", "--protocol", "dense"],
+            "error: --predict prints the top-5 classes of images; --json, --protocol do not apply",
+        ),
+        (
+            "predict + scales",
+            [*PREDICT, "--multi-scale", "--scales", "96", "--tolerance", "1"],
+            "--scales, --multi-scale, --tolerance do not apply",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line(bad_files, demo, ours, capsys, case, args, message):
@@ -449,11 +512,40 @@ def test_bad_input_is_one_error_line(bad_files, demo, ours, capsys, case, args, 
         "dir": str(demo.parent),
         "ours": str(ours),
         "demo": str(demo),
+        "image": str(sorted((demo / "val").glob("*/*.JPEG"))[0]),
     }
-    rc = main([a.format(**names) for a in args])
+    try:
+        rc = main([a.format(**names) for a in args])
+    except SystemExit as e:  # argparse
+        rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if line.startswith("error:")]
-    assert rc == 2 and len(errors) == 1 and message in errors[0], err
+    errors = [line for line in err if line.startswith(("error:", "python evaluate: error:"))]
+    assert rc == 2 and len(errors) == 1 and message.format(**names) in errors[0], err
+
+
+def test_json_destination_is_checked_before_evaluating(ours, tmp_path, monkeypatch, capsys):
+    """A --json that cannot be written is refused at once (it used to fail after the whole evaluation, leaving
+    a .NAME.tmp-PID file); the check leaves nothing behind and makes no folder."""
+    import evaluate.evaluator
+    from evaluate.__main__ import json_destination_problem
+
+    def evaluate_anyway(opts):
+        raise AssertionError("evaluated before --json was checked")
+
+    monkeypatch.setattr(evaluate.evaluator, "run_evaluation", evaluate_anyway)
+    assert main(["--checkpoint", str(ours), "--json", str(tmp_path)]) == 2
+    expected = (
+        f"error: --json {tmp_path}: {tmp_path} is a folder; give a file path such as {tmp_path / 'eval.json'}"
+    )
+    assert capsys.readouterr().err.strip() == expected
+    assert json_destination_problem(str(tmp_path / "e.json")) is None  # probe file created and removed
+    assert json_destination_problem(str(tmp_path / "new" / "sub" / "e.json")) is None  # made when written
+    (tmp_path / "file").write_text("x")
+    assert (
+        json_destination_problem(str(tmp_path / "file" / "sub" / "e.json"))
+        == f"{tmp_path / 'file'} is not a folder"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 def test_cli_entry_point_exit_status(tmp_path):
