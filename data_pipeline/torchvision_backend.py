@@ -26,6 +26,7 @@ uninterrupted pass (images, labels, colour shifts), whatever the worker count.
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,13 @@ def decode(path: str, decoder: str = "pil") -> Any:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and a worker that died of it
+    would fail the next batch before the training process could stop cleanly and save (train.engine.StopOnInterrupt,
+    slurm.job.StopOnSignal). The training process shuts its workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ImageFiles(Dataset):
@@ -154,6 +162,7 @@ class TorchvisionLoader(Loader):
             multiprocessing_context="forkserver" if self.workers > 0 else None,
             prefetch_factor=prefetch_factor if self.workers > 0 else None,
             generator=generator,
+            worker_init_fn=_ignore_sigint if self.workers > 0 else None,
         )
         if len(self._dl) != self.steps:  # the sharding math of data_pipeline.loader, checked against torch's
             raise AssertionError(f"DataLoader has {len(self._dl)} batches, expected {self.steps}")

@@ -79,11 +79,12 @@ class StopOnSignal:
         self.usr_signal = submitit.JobEnvironment._usr_sig()  # USR2, or $SUBMITIT_PREEMPT_SIGNAL
         self.requeue_requested = False  # USR2: time limit near, or preemption (submitit's signal)
         self.terminated = False  # SIGTERM: scancel, preemption, or the end of the time limit
+        self.interrupted = False  # SIGINT: Ctrl-C on `launch.py --cluster local` (or `--cluster debug`)
         self.trainer: Any = None
         self.previous: dict[int, Any] = {}
 
     def install(self) -> StopOnSignal:
-        for sig in (self.usr_signal, signal.SIGTERM):
+        for sig in (self.usr_signal, signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -95,6 +96,10 @@ class StopOnSignal:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if signum == self.usr_signal:
             self.requeue_requested = True
+        elif signum == signal.SIGINT:
+            if self.interrupted:  # a second Ctrl-C: quit now, without saving
+                raise KeyboardInterrupt
+            self.interrupted = True
         else:
             self.terminated = True
         if self.trainer is not None:
@@ -102,7 +107,7 @@ class StopOnSignal:
 
     @property
     def requested(self) -> bool:
-        return self.requeue_requested or self.terminated
+        return self.requeue_requested or self.terminated or self.interrupted
 
     def attach(self, trainer: Any) -> None:
         """From now on a signal stops ``trainer``; one that came while it was being built stops it too."""
@@ -199,6 +204,10 @@ class TrainJob(submitit.helpers.Checkpointable):
         if handler is None:  # --cluster debug (in-process): nothing to requeue; the caller gets the status
             return
         _flush_wandb()
+        if stop.interrupted and not stop.requeue_requested:  # Ctrl-C: the user's stop, not the cluster's
+            raise SystemExit(
+                f"stopped on Ctrl-C (SIGINT): checkpoint saved in {run_dir}/last.pth; the same command resumes from it"
+            )
         deadline = time.monotonic() + USR_SIGNAL_GRACE_S
         while not stop.requeue_requested and time.monotonic() < deadline:
             time.sleep(0.1)

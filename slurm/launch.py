@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         "on this machine (local) or in this process (debug). Requeues itself at the time limit and resumes.",
         epilog="Options not given here come from the recipe's launch.* keys (train/config.py).",
     )
-    p.add_argument("--arch", default="vgg16_bn", help="model.arch [vgg16_bn]")
-    p.add_argument("--recipe", default="torchvision", choices=["torchvision", "paper"], help="recipe family")
+    p.add_argument("--arch", help="model.arch [vgg16_bn]")
+    p.add_argument("--recipe", choices=["torchvision", "paper"], help="recipe family [torchvision]")
     p.add_argument("--config", help="a recipe name or YAML path instead of --arch/--recipe (e.g. demo)")
     p.add_argument("--gpus", type=int, help="total GPUs = tasks [recipe's launch.gpus]")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node [8]")
@@ -103,10 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     from slurm.submit import LaunchError, absolute_paths, dry_run, launch, make_plan
 
     try:
+        if args.config and (args.arch or args.recipe):
+            raise ConfigError(
+                f"--config {args.config} names the recipe file; --arch/--recipe choose one instead (give one of "
+                "them; to change the arch of a recipe file, add model.arch=...)"
+            )
         flags = _overrides(args)
-        cfg = absolute_paths(
-            load_config(args.config or f"{args.recipe}/{args.arch}", [*flags, *args.overrides])
-        )
+        recipe = args.config or f"{args.recipe or 'torchvision'}/{args.arch or 'vgg16_bn'}"
+        cfg = absolute_paths(load_config(recipe, [*flags, *args.overrides]))
         plan = make_plan(cfg)
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -30,8 +30,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,11 +214,22 @@ def make_plan(cfg: Config) -> Plan:
             f"data root {cfg.data.root!r} does not exist (expected train/<wnid>/*.JPEG and val/...; "
             f"`python -m data_pipeline demo {cfg.data.root}` makes the demo dataset)"
         )
+    timeout_min = parse_time_min(la.time)
+    if cfg.launch.cluster != "debug" and timeout_min * 60 <= la.signal_delay_s:
+        raise LaunchError(
+            f"launch.time={la.time} ({timeout_min} min) leaves no training before the stop signal, sent "
+            f"launch.signal_delay_s={la.signal_delay_s} s before the limit: give a longer --time"
+        )
+    if cfg.launch.cluster == "slurm" and timeout_min <= 10:
+        warnings.append(
+            f"launch.time={la.time} is 10 minutes or less: submitit then counts every signal, a preemption too, "
+            f"as a timeout (against launch.max_num_timeout={la.max_num_timeout})"
+        )
     return Plan(
         cfg=cfg,
         nodes=nodes,
         tasks_per_node=tasks,
-        timeout_min=parse_time_min(la.time),
+        timeout_min=timeout_min,
         mem=memory_per_node(la.mem_per_gpu, tasks),
         folder=Path(cfg.run_dir) / "slurm" / "%j",
         notes=tuple(notes),
@@ -311,6 +324,22 @@ def _submission_env():
             os.environ.pop("SLURM_CONF", None)
 
 
+@contextlib.contextmanager
+def _sigint_ignored_by_children(active: bool):
+    """``--cluster local``: submitit's controller process (and through it the tasks) starts with SIGINT ignored.
+    Its own reaction to a Ctrl-C is to kill the tasks a second later, before they can save; this way a Ctrl-C
+    reaches only the tasks, which install their own handler (``slurm.job.StopOnSignal``: save ``last.pth``, stop),
+    and this process, which then waits for them (``launch``)."""
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _sbatch_error(e: BaseException) -> str:
     """sbatch's own complaint (``sbatch: error: ...`` lines), verbatim, on one line."""
     text = str(e).strip()
@@ -328,7 +357,11 @@ def submit(plan: Plan, executor: submitit.Executor | None = None) -> submitit.Jo
     captured = io.StringIO()
     try:
         # submitit prints sbatch's stderr itself before raising: keep it, and report it once, on one line.
-        with _submission_env(), contextlib.redirect_stderr(captured):
+        with (
+            _submission_env(),
+            contextlib.redirect_stderr(captured),
+            _sigint_ignored_by_children(plan.cluster == "local"),
+        ):
             return executor.submit(job_fn)
     except (FailedJobError, FailedSubmissionError) as e:
         raise LaunchError(_sbatch_error(e)) from None
@@ -545,7 +578,7 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
     Refused (LaunchError) while the run folder is busy: a SLURM job of it still queued or running (``--cluster
     slurm``), or a training holding its lock. ``force`` skips both checks; the training's own lock still refuses
     to run while another training holds the folder."""
-    from train.run import RunError, check_run_dir_free, prepare_run_dir
+    from train.run import RunError, check_run_dir_free, make_run_dir
 
     out = out or sys.stdout
     cfg = plan.cfg
@@ -560,7 +593,7 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
         executor = make_executor(plan)  # (creates <run_dir>/slurm)
         if not force and plan.cluster == "slurm":
             refuse_active_slurm_jobs(cfg.run_dir)
-        prepare_run_dir(cfg)  # writable? (the job writes config.yaml again)
+        make_run_dir(cfg.run_dir)  # writable? (the job writes config.yaml once it knows the run goes ahead)
     except RunError as e:
         raise LaunchError(str(e)) from None
     wandb_line = wandb_run(cfg)
@@ -588,14 +621,37 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
         follow(job, out)
     except KeyboardInterrupt:
         if plan.cluster == "local":
-            job.cancel()
-            print(f"\ncancelled; the same command resumes from {cfg.run_dir}/last.pth", file=sys.stderr)
+            return _stop_local_job(job, cfg, out)
         else:
             print(
                 f"\nstopped following; job {job.job_id} keeps running (scancel {job.job_id})", file=sys.stderr
             )
         return 130
     return report(job, out)
+
+
+def _stop_local_job(job: submitit.Job, cfg: Config, out: TextIO) -> int:
+    """Ctrl-C while following a ``--cluster local`` job: the tasks save ``last.pth`` and stop; wait for that."""
+    print(
+        f"\nCtrl-C: the tasks save {cfg.run_dir}/last.pth at their next print interval and stop; waiting for them "
+        "(Ctrl-C again quits them without saving)",
+        file=sys.stderr,
+        flush=True,
+    )
+    with contextlib.suppress(ProcessLookupError, ValueError):
+        # The controller forwards SIGTERM to the tasks: the same stop when only this process got the Ctrl-C.
+        os.kill(int(job.job_id), signal.SIGTERM)
+    try:
+        follow(job, out)
+    except KeyboardInterrupt:
+        print(f"\nstopped waiting; job {job.job_id} is ending without saving", file=sys.stderr)
+        return 130
+    last = Path(cfg.run_dir) / "last.pth"
+    if last.is_file():
+        print(f"stopped; the same command resumes from {last}", file=sys.stderr)
+    else:
+        print(f"stopped before a checkpoint was saved in {cfg.run_dir}", file=sys.stderr)
+    return 130
 
 
 __all__ = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -176,8 +177,11 @@ def test_layout_one_task_per_gpu_and_even_split(capsys, tmp_path):
         (("--gpus", "8", "--mem-per-gpu", "lots"), "error: launch.mem_per_gpu='lots' is not a size like 64G"),
         (("--gpus", "16", "--cluster", "local"), "error: --cluster local runs on this machine (one node), but 16 GPUs"),
         (("--gpus", "8", "optim.lrr=0.1"), "error: command line: unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        (("--gpus", "8", "--time", "0:01:30"), "error: launch.time=0:01:30 (2 min) leaves no training before the "
+                                               "stop signal, sent launch.signal_delay_s=120 s before the limit"),
+        (("--config", "demo"), "error: --config demo names the recipe file; --arch/--recipe choose one instead"),
     ],
-    ids=["gpus-0", "batch-12", "uneven-9", "time", "mem", "local-2-nodes", "typo"],
+    ids=["gpus-0", "batch-12", "uneven-9", "time", "mem", "local-2-nodes", "typo", "time-short", "config-and-arch"],
 )  # fmt: skip
 def test_bad_input_is_one_error_line(capsys, tmp_path, args, message):
     code, out, err = main_output(capsys, "--arch", "vgg16_bn", "--run-dir", str(tmp_path / "r"), "--data",
@@ -185,6 +189,13 @@ def test_bad_input_is_one_error_line(capsys, tmp_path, args, message):
     assert code == 2 and out == ""
     assert err.startswith(message) and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_short_time_limit_is_a_warning(capsys, tmp_path):
+    code, out, err = main_output(capsys, "--gpus", "8", "--time", "0:10:00", "--run-dir", str(tmp_path / "r"),
+                                 "--data", str(tmp_path), "--dry-run")  # fmt: skip
+    assert code == 0 and "#SBATCH --time=10" in out
+    assert "warning: launch.time=0:10:00 is 10 minutes or less: submitit then counts every signal" in err
 
 
 def test_no_sbatch_suggests_cluster_local(tmp_path, tree):
@@ -261,6 +272,34 @@ def test_cluster_local_runs_the_job_end_to_end(reference):
     state = torch.load(run_dir / "last.pth", weights_only=True)
     assert (state["epoch"], state["step"], len(state["rng"])) == (2, STEPS, 2)
     assert "warning" not in out.stderr
+
+
+def test_ctrl_c_on_cluster_local_saves_and_the_same_command_resumes(tree, tmp_path, reference):
+    """A terminal's Ctrl-C reaches the whole foreground process group: launcher, submitit's controller, the tasks
+    and their DataLoader workers (data.workers=2 here). The tasks save last.pth and stop; the launcher waits for
+    them; the same command then finishes the run with the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    args = small(tree, run_dir, "--cluster", "local", "data.workers=2")
+    env = {**clean_env(), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    steps = run_dir / "steps.jsonl"
+    deadline = time.monotonic() + 300
+    while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no step logged in 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert f"Ctrl-C: the tasks save {run_dir}/last.pth" in err
+    assert f"stopped; the same command resumes from {run_dir}/last.pth" in err
+    assert "stop requested: saved" in out and "exited unexpectedly" not in out + err
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    assert 0 < state["step"] < STEPS, state["step"]
+    again = run_cli(LAUNCH, *args, env=clean_env(), timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert f"resumed from {run_dir}/last.pth" in again.stdout
+    assert_same_weights(run_dir, reference[0])
 
 
 @pytest.mark.slurm
@@ -390,7 +429,9 @@ def test_slurm_timeout_limit_stops_the_job_and_the_same_command_resumes(
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     new_id = submitted(again.stdout)
     assert new_id != job_id
-    assert re.search(rf"resumed from .*last\.pth at epoch \d+(, batch \d+)? \(step {stop}\)", again.stdout)
+    assert re.search(
+        rf"resumed from .*last\.pth at (the end of )?epoch \d+(, batch \d+)? \(step {stop}\)", again.stdout
+    )
     assert again.stdout.rstrip().splitlines()[-1].startswith(f"job {new_id} done: epoch 2, step {STEPS}")
     assert_same_weights(reference[0], run_dir)
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import torchvision
 
 from data_pipeline.layout import index_split
 from data_pipeline.loader import epoch_shards
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.test_loaders import opened_files
 from tests.wandb_files import run_files
 from train import distributed
@@ -140,6 +144,7 @@ def test_two_process_gloo_run_and_outputs(tree, tmp_path):
         "wandb_id",
     } <= state.keys()
     assert len(state["rng"]) == 2 and state["epoch"] == 2
+    assert state["classes"] == index_split(tree, "train").classes  # label i = classes[i], for the evaluator
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
     # same parameter names and conv shapes as torchvision's vgg11_bn: loads strictly once the classifier matches
     tv = torchvision.models.vgg11_bn(num_classes=4)
@@ -183,15 +188,53 @@ def test_bad_input_is_one_line_and_leaves_no_checkpoint(tree, tmp_path):
     code, err = _bad(tree, tmp_path / "nan", "optim.lr=1e12", "sched.epochs=1")
     assert (code == 1 and err.startswith("error: loss is nan")) or err.startswith("error: loss is inf"), err
     assert not (tmp_path / "nan" / "last.pth").exists()
-    for run in ("a", "b", "nan"):
+    # One step an epoch at a huge lr: the step's loss is finite, the weights it leaves are not; the epoch's
+    # validation loss is caught before anything of the epoch is saved or written to metrics.jsonl.
+    code, err = _bad(tree, tmp_path / "valnan", "optim.lr=1e6", "sched.epochs=1", "data.batch_size=56")
+    assert (
+        code == 1 and err.startswith("error: epoch 1: mean val loss is nan: stopping") and "\n" not in err
+    ), err
+    assert (tmp_path / "valnan" / "metrics.jsonl").read_text() == ""
+    for run in ("a", "b", "nan", "valnan"):
         assert not list((tmp_path / run).glob("**/*.pth")) if (tmp_path / run).exists() else True
+
+
+def test_ctrl_c_saves_last_pth_and_the_same_command_resumes(tree, tmp_path):
+    """``python -m train`` in a terminal: Ctrl-C (SIGINT to the process group, DataLoader workers included) stops
+    at the next print interval with last.pth saved, exit status 130; the same command finishes the run."""
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "train", "--config", "demo", *overrides(tree, run_dir, "data.workers=2")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    steps = run_dir / "steps.jsonl"
+    deadline = time.monotonic() + 180
+    while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no step logged in 180 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"interrupted (SIGINT): saved {run_dir}/last.pth" in err and "Traceback" not in err, err
+    state = load_checkpoint_file(run_dir / "last.pth")
+    assert 0 < state["step"] < 21  # 3 epochs of 7 steps
+    again = run_cli("-m", "train", "--config", "demo", *overrides(tree, run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert load_checkpoint_file(run_dir / "last.pth")["step"] == 21
 
 
 def test_resume_from_another_arch_is_refused(tree, tmp_path):
     run_dir = tmp_path / "r"
     assert train(load_config("demo", overrides(tree, run_dir, "sched.epochs=1")))["status"] == "done"
+    saved_config = (run_dir / "config.yaml").read_text()
     code, err = _bad(tree, run_dir, "model.arch=vgg13_bn")
     assert code == 1 and "cannot resume" in err and "model.arch='vgg11_bn'" in err and "\n" not in err
+    assert "another run_dir" in err
+    # ckpt.resume=never would mix two runs' checkpoints and metrics in one folder: refused too
+    code, err = _bad(tree, run_dir, "model.arch=vgg13_bn", "ckpt.resume=never")
+    assert code == 1 and "previous run's checkpoints (last.pth, best.pth" in err and "\n" not in err, err
+    # neither refusal touched the folder's config: it still describes the run whose checkpoints are there
+    assert (run_dir / "config.yaml").read_text() == saved_config
 
 
 def test_batch_not_divisible_by_world_size(tree, tmp_path):

@@ -10,6 +10,9 @@
     torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet   # one node, 8 GPUs
 
 Without torchrun (or SLURM's srun) it trains in one process. It resumes from <run_dir>/last.pth when there is one.
+Ctrl-C (SIGINT) or SIGTERM: every rank stops at the next print interval and saves last.pth; exit status 130 / 143,
+and the same command resumes (a second Ctrl-C quits without saving). Exit status 0 done, 1 a run error (one
+`error:` line), 2 a config error.
 One training per run folder: while one runs, another into the same run_dir stops at once with
 `error: run_dir ... is in use by pid N on HOST (SLURM job J) since ...` (rank 0 holds <run_dir>/.lock).
 Run folder: config.yaml, train.log, metrics.jsonl (one line per epoch), steps.jsonl, curves.png, last.pth /
@@ -20,6 +23,7 @@ best.pth, checkpoints/epoch_NNN.pth, .lock, wandb_id.txt, wandb/ (offline runs: 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from train.config import ConfigError, available_recipes, load_config, to_yaml
@@ -69,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         if detect()[0] == 0:  # one line, from rank 0 only
             print(f"error: {e}", file=sys.stderr)
         return 1
+    if result["status"] == "interrupted" and result.get("signal"):
+        if detect()[0] == 0:
+            print(
+                f"interrupted ({result['signal']}): saved {cfg.run_dir}/last.pth at epoch {result['epoch'] + 1}, step "
+                f"{result['step']}; the same command resumes from it",
+                file=sys.stderr,
+            )
+        return 128 + int(getattr(signal, result["signal"]))
     return 0 if result["status"] in ("done", "interrupted") else 1
 
 

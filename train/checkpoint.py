@@ -244,3 +244,7 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         return self.last if self.last.is_file() else None
+
+    def existing(self) -> list[Path]:
+        """The checkpoint files a previous run left here (last, best, epoch files)."""
+        return [p for p in (self.last, self.best) if p.is_file()] + sorted(self.folder.glob("epoch_*.pth"))

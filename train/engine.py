@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from train.config import Config, all_keys, from_dict, get, to_dict, validate
 from train.optim import Schedule, build_optimizer
 from train.report import ETA, JsonLines, format_duration, max_memory_gb, plot_curves, setup_logging
-from train.run import RunError, claim_run_dir
+from train.run import RunError, agreed, claim_run_dir, write_run_config
 
 # Config keys a resumed run must share with its checkpoint (others, e.g. sched.epochs, may change and are logged).
 RESUME_MUST_MATCH = ("recipe", "model", "data.batch_size", "optim.name")
@@ -229,6 +231,8 @@ class Trainer:
         self.partial_counts: tuple[float, int, int, int] | None = None
         self.best_top1_err = float("inf")
         self.resumed_wandb_id = self._resume()
+        if self.epoch < cfg.sched.epochs:  # the run goes ahead: its config is the folder's config
+            agreed(dist_info.is_main, lambda: write_run_config(cfg))
         self.tracker = Tracker.create(cfg, run_dir, dist_info.is_main, resume_id=self.resumed_wandb_id)
         self.stop_requested = False
 
@@ -245,7 +249,17 @@ class Trainer:
     def _resume(self) -> str | None:
         path = self._resume_path()
         if path is None:
+            previous = self.ckpts.existing() if self.cfg.ckpt.resume == "never" else []
+            if previous:  # starting over here would mix two runs' checkpoints, metrics and W&B history
+                names = ", ".join(str(p.relative_to(self.run_dir)) for p in previous[:3])
+                raise RunError(
+                    f"ckpt.resume=never, but {self.run_dir} holds a previous run's checkpoints ({names}"
+                    f"{', ...' if len(previous) > 3 else ''}): start the new run in another run_dir"
+                )
             self.log.info("starting from scratch (no checkpoint in %s)", self.run_dir)
+            if self.dist.is_main:  # rows of an earlier attempt that saved no checkpoint belong to no run
+                self.epochs_log.truncate("epoch", 0)
+                self.steps_log.truncate("step", 0)
             return None
         state = load_checkpoint_file(path)
         if not isinstance(state, dict) or "model" not in state or "config" not in state:
@@ -259,7 +273,7 @@ class Trainer:
             k = bad[0]
             raise CheckpointError(
                 f"cannot resume from {path}: it was trained with {k}={get(saved, k)!r}, this run has "
-                f"{get(self.cfg, k)!r} (use another run_dir, or ckpt.resume=never)"
+                f"{get(self.cfg, k)!r} (start this run in another run_dir)"
             )
         if differ:
             self.log.warning("resuming with changed config keys: %s", ", ".join(differ))
@@ -284,7 +298,12 @@ class Trainer:
         if self.dist.is_main:
             self.epochs_log.truncate("epoch", self.epoch)
             self.steps_log.truncate("step", self.step)
-        where = f"epoch {self.epoch}" + (f", batch {self.batch_in_epoch}" if self.batch_in_epoch else "")
+        # the save line's numbering: epoch N (1-based) batch k mid-epoch, else the epochs completed
+        where = (
+            f"epoch {self.epoch + 1}, batch {self.batch_in_epoch}"
+            if self.batch_in_epoch
+            else f"the end of epoch {self.epoch}"
+        )
         self.log.info("resumed from %s at %s (step %d)", path, where, self.step)
         return state.get("wandb_id")
 
@@ -303,6 +322,9 @@ class Trainer:
             else None,
             "best_top1_err": self.best_top1_err,
             "config": to_dict(self.cfg),
+            "classes": list(
+                self.train_loader.classes
+            ),  # label i = classes[i]: the evaluator checks val/ by it
             "rng": rngs,
             # keep the link to the W&B run even when this job runs with W&B off
             "wandb_id": self.tracker.run_id or self.resumed_wandb_id,
@@ -439,8 +461,15 @@ class Trainer:
         # not DDP: val shards may differ by a batch between ranks.
         val = count_loader(self.model, self.val_loader, self.device, cfg.train.precision, cfg.train.channels_last,
                            with_loss=True)  # fmt: skip
-        self.schedule.end_epoch(self.epoch, 100.0 - val.top1_err)
         train = self.train_counts
+        bad = [(what, x) for what, x in (("train", train.loss), ("val", val.loss)) if not math.isfinite(x)]
+        if bad:  # both all-reduced: every rank stops here, before anything of this epoch is saved
+            what, x = bad[0]
+            raise NonFiniteLoss(
+                f"epoch {self.epoch + 1}: mean {what} loss is {x}: stopping before this epoch is saved; "
+                f"lower optim.lr, enable optim.clip_grad_norm or use train.precision=fp32/bf16"
+            )
+        self.schedule.end_epoch(self.epoch, 100.0 - val.top1_err)
         self.epoch += 1
         self.batch_in_epoch = 0
         is_best = val.top1_err < self.best_top1_err
@@ -506,10 +535,52 @@ class Trainer:
                 **{k: v for k, v in last.items() if k.startswith("val_")}}  # fmt: skip
 
 
+class StopOnInterrupt:
+    """While training outside a submitit job (``python -m train``, torchrun, plain srun): SIGINT (Ctrl-C) or SIGTERM
+    (torchrun's and SLURM's stop signal) sets ``trainer.stop_requested``, so every rank stops at the same step (the
+    next print interval), saves ``last.pth`` and the run returns "interrupted"; the same command resumes it. A
+    second Ctrl-C quits at once, without saving. ``received`` is the first signal's number (None: none came)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.received = signum
+        self.trainer.stop_requested = True
+        self.trainer.log.warning(
+            "%s: stopping at the next print interval to save last.pth (Ctrl-C again quits without saving)",
+            signal.Signals(signum).name,
+        )
+
+
 def train(cfg: Config) -> dict[str, Any]:
-    """Set up distributed, train to cfg.sched.epochs (or a stop request), tear down."""
+    """Set up distributed, train to cfg.sched.epochs (or a stop request: SIGINT/SIGTERM, see StopOnInterrupt),
+    tear down. The result's ``signal`` names the signal that stopped the run (None otherwise)."""
     info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min)
     try:
-        return Trainer(cfg, info).run()
+        trainer = Trainer(cfg, info)
+        with StopOnInterrupt(trainer) as stop:
+            result = trainer.run()
+        result["signal"] = signal.Signals(stop.received).name if stop.received is not None else None
+        return result
     finally:
         distributed.cleanup()

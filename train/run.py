@@ -23,8 +23,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from train.config import Config, save_yaml
 
@@ -35,6 +36,8 @@ _CANNOT_LOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 # How long a process that found the lock taken waits for the holder's note to be readable (the holder writes it
 # right after taking the lock, and clears it right before releasing): then it names the holder, or takes the lock.
 _NOTE_WAIT_S = 2.0
+
+T = TypeVar("T")
 
 
 class RunError(RuntimeError):
@@ -53,14 +56,38 @@ def make_run_dir(run_dir: str | Path) -> Path:
     return run_dir
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create run_dir (it must be writable) and write the resolved config to run_dir/config.yaml."""
-    run_dir = make_run_dir(cfg.run_dir)
+def write_run_config(cfg: Config) -> Path:
+    """Write the resolved config to run_dir/config.yaml (RunError in one line if it cannot be written)."""
+    path = Path(cfg.run_dir) / "config.yaml"
     try:
-        save_yaml(cfg, run_dir / "config.yaml")
+        return save_yaml(cfg, path)
     except OSError as e:
-        raise RunError(f"run_dir {str(run_dir)!r} is not writable: {e.strerror or e}") from None
-    return run_dir
+        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def agreed(is_main: bool, action: Callable[[], T]) -> T | None:
+    """Run ``action`` on rank 0 only; every rank learns its outcome (a broadcast) and raises the same one-line
+    ``RunError`` if it failed, so no rank waits in a barrier for the process-group timeout. Returns rank 0's
+    result (None on other ranks). Call it on every rank, after ``train.distributed.setup``."""
+    from train import distributed
+
+    result: T | None = None
+    error: str | None = None
+    unexpected: BaseException | None = None
+    if is_main:
+        try:
+            result = action()
+        except RunError as e:
+            error = str(e)
+        except Exception as e:  # a bug, not bad input: rank 0 re-raises it, the others still stop
+            error = f"rank 0: {type(e).__name__}: {e}"
+            unexpected = e
+    error = distributed.broadcast_object(error, src=0)
+    if unexpected is not None:
+        raise unexpected
+    if error is not None:
+        raise RunError(error)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ lock
@@ -235,43 +262,32 @@ def check_run_dir_free(run_dir: str | Path) -> None:
 
 
 def claim_run_dir(cfg: Config, is_main: bool) -> RunLock | None:
-    """Rank 0 locks run_dir and writes config.yaml; every rank learns the outcome from rank 0 (a broadcast) and
-    raises the same one-line ``RunError`` on failure, so no rank waits in a barrier for the process-group timeout.
-    Returns rank 0's lock (None on other ranks). Call it on every rank, after ``train.distributed.setup``."""
-    from train import distributed
+    """Rank 0 locks run_dir (creating it; it must be writable); every rank raises the same one-line ``RunError`` on
+    failure (``agreed``). Returns rank 0's lock (None on other ranks). config.yaml is written later, once the run
+    is known to go ahead (a refused resume must not overwrite the folder's config)."""
 
-    lock: RunLock | None = None
-    error: str | None = None
-    unexpected: BaseException | None = None
-    if is_main:
+    def claim() -> RunLock:
+        lock = lock_run_dir(cfg.run_dir)  # before anything is written into the folder
         try:
-            lock = lock_run_dir(cfg.run_dir)  # before anything is written into the folder
-            prepare_run_dir(cfg)
-        except RunError as e:
-            error = str(e)
-        except Exception as e:  # a bug, not bad input: rank 0 re-raises it, the others still stop
-            error = f"rank 0 could not prepare run_dir {cfg.run_dir}: {type(e).__name__}: {e}"
-            unexpected = e
-        if error is not None and lock is not None:
+            make_run_dir(cfg.run_dir)
+        except BaseException:
             lock.release()
-            lock = None
-    error = distributed.broadcast_object(error, src=0)
-    if unexpected is not None:
-        raise unexpected
-    if error is not None:
-        raise RunError(error)
-    return lock
+            raise
+        return lock
+
+    return agreed(is_main, claim)
 
 
 __all__ = [
     "LOCK_NAME",
     "RunError",
     "RunLock",
+    "agreed",
     "check_run_dir_free",
     "claim_run_dir",
     "describe_holder",
     "holder_note",
     "lock_run_dir",
     "make_run_dir",
-    "prepare_run_dir",
+    "write_run_config",
 ]
