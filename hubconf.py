@@ -16,6 +16,8 @@ from __future__ import annotations
 import os as _os
 from typing import Any as _Any
 
+from train.checkpoint import CheckpointError as _CheckpointError
+from train.checkpoint import load_checkpoint_file as _load_checkpoint_file
 from train.checkpoint import load_weights as _load_weights
 from train.models import ARCHS as _ARCHS
 from train.models import build_model as _build_model
@@ -24,11 +26,23 @@ dependencies = ["torch", "torchvision"]
 
 
 def _load(arch: str, weights: _Any, progress: bool, **kwargs: _Any):
+    if isinstance(weights, str | _os.PathLike):
+        checkpoint = _load_checkpoint_file(weights)
+        stored = checkpoint.get("config") if isinstance(checkpoint, dict) and "model" in checkpoint else None
+        if isinstance(stored, dict) and isinstance(stored.get("model"), dict):
+            # Ours: the stored config knows the class count and classifier width (explicit kwargs still win).
+            model_cfg = stored["model"]
+            if model_cfg.get("arch") not in (None, arch):
+                raise _CheckpointError(
+                    f"{weights} holds a {model_cfg['arch']} (its stored config), not a {arch}"
+                )
+            for key in ("num_classes", "classifier_width"):
+                if key in model_cfg:
+                    kwargs.setdefault(key, model_cfg[key])
+        return _load_weights(_build_model(arch, **kwargs), checkpoint, strict=True, arch=arch)
     model = _build_model(arch, **kwargs)
     if weights is None:
         return model
-    if isinstance(weights, str | _os.PathLike):
-        return _load_weights(model, weights, strict=True, arch=arch)
     # A torchvision weights enum member, e.g. torchvision.models.VGG16_BN_Weights.IMAGENET1K_V1 (downloads).
     get_state_dict = getattr(weights, "get_state_dict", None)
     if get_state_dict is None:
@@ -60,7 +74,8 @@ def _entry(arch: str):
             stripped){released}{enum}.
         progress: show a progress bar while downloading a torchvision weights enum.
         **kwargs: passed to train.models.build_model: num_classes (1000), dropout (0.5), classifier_width
-            (4096). They must match the checkpoint (e.g. num_classes=10 for a 10-class run).
+            (4096). They must match the checkpoint; for our checkpoints num_classes and classifier_width default
+            to the stored config's (a 10-class run loads without num_classes=10).
     """
     return entry
 

@@ -262,6 +262,20 @@ def test_hub_load_our_checkpoint_with_ddp_prefix(tmp_path):
     assert isinstance(random.features[2], nn.LocalResponseNorm)
 
 
+def test_hub_load_our_checkpoint_takes_class_count_and_width_from_its_config(tmp_path):
+    from train.config import load_config, to_dict
+
+    cfg = load_config("demo", ["model.arch=vgg11_lrn", "model.num_classes=10", "model.classifier_width=16"])
+    torch.manual_seed(6)
+    trained = build_model("vgg11_lrn", **SMALL).eval()
+    path = tmp_path / "best.pth"
+    torch.save({"model": trained.state_dict(), "config": to_dict(cfg), "epoch": 1}, path)
+    model = torch.hub.load(str(REPO_ROOT), "vgg11_lrn", source="local", weights=path)  # no kwargs needed
+    assert model.classifier[6].out_features == 10 and model.classifier[0].out_features == 16
+    with pytest.raises(CheckpointError, match=r"holds a vgg11_lrn \(its stored config\), not a vgg11$"):
+        torch.hub.load(str(REPO_ROOT), "vgg11", source="local", weights=path)
+
+
 def test_hub_load_works_without_the_package_installed(tmp_path):
     # A copy of the repo's hub files, imported by a Python whose editable install of this project is removed.
     repo = tmp_path / "repo"
