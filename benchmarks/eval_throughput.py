@@ -71,7 +71,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma list of {', '.join(SOURCES)}")
     p.add_argument(
-        "--data", type=Path, default=None, help="JPEG tree (default data/bench_gpu; made if absent)"
+        "--data",
+        type=Path,
+        default=None,
+        help="JPEG tree (default data/bench_gpu, data/bench_gpu_smoke with --smoke; made if absent)",
     )
     p.add_argument("--workers", type=int, default=None, help="DALI threads = DataLoader workers (default 8)")
     p.add_argument(

@@ -107,7 +107,10 @@ def parse_args(argv: list[str] | None) -> Any:
         help=f"comma list of {', '.join(SOURCES)} (dali = DALI's GPU pipeline)",
     )
     p.add_argument(
-        "--data", type=Path, default=None, help="JPEG tree (default data/bench_gpu; made if absent)"
+        "--data",
+        type=Path,
+        default=None,
+        help="JPEG tree (default data/bench_gpu, data/bench_gpu_smoke with --smoke; made if absent)",
     )
     p.add_argument("--workers", type=int, default=None, help="DALI threads = DataLoader workers (default 8)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per source (default 10; smoke 1)")

@@ -261,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ClassListError, ConfigError, DataError, DistError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted (Ctrl-C): no result (--json is written only at the end)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
     finally:
         cleanup()
     if detect()[0] == 0:

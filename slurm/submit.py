@@ -93,6 +93,8 @@ class Plan:
             else "optim.lr_scaling=none: the recipe's lr for this global batch"
         )
         where = {"slurm": "SLURM", "local": "this machine (submitit local)", "debug": "this process (debug)"}
+        if self.cluster == "debug":  # one task in this process, whatever --gpus says (make_plan's note)
+            return f"1 task in {where['debug']}; global batch {c.data.batch_size} in one process; lr {lr:g} ({rule})"
         return (
             f"{self.nodes} node(s) × {self.tasks_per_node} GPU(s) = {self.gpus} task(s), one per GPU, on "
             f"{where[self.cluster]}; global batch {c.data.batch_size} = {self.gpus} × {self.per_gpu_batch} per GPU; "
@@ -492,7 +494,10 @@ def dry_run(plan: Plan, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"# resolved config (written to {plan.cfg.run_dir}/config.yaml when submitted)", file=out)
+    print(
+        f"# resolved config (written to {plan.cfg.run_dir}/config.yaml by the job once it starts training)",
+        file=out,
+    )
     print(to_yaml(plan.cfg), end="", file=out)
     print(f"# plan: {plan.summary()}", file=out)
     for n in plan.notes:

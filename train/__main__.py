@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         if detect()[0] == 0:  # one line, from rank 0 only
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except (
+        KeyboardInterrupt
+    ):  # a Ctrl-C before training started, or a second one (train.engine.StopOnInterrupt)
+        if detect()[0] == 0:
+            print("\ninterrupted (Ctrl-C): quit without saving", file=sys.stderr)
+        return 130
     if result["status"] == "interrupted" and result.get("signal"):
         if detect()[0] == 0:
             print(

@@ -233,7 +233,13 @@ class Trainer:
         self.resumed_wandb_id = self._resume()
         if self.epoch < cfg.sched.epochs:  # the run goes ahead: its config is the folder's config
             agreed(dist_info.is_main, lambda: write_run_config(cfg))
-        self.tracker = Tracker.create(cfg, run_dir, dist_info.is_main, resume_id=self.resumed_wandb_id)
+            self.tracker = Tracker.create(cfg, run_dir, dist_info.is_main, resume_id=self.resumed_wandb_id)
+        else:  # nothing left to train: no W&B start (it would add an empty start to the run's history)
+            self.tracker = Tracker()
+        if cfg.train.precision == "fp16" and self.device.type == "cpu":
+            self.log.warning(
+                "warning: train.precision=fp16 on the CPU is many times slower than fp32 or bf16"
+            )
         self.stop_requested = False
 
     # ------------------------------------------------------------------------------------------ resume
