@@ -18,7 +18,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -54,32 +53,6 @@ GPU_SMOKE_OVERRIDES = [
 ]
 
 
-def output_file_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be written as a result file, or None when it can: it is an existing folder, a part of
-    its parent is a file, or its folder is not writable (checked by creating and removing a probe file in it; a
-    parent that does not exist yet is not made here: its nearest existing ancestor must be a writable folder)."""
-    path = Path(path)
-    if path.is_dir():
-        return f"{path} is a folder; give a file path such as {path / 'result.json'}"
-    parent = path.parent
-    ancestor = parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"{ancestor} is not a folder"
-    if ancestor != parent:
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            return f"cannot create {parent}: {ancestor} is not writable"
-        return None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
-    except OSError as e:
-        return f"cannot write in {parent}: {e.strerror or e}"
-    os.close(fd)
-    os.unlink(probe)
-    return None
-
-
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``error: ...`` on stderr, exit status 2. ``--out`` and ``--readme`` (the
     result JSON and the markdown table) are checked to be writable files here, before any work."""
@@ -89,10 +62,12 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        from train.run import output_file_problem
+
         ns, extras = super().parse_known_args(args, namespace)
         for name in ("out", "readme"):
             value = getattr(ns, name, None)
-            problem = output_file_problem(Path(value)) if value is not None else None
+            problem = output_file_problem(value) if value is not None else None
             if problem:
                 self.error(f"argument --{name}: {problem}")
         return ns, extras

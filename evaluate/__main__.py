@@ -24,8 +24,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
-from pathlib import Path
 
 if not __package__:
     # `python evaluate`: Python put this folder first on sys.path, where our module names could shadow
@@ -83,32 +81,6 @@ NOT_FOR_PREDICT = (
     ("--wandb", "wandb"),
     ("--wandb-run", "wandb_run"),
 )
-
-
-def json_destination_problem(path: str) -> str | None:
-    """Why --json ``path`` cannot be written, or None when it can: it is an existing folder, a part of its parent
-    is a file, or its folder is not writable (checked by creating and removing a probe file in it; a parent that
-    does not exist yet is made only when the result is written: its nearest existing ancestor must be writable)."""
-    out = Path(path)
-    if out.is_dir():
-        return f"{path} is a folder; give a file path such as {out / 'eval.json'}"
-    parent = out.parent
-    ancestor = parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"{ancestor} is not a folder"
-    if ancestor != parent:
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            return f"cannot create {parent}: {ancestor} is not writable"
-        return None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
-    except OSError as e:
-        return f"cannot write in {parent}: {e.strerror or e}"
-    os.close(fd)
-    os.unlink(probe)
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     elif args.json_path is not None:
-        problem = json_destination_problem(args.json_path)
+        from train.run import output_file_problem
+
+        problem = output_file_problem(args.json_path, example="eval.json")
         if problem:  # refused now, not after the whole evaluation
             print(f"error: --json {args.json_path}: {problem}", file=sys.stderr)
             return 2

@@ -527,7 +527,7 @@ def test_json_destination_is_checked_before_evaluating(ours, tmp_path, monkeypat
     """A --json that cannot be written is refused at once (it used to fail after the whole evaluation, leaving
     a .NAME.tmp-PID file); the check leaves nothing behind and makes no folder."""
     import evaluate.evaluator
-    from evaluate.__main__ import json_destination_problem
+    from train.run import output_file_problem
 
     def evaluate_anyway(opts):
         raise AssertionError("evaluated before --json was checked")
@@ -538,11 +538,11 @@ def test_json_destination_is_checked_before_evaluating(ours, tmp_path, monkeypat
         f"error: --json {tmp_path}: {tmp_path} is a folder; give a file path such as {tmp_path / 'eval.json'}"
     )
     assert capsys.readouterr().err.strip() == expected
-    assert json_destination_problem(str(tmp_path / "e.json")) is None  # probe file created and removed
-    assert json_destination_problem(str(tmp_path / "new" / "sub" / "e.json")) is None  # made when written
+    assert output_file_problem(str(tmp_path / "e.json")) is None  # probe file created and removed
+    assert output_file_problem(str(tmp_path / "new" / "sub" / "e.json")) is None  # made when written
     (tmp_path / "file").write_text("x")
     assert (
-        json_destination_problem(str(tmp_path / "file" / "sub" / "e.json"))
+        output_file_problem(str(tmp_path / "file" / "sub" / "e.json"))
         == f"{tmp_path / 'file'} is not a folder"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,33 @@ def make_run_dir(run_dir: str | Path) -> Path:
     except OSError as e:
         raise RunError(f"run_dir {str(run_dir)!r} is not writable: {e.strerror or e}") from None
     return run_dir
+
+
+def output_file_problem(path: str | os.PathLike[str], example: str = "result.json") -> str | None:
+    """Why a result file cannot be written at ``path``, or None when it can: it is an existing folder, a part of its
+    parent is a file, or its folder is not writable (checked by creating and removing a probe file in it; a parent
+    that does not exist yet is not made here: its nearest existing ancestor must be a writable folder). For CLIs
+    that check ``--json``/``--out`` before any work rather than fail at the end."""
+    out = Path(path)
+    if out.is_dir():
+        return f"{out} is a folder; give a file path such as {out / example}"
+    parent = out.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    if ancestor != parent:
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"cannot create {parent}: {ancestor} is not writable"
+        return None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+    except OSError as e:
+        return f"cannot write in {parent}: {e.strerror or e}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def write_run_config(cfg: Config) -> Path:
@@ -289,5 +317,6 @@ __all__ = [
     "holder_note",
     "lock_run_dir",
     "make_run_dir",
+    "output_file_problem",
     "write_run_config",
 ]
