@@ -193,9 +193,8 @@ def read_meta(meta: str | os.PathLike) -> dict[int, str]:
 
     path = Path(meta)
     if not path.is_file():
-        raise UsageError(
-            f"--meta {path} does not exist (the devkit has it at ILSVRC2012_devkit_t12/data/meta.mat)"
-        )
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UsageError(f"--meta {path} {what} (the devkit has it at ILSVRC2012_devkit_t12/data/meta.mat)")
     try:
         mat = loadmat(str(path), squeeze_me=True)
     except Exception as e:  # scipy raises ValueError, MatReadError, TypeError, ... on non-MAT input
@@ -308,7 +307,11 @@ def read_labels(labels: str | os.PathLike, meta: str | os.PathLike | None = None
     """
     path = Path(labels)
     if not path.is_file():
-        raise UsageError(f"--labels {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise UsageError(
+            f"--labels {path} {what} (ILSVRC2012_validation_ground_truth.txt from the devkit, or Kaggle's "
+            "LOC_val_solution.csv)"
+        )
     lines = _read_lines(path)
     if not lines:
         raise PrepareError(f"{path} is empty")

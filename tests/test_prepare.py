@@ -348,6 +348,11 @@ BAD_LABELS = {
         2,
         "--labels {d}/nope.csv does not exist",
     ),
+    "labels a folder": (
+        lambda dk, d: ["--labels", d],
+        2,
+        "--labels {d} is a folder, not a file (ILSVRC2012_validation",
+    ),
 }
 
 
