@@ -429,10 +429,32 @@ def _check_existing(root: Path, manifest: dict, files: dict[str, list[str]]) -> 
                 f"{root} is an incomplete demo dataset: {len(missing)} files missing (first: {missing[0]}); "
                 f"delete {root} and generate again"
             )
+        for split in SPLITS:
+            known = set(files[split])
+            found = (str(p.relative_to(root)) for p in (root / split).rglob("*") if p.is_file())
+            extra = sorted(rel for rel in found if rel not in known)
+            if extra:
+                raise DemoTreeError(
+                    f"{root} holds {len(extra)} file(s) the demo generator did not write (first: {extra[0]}); "
+                    f"delete {root} and generate again"
+                )
+            recorded = (old.get("bytes") or {}).get(
+                split
+            )  # absent in manifests written before it was recorded
+            if recorded is not None and _split_bytes(root, files[split]) != recorded:
+                raise DemoTreeError(
+                    f"{root}/{split} is not what the demo generator wrote (its files total "
+                    f"{_split_bytes(root, files[split]):,} bytes, {recorded:,} when written: a file was truncated "
+                    f"or replaced); delete {root} and generate again"
+                )
         return True
     if root.is_dir() and any(root.iterdir()):
         raise DemoTreeError(f"{root} is not empty and holds no {MANIFEST_NAME}; refusing to write into it")
     return False
+
+
+def _split_bytes(root: Path, relpaths: list[str]) -> int:
+    return sum((root / rel).stat().st_size for rel in relpaths)
 
 
 def _write_json(path: Path, obj: object, indent: int | None = 1) -> None:
@@ -488,6 +510,8 @@ def make_demo_dataset(
             _save(img, root / rel, plan["oddities"][split].get(flat), quality)
     # One line, like the widely used imagenet_class_index.json.
     _write_json(root / CLASS_INDEX_NAME, {str(s.index): [s.wnid, s.name] for s in specs}, indent=None)
+    # What a later run checks the tree against (a truncated or replaced image changes its split's total)
+    manifest["bytes"] = {split: _split_bytes(root, plan["files"][split]) for split in SPLITS}
     _write_json(root / MANIFEST_NAME, manifest)
     (root / PARTIAL_NAME).unlink()
     return _summary(root, manifest, created=True, seconds=time.perf_counter() - start)

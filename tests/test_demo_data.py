@@ -235,6 +235,24 @@ def test_incomplete_tree_is_refused_and_interrupted_run_is_redone(tmp_path):
     assert tree_bytes(tmp_path / "d") == reference
 
 
+def test_truncated_or_extra_files_are_refused(tmp_path):
+    root = make_demo_dataset(tmp_path / "d", **SMALL).root
+    victim = sorted((root / "val").glob("*/*.JPEG"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        DemoTreeError, match=r"/val is not what the demo generator wrote .* truncated or replaced"
+    ):
+        make_demo_dataset(root, **SMALL)
+    victim.write_bytes(data)
+    assert not make_demo_dataset(root, **SMALL).created  # restored: nothing to do
+    (victim.parent / "stray.JPEG").write_bytes(data)
+    with pytest.raises(
+        DemoTreeError, match=r"holds 1 file\(s\) the demo generator did not write \(first: val/"
+    ):
+        make_demo_dataset(root, **SMALL)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
