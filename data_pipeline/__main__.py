@@ -244,7 +244,8 @@ def _demo(args: argparse.Namespace) -> int:
         flush=True,
     )
     kinds = Counter((o.split, o.kind) for o in summary.oddities)
-    print("oddities: " + ", ".join(f"{n} {kind} in {split}" for (split, kind), n in sorted(kinds.items())))
+    listed = ", ".join(f"{n} {kind} in {split}" for (split, kind), n in sorted(kinds.items()))
+    print(f"oddities: {listed or 'none (one per 10 images of a split, up to 6)'}")
     for o in summary.oddities:
         print(f"  {o.kind:9s} {o.path.relative_to(summary.root)}")
     print(f"class index: {summary.class_index}\nmanifest:    {summary.manifest}", flush=True)
