@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="1-crop (the default): resize + centre crop (the reference table's); the others: arXiv 1409.1556 "
         "§3.2",
     )
-    p.add_argument("--scales", type=_scales, help="test scales Q for dense/multi-crop, e.g. 256,384,512")
+    p.add_argument(
+        "--scales", type=_scales, help="test scales Q for dense/multi-crop, e.g. 256,384,512 (at most 2048)"
+    )
     p.add_argument(
         "--multi-scale",
         action="store_true",

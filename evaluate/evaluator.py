@@ -55,6 +55,7 @@ IMAGENET_VAL_IMAGES = 50_000
 DEFAULT_BATCH_PER_PROCESS = 64
 # Config sections an evaluation may override; the model comes from the checkpoint.
 OVERRIDABLE = ("data.", "dist.", "log.")
+MAX_TEST_SCALE = 2048  # px: 4x the paper's largest test scale (512)
 
 
 class EvalError(ValueError):
@@ -384,6 +385,13 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
             raise EvalError(
                 f"test scales Q={scales}: every test scale must be >= the training crop {d.train_crop} "
                 "(data.train_crop)"
+            )
+        if max(scales) > MAX_TEST_SCALE:
+            values = 4 * max(scales) ** 2  # 3 channels of Q x 4Q/3 (a 4:3 image)
+            raise EvalError(
+                f"test scales Q={scales}: above {MAX_TEST_SCALE} px (the paper's largest is 512; a Q = "
+                f"{max(scales)} view of a 4:3 image is {values / 1e9:.1f} GB in a loader worker and "
+                f"{4 * values / 1e9:.1f} GB as float32 on the device)"
             )
         results = evaluate_protocol(
             model,

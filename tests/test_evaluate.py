@@ -458,6 +458,11 @@ PREDICT = ["--checkpoint", "{ours}", "--predict", "{image}"]
         ("class count", ["--checkpoint", "{vgg11_5cls}", "--data", "{demo}", *SMALL], "7 class folders but"),
         ("missing data", ["--checkpoint", "{ours}", "--data", "{dir}/nowhere"], "does not exist"),
         (
+            "scale too large",
+            ["--checkpoint", "{ours}", "--protocol", "dense", "--scales", "100000"],
+            "test scales Q=[100000]: above 2048 px",
+        ),
+        (
             "scale < crop",
             ["--checkpoint", "{ours}", "--protocol", "dense", "--scales", "32"],
             "training crop 64",
