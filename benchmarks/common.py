@@ -240,6 +240,16 @@ def gpu_info() -> dict | None:
     }
 
 
+def device_used_gib() -> float:
+    """GPU memory in use on the current device as the driver reports it (total − free), GiB: unlike
+    ``torch.cuda.max_memory_allocated`` it includes DALI's pools and the CUDA context. Other processes on the same
+    GPU count too."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / 2**30, 2)
+
+
 def machine_info() -> dict:
     """CPU, GPU (or None), library versions and the load average: the header of every result file."""
     import PIL

@@ -45,6 +45,7 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     best_of,
     command_line,
     device_label,
+    device_used_gib,
     fail,
     machine_info,
     now_utc,
@@ -126,6 +127,7 @@ def timed_passes(
         "warmup_pass_seconds": round(warm, 2),
         "clock": "time.perf_counter around count_loader (ends with a host sync)",
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "device_used_gib": device_used_gib() if cuda else None,  # DALI's pools included
     }
 
 
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             f"data.workers={workers}",
             f"data.backend={backend}",
             f"data.dali_device={'gpu' if cuda else 'cpu'}",
+            f"train.channels_last={str(args.channels_last).lower()}",  # the loader's layout, as python evaluate
             "launch.gpus=1",
             *(GPU_SMOKE_OVERRIDES if smoke else []),
         ]

@@ -25,7 +25,8 @@ as skipped and DALI's CPU pipeline (``dali-cpu``) stands in for it, labelled so.
 Timing: per source, ``--warmup`` steps (the first source also absorbs cudnn autotuning and compilation), then
 ``--steps`` timed steps inside one epoch of the loader (capped by the epoch's length: a DALI train loader is
 rebuilt every epoch, a cost that a 1.28M-image epoch does not see), timed with CUDA events on the GPU
-(``time.perf_counter`` on a CPU). Peak GPU memory is per source (``torch.cuda.max_memory_allocated``).
+(``time.perf_counter`` on a CPU). Peak GPU memory is per source (``torch.cuda.max_memory_allocated``), with the device memory in use at its end
+(``device_used_gib``: total − free, DALI's pools included).
 MFU = achieved FLOP/s ÷ the bf16 GEMM rate measured in the same run (``--gemm-size``³ products, three rounds
 before and three after the archs, the best round), achieved FLOP/s = images/s × 3 × forward FLOPs, forward FLOPs = 2 × the model's MACs
 (``train.models.summarize`` at the training crop).
@@ -59,6 +60,7 @@ from benchmarks.common import (  # noqa: E402  (after the sys.path line above)
     StepTimer,
     command_line,
     device_label,
+    device_used_gib,
     fail,
     gemm_tflops,
     machine_info,
@@ -234,6 +236,8 @@ class Bench:
             "loader_wait_fraction": round(waited / seconds, 3),
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+            # the whole device as the driver sees it, DALI's own pools (nvJPEG, its outputs) included
+            "device_used_gib": device_used_gib() if cuda else None,
             "loss_finite": bool(torch.isfinite(self.last_loss).item()),
         }
         if profile_steps:

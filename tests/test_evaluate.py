@@ -27,7 +27,7 @@ from data_pipeline.demo import make_demo_dataset
 from data_pipeline.layout import DataError, index_split
 from data_pipeline.transforms import TransformSpec
 from evaluate.__main__ import main
-from evaluate.core import Counts, count_loader
+from evaluate.core import Counts, count_loader, precision_context
 from evaluate.evaluator import EvalOptions, compare, run_evaluation
 from evaluate.imagenet_classes import imagenet_classes
 from evaluate.loading import infer_spec, load_model
@@ -617,7 +617,8 @@ def test_gpu_dali_evaluation_equals_an_independent_count(demo, ours):
     cfg = _with_data(_tiny_config(demo), backend="dali")
     loaded = load_model(ours)
     model = loaded.model.cuda()
-    c1, c5, n = _plain_count(model, build_loader(cfg, "val", 0, 1, torch.device("cuda")))
+    with precision_context("fp32", torch.device("cuda")):  # the evaluator's fp32: no TF32 convolutions
+        c1, c5, n = _plain_count(model, build_loader(cfg, "val", 0, 1, torch.device("cuda")))
     assert (result.counts.correct1, result.counts.correct5, result.counts.n) == (c1, c5, n)
 
 

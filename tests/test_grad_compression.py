@@ -89,8 +89,13 @@ def test_hook_all_reduces_gradients_rounded_to_the_dtype(group, mode, compiled):
     forward(x).square().sum().backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         assert p.grad.dtype == torch.float32, name
-        # one process: ÷ 1 and a sum of one are exact, so the hook's only effect is the rounding
-        assert torch.equal(p.grad, q.grad.to(dtype).float()), name
+        # one process: ÷ 1 and a sum of one are exact, so the hook's only effect is the rounding. A compiled
+        # backward (Inductor's kernels on CUDA) may differ from eager by a last bit before the rounding: 1 ulp.
+        rounded = q.grad.to(dtype).float()
+        if compiled and device.type == "cuda":
+            torch.testing.assert_close(p.grad, rounded, rtol=torch.finfo(dtype).eps, atol=0, msg=name)
+        else:
+            assert torch.equal(p.grad, rounded), name
         assert not torch.equal(p.grad, q.grad), name  # and the rounding did happen
 
 
