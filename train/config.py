@@ -110,7 +110,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16 (the last two: autocast; fp16 adds GradScaler)
     channels_last: bool = False
     compile: bool = False
-    deterministic: bool = False  # deterministic algorithms (CPU: bitwise resume); CUDA: warns on ops without one
+    deterministic: bool = False  # deterministic algorithms; on CUDA ops without one warn
     print_every: int = 50  # steps between console progress lines
 
 
