@@ -130,7 +130,7 @@ def eval_config(loaded: LoadedModel, opts: EvalOptions, world_size: int) -> Conf
                 f"override {key}: only data.*, dist.* and log.* can be set here; the model comes from the "
                 "checkpoint (--arch only checks it)"
             )
-    tree = to_dict(with_overrides(base, opts.overrides))
+    tree = to_dict(with_overrides(base, opts.overrides, batch_split=False))  # the batch is set below
     if opts.data is not None:
         tree["data"]["root"] = opts.data
     if opts.backend is not None:

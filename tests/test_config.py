@@ -442,6 +442,17 @@ def test_model_init_missing_from_an_older_stored_config_means_torchvision():
     assert from_dict(old).model.init == "torchvision"
 
 
+def test_stored_config_of_a_run_on_another_process_count_loads():
+    """torchrun decides the process count: a 3-process run of the demo recipe (launch.gpus=2) with a global batch
+    of 3 passed its checks with world size 3; its checkpoint's config must load again (resume, evaluate)."""
+    cfg = load_config("demo", ["data.batch_size=3"], world_size=3)
+    assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(
+        ConfigError, match=r"data.batch_size=3 \(global\) is not divisible by the launch.gpus 2"
+    ):
+        from_dict(to_dict(cfg), batch_split=True)
+
+
 def test_bad_model_init_on_the_command_line_is_one_line():
     out = run_cli("-m", "train", "--config", "paper/vgg11", "model.init=he", "--print-config")
     assert out.returncode == 2 and out.stdout == ""

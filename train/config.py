@@ -319,14 +319,21 @@ def load_config(
     return _merged(OmegaConf.structured(Config), layers, world_size)
 
 
-def with_overrides(cfg: Config, overrides: Sequence[str], world_size: int | None = None) -> Config:
+def with_overrides(
+    cfg: Config, overrides: Sequence[str], world_size: int | None = None, batch_split: bool = True
+) -> Config:
     """A copy of ``cfg`` with ``key=value`` overrides applied, parsed and checked as ``load_config`` does (unknown
-    keys and wrong types are errors that name the command line)."""
+    keys and wrong types are errors that name the command line; ``batch_split``: see ``validate``)."""
     layers = [("command line", _parse_overrides(overrides))] if overrides else []
-    return _merged(OmegaConf.structured(cfg), layers, world_size)
+    return _merged(OmegaConf.structured(cfg), layers, world_size, batch_split)
 
 
-def _merged(base: DictConfig, layers: Sequence[tuple[str, DictConfig]], world_size: int | None) -> Config:
+def _merged(
+    base: DictConfig,
+    layers: Sequence[tuple[str, DictConfig]],
+    world_size: int | None,
+    batch_split: bool = True,
+) -> Config:
     """``base`` with each (source, layer) merged over it in order (errors name the source), finalised, validated."""
     merged = base
     for source, layer in layers:
@@ -336,7 +343,7 @@ def _merged(base: DictConfig, layers: Sequence[tuple[str, DictConfig]], world_si
             raise ConfigError(f"{source}: {_describe(e)}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     cfg = finalize(cfg)
-    validate(cfg, world_size=world_size)
+    validate(cfg, world_size=world_size, batch_split=batch_split)
     return cfg
 
 
@@ -447,8 +454,10 @@ def _first_line(e: Exception) -> str:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Raise ConfigError (one line) for the first impossible value."""
+def validate(cfg: Config, world_size: int | None = None, batch_split: bool = True) -> None:
+    """Raise ConfigError (one line) for the first impossible value. ``batch_split``: check that the global batch
+    divides over ``world_size`` (else ``launch.gpus``); off for a stored config, whose run may have had another
+    process count than its ``launch.gpus`` (torchrun decides it)."""
     from train.models import ARCHS, validate_layers  # late import: torch is heavy and not needed to parse
 
     # Every float and list of floats (YAML's .inf / .nan, or 1e400, which overflows): one check for all keys, as
@@ -578,7 +587,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"{key}={get(cfg, key)}: {net} has {pools} max pools, so crops must be >= {2**pools} px"
             )
     divisor, what = world_size or cfg.launch.gpus, "world size" if world_size else "launch.gpus"
-    if d.batch_size % divisor:
+    if batch_split and d.batch_size % divisor:
         raise ConfigError(
             f"data.batch_size={d.batch_size} (global) is not divisible by the {what} {divisor}; "
             f"choose a multiple of {divisor} (and scale optim.lr with it, or set optim.lr_scaling=linear)"
@@ -600,11 +609,12 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Inverse of to_dict (e.g. the config stored in a checkpoint), validated the same way as a YAML file."""
-    return _merged(
-        OmegaConf.structured(Config), [("stored config", _to_omegaconf(raw, source="stored config"))], None
-    )
+def from_dict(raw: dict[str, Any], batch_split: bool = False) -> Config:
+    """Inverse of to_dict (e.g. the config stored in a checkpoint), validated the same way as a YAML file, except
+    that the global batch is not checked against ``launch.gpus`` unless asked (``batch_split``): the stored run
+    may have used another process count."""
+    layers = [("stored config", _to_omegaconf(raw, source="stored config"))]
+    return _merged(OmegaConf.structured(Config), layers, None, batch_split)
 
 
 def to_yaml(cfg: Config) -> str:
