@@ -5,13 +5,13 @@
     pipe = build_pipeline(spec, files, labels, split="val", batch_size=64, gpu=False, num_threads=4)  # raw
 
 Reader: explicit ``files``/``labels`` lists from ``data_pipeline.layout`` (the file set and label order of
-torchvision's ImageFolder; DALI's own directory walk filters extensions differently), ``shard_id=rank,
+torchvision's ImageFolder; DALI's own directory walk filters extensions differently), train ``shard_id=rank,
 num_shards=world_size`` (the GLOBAL rank), ``pad_last_batch=True``, ``stick_to_shard=True``, no DALI shuffle:
 
-* val: the sorted list; DALI's shard r is ``[N·r // W, N·(r+1) // W)`` (``loader.val_shard``); the iterator's
-  ``LastBatchPolicy.PARTIAL`` with ``reader_name`` drops the padding, so each image is seen exactly once. (DALI
-  gives a rank whose shard is one image shorter an empty last batch; it is skipped.) One pipeline serves every
-  epoch.
+* val: rank r reads only its block ``[N·r // W, N·(r+1) // W)`` of the sorted list (``loader.val_shard``), as a
+  single DALI shard (DALI's own sharding refuses more shards than images; a rank with an empty block builds no
+  pipeline and counts nothing); the iterator's ``LastBatchPolicy.PARTIAL`` with ``reader_name`` ends at the block's
+  end, so each image is seen exactly once over all ranks. One pipeline serves every epoch.
 * train: the epoch's order is ``loader.epoch_shards`` (DistributedSampler's permutation for (seed, epoch)),
   laid out so DALI's contiguous shard r is rank r's list; every shard has N // W images and the iterator stops
   after ``(N // W) // batch`` full batches (``LastBatchPolicy.DROP``) on every rank. A pipeline is built per
@@ -281,10 +281,11 @@ class DaliLoader(Loader):
 
     def _epoch_lists(self) -> tuple[list[str], list[int]]:
         samples = self.index.samples
-        if self.split == "val":
-            order: list[int] = list(range(len(samples)))
-            shard = val_shard(len(samples), self.rank, self.world_size)
-            self._shard_files = [samples[i][0] for i in shard]
+        if (
+            self.split == "val"
+        ):  # this rank's block only, read as one shard (DALI's own sharding needs >= 1 image a rank)
+            order: list[int] = list(val_shard(len(samples), self.rank, self.world_size))
+            self._shard_files = [samples[i][0] for i in order]
         else:
             skip = self._start * self.batch_size  # mid-epoch resume: each rank's list from batch k on
             shards = [s[skip:] for s in epoch_shards(len(samples), self.world_size, self.seed, self.epoch)]
@@ -308,8 +309,8 @@ class DaliLoader(Loader):
             labels,
             split=self.split,
             batch_size=self.batch_size,
-            shard_id=self.rank,
-            num_shards=self.world_size,
+            shard_id=self.rank if self.split == "train" else 0,
+            num_shards=self.world_size if self.split == "train" else 1,
             gpu=self.gpu,
             device_id=self._device_id,
             num_threads=self.workers,
