@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -243,6 +244,22 @@ def test_batch_not_divisible_by_world_size(tree, tmp_path):
     assert out.returncode != 0
     assert "error: data.batch_size=9 (global) is not divisible by the world size 2" in out.stderr
     assert out.stderr.count("error: data.batch_size=9") == 1
+
+
+def test_an_error_only_rank_1_hits_is_printed_by_rank_1(tree, tmp_path):
+    """Under torchrun, an unreadable image in rank 1's val block stops rank 1 with its one-line error; rank 0,
+    whose collective then fails, says so in one line instead of a gloo traceback."""
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    victim = index_split(root, "val").samples[-1][0]  # the last block of val_shard: rank 1's
+    Path(victim).write_bytes(b"not an image")
+    out = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train", "--config", "demo",
+                  *overrides(root, tmp_path / "run", "sched.epochs=1"))  # fmt: skip
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert errors[0].startswith(f"error: [rank 1] cannot decode {victim} ("), out.stderr[-3000:]
+    assert errors[1].startswith("error: [rank 0] stopped: another process of the job failed"), errors
+    assert "[rank0]: Traceback" not in out.stderr
 
 
 @pytest.mark.parametrize(

@@ -67,12 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     from train.engine import NonFiniteLoss, train
     from train.run import RunError
 
+    rank, _, world_size, _ = detect()
     try:
         result = train(cfg)
-    except (ConfigError, DataError, CheckpointError, RunError, DistError, NonFiniteLoss) as e:
-        if detect()[0] == 0:  # one line, from rank 0 only
+    except DataError as e:  # during training, an image only this rank reads: every rank that hit one says so
+        if rank == 0 or not getattr(e, "every_rank", False):
+            print(f"error: {e}" if rank == 0 else f"error: [rank {rank}] {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError, RunError, DistError, NonFiniteLoss) as e:
+        if rank == 0:  # the same on every rank (agreed, or read from the same files): one line, from rank 0
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if world_size > 1 and _lost_a_peer(e):  # another process failed first: its own error line is above
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(
+                f"error: [rank {rank}] stopped: another process of the job failed or stopped answering (its own "
+                f"error line, if it printed one, is above; {first[:160]})",
+                file=sys.stderr,
+            )
+            return 1
+        raise
     except (
         KeyboardInterrupt
     ):  # a Ctrl-C before training started, or a second one (train.engine.StopOnInterrupt)
@@ -88,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 128 + int(getattr(signal, result["signal"]))
     return 0 if result["status"] in ("done", "interrupted") else 1
+
+
+def _lost_a_peer(e: RuntimeError) -> bool:
+    """A collective failed because another process died or hung (gloo's and NCCL's messages for it)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out waiting")
+    return isinstance(e, dist.DistError) or any(m in text for m in markers)
 
 
 if __name__ == "__main__":

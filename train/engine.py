@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data_pipeline.layout import DataError
 from evaluate.core import count_loader, reduce_counts, topk_hits
 from train import distributed
 from train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file, unwrap
@@ -170,6 +171,10 @@ class Trainer:
         self.run_lock = claim_run_dir(cfg, dist_info.is_main)
         try:
             self._setup(cfg, dist_info)
+        except DataError as e:  # building the loaders: the same tree and the same error on every rank
+            self.close()
+            e.every_rank = True  # type: ignore[attr-defined]  (train/__main__.py prints it once)
+            raise
         except BaseException:
             self.close()
             raise
