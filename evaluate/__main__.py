@@ -234,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         # options not given (None) take EvalOptions' defaults
         result = run_evaluation(EvalOptions(**{k: v for k, v in options.items() if v is not None}))
-    except (CheckpointError, ClassListError, ConfigError, DataError, DistError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except DataError as e:  # may be one rank's own (an image in its block): every rank that hit one says so
+        rank = detect()[0]
+        print(f"error: {e}" if rank == 0 else f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+        return 2
+    except (CheckpointError, ClassListError, ConfigError, DistError, EvalError) as e:
+        if detect()[0] == 0:  # the same on every rank (same files, same options): said once under torchrun
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(
