@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run_evaluation(EvalOptions(**{k: v for k, v in options.items() if v is not None}))
     except DataError as e:  # may be one rank's own (an image in its block): every rank that hit one says so
         rank = detect()[0]
-        print(f"error: {e}" if rank == 0 else f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
+        if rank == 0 or not getattr(e, "every_rank", False):
+            print(f"error: {e}" if rank == 0 else f"error: [rank {rank}] {e}", file=sys.stderr, flush=True)
         return 2
     except (CheckpointError, ClassListError, ConfigError, DistError, EvalError) as e:
         if detect()[0] == 0:  # the same on every rank (same files, same options): said once under torchrun

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from data_pipeline.layout import SplitIndex, index_split
+from data_pipeline.layout import DataError, SplitIndex, index_split
 from data_pipeline.transforms import TransformSpec
 from evaluate.core import PRECISIONS, Counts, count_loader
 from evaluate.imagenet_classes import NUM_CLASSES, imagenet_wnids
@@ -330,7 +330,13 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
     info = distributed.setup()
     loaded = load_model(opts.checkpoint, arch=opts.arch)
     cfg = eval_config(loaded, opts, info.world_size)
-    val = index_split(cfg.data.root, "val")
+    try:
+        val = index_split(cfg.data.root, "val")
+    except (
+        DataError
+    ) as e:  # the same tree and the same error on every rank: evaluate/__main__.py says it once
+        e.every_rank = True  # type: ignore[attr-defined]
+        raise
     _check_classes(loaded, val)
     model = loaded.model.to(info.device)
     if opts.channels_last:
