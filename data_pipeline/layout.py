@@ -131,9 +131,7 @@ def index_split(root: str | Path, split: str) -> SplitIndex:
 
     root = Path(root)
     if not root.is_dir():
-        raise DataError(
-            f"data root {str(root)!r} does not exist (expected {root}/train/<wnid>/*.JPEG and val/...)"
-        )
+        raise DataError(f"data root {str(root)!r} does not exist (expected {root}/{split}/<wnid>/*.JPEG)")
     folder = root / split
     if not folder.is_dir():
         hint = (
