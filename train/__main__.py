@@ -88,14 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         raise
-    except (
-        KeyboardInterrupt
-    ):  # a Ctrl-C before training started, or a second one (train.engine.StopOnInterrupt)
-        if detect()[0] == 0:
+    except KeyboardInterrupt:  # a Ctrl-C before training started, or a second one (engine.StopOnInterrupt)
+        if rank == 0:
             print("\ninterrupted (Ctrl-C): quit without saving", file=sys.stderr)
         return 130
     if result["status"] == "interrupted" and result.get("signal"):
-        if detect()[0] == 0:
+        if rank == 0:
             print(
                 f"interrupted ({result['signal']}): saved {cfg.run_dir}/last.pth at epoch {result['epoch'] + 1}, step "
                 f"{result['step']}; the same command resumes from it",

@@ -337,9 +337,8 @@ class Trainer:
             else None,
             "best_top1_err": self.best_top1_err,
             "config": to_dict(self.cfg),
-            "classes": list(
-                self.train_loader.classes
-            ),  # label i = classes[i]: the evaluator checks val/ by it
+            # label i = classes[i]: the evaluator checks a val tree's folders against it
+            "classes": list(self.train_loader.classes),
             "rng": rngs,
             # keep the link to the W&B run even when this job runs with W&B off
             "wandb_id": self.tracker.run_id or self.resumed_wandb_id,
