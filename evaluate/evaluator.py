@@ -224,26 +224,23 @@ def _check_classes(loaded: LoadedModel, val: SplitIndex) -> None:
         raise EvalError(
             f"{val.root} has {len(val.classes)} class folders but the checkpoint's model has {n} outputs"
         )
-    if loaded.classes is not None and val.classes != loaded.classes:  # same count: some folders differ
-        extra = sorted(set(val.classes) - set(loaded.classes))
-        missing = sorted(set(loaded.classes) - set(val.classes))
+    # The label order the weights expect: ours store their class folders; torchvision's index sorted ImageNet wnids.
+    if loaded.classes is not None:
+        expected, name = loaded.classes, "trained classes"
+    elif loaded.kind == "state_dict" and n == NUM_CLASSES:
+        expected, name = imagenet_wnids(), "ImageNet-1k wnids (torchvision's weights index sorted wnids)"
+    else:
+        return
+    if val.classes != expected:  # same count: some folders are not expected ones (or in another order)
+        extra = sorted(set(val.classes) - set(expected))
+        missing = sorted(set(expected) - set(val.classes))
         what = (
-            f"{len(extra)} class folders were not trained on (e.g. {extra[0]!r}) and {len(missing)} trained classes "
-            f"have no folder (e.g. {missing[0]!r})"
+            f"{len(extra)} class folders are not {name} (e.g. {extra[0]!r}) and {len(missing)} have no folder "
+            f"(e.g. {missing[0]!r})"
             if extra
-            else "the class folders sort differently from the trained classes"
+            else f"the class folders are in another order than the {name}"
         )
-        raise EvalError(f"{val.root}: {what}; labels would not match the checkpoint's outputs")
-    if loaded.kind == "state_dict" and n == NUM_CLASSES:
-        wnids = imagenet_wnids()
-        if val.classes != wnids:  # same count, both sorted and unique: some folders are not wnids
-            extra = sorted(set(val.classes) - set(wnids))
-            missing = sorted(set(wnids) - set(val.classes))
-            raise EvalError(
-                f"{val.root}: {len(extra)} class folders are not ImageNet-1k's wnids (e.g. {extra[0]!r}) and "
-                f"{len(missing)} wnids have no folder (e.g. {missing[0]!r}); torchvision's weights index classes "
-                "by sorted ImageNet wnid"
-            )
+        raise EvalError(f"{val.root}: {what}; labels would not match the model's outputs")
 
 
 def _versions(backend: str) -> dict[str, str]:

@@ -396,8 +396,8 @@ def test_checkpoint_refuses_val_folders_it_was_not_trained_on(demo, ours, tmp_pa
     assert main(["--checkpoint", str(path), "--data", str(tmp_path / "other"), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
-        f"error: {tmp_path / 'other' / 'val'}: 1 class folders were not trained on (e.g. 'n99999999') and 1 trained "
-        f"classes have no folder (e.g. {classes[2]!r}); labels would not match the checkpoint's outputs"
+        f"error: {tmp_path / 'other' / 'val'}: 1 class folders are not trained classes (e.g. 'n99999999') and 1 "
+        f"have no folder (e.g. {classes[2]!r}); labels would not match the model's outputs"
     )
 
 
@@ -415,7 +415,7 @@ def test_bare_imagenet_weights_refuse_folders_that_are_not_imagenet_wnids(tmp_pa
     renamed = [*wnids[:500], "n99000000", *wnids[501:]]
     with pytest.raises(
         EvalError,
-        match=rf"1 class folders are not ImageNet-1k's wnids \(e.g. 'n99000000'\) and 1 wnids have no folder \(e.g. '{wnids[500]}'\)",
+        match=rf"1 class folders are not ImageNet-1k wnids \(torchvision's weights index sorted wnids\) \(e.g. 'n99000000'\) and 1 have no folder \(e.g. '{wnids[500]}'\)",
     ):
         _check_classes(loaded, SplitIndex(tmp_path, sorted(renamed), []))
 
