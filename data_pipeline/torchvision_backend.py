@@ -56,7 +56,7 @@ def decode(path: str, decoder: str = "pil") -> Any:
 
 def _ignore_sigint(worker_id: int) -> None:
     """Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and a worker that died of it
-    would fail the next batch before the training process could stop cleanly and save (train.engine.StopOnInterrupt,
+    would fail the next batch before the training process could stop cleanly and save (train.engine.StopOnSignals,
     slurm.job.StopOnSignal). The training process shuts its workers down itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

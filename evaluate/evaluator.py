@@ -190,6 +190,12 @@ def compare(
             missing.insert(0, f"torchvision publishes no {arch} weights")
         if (d.val_resize, d.val_crop) != (256, 224):
             missing.append(f"resize {d.val_resize} / crop {d.val_crop}, the reference is 256 / 224")
+        if trained is not None and trained.recipe != "torchvision":
+            # torchvision's row measures torchvision's recipe; the paper reports no 1-crop figure.
+            missing.append(
+                f"trained with the {trained.recipe} recipe, the row is for torchvision's"
+                + (" (the paper's rows: --protocol dense or multi-crop)" if trained.recipe == "paper" else "")
+            )
         if missing:
             return _compare(counts, None, None, None, tol, "; ".join(missing))
         ref = TORCHVISION[arch]

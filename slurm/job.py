@@ -29,12 +29,12 @@ import socket
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import submitit
 
 from train.distributed import master_port, restart_count
+from train.engine import StopOnSignals
 
 # After a stop on SIGTERM alone, how long rank 0 waits for submitit's preemption signal (USR2) before deciding
 # that nobody asked for a requeue (submitit's _interrupt sends TERM and USR2 from two scancel calls).
@@ -68,52 +68,24 @@ def cpu_threads(local_world_size: int) -> int | None:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
 
 
-class StopOnSignal:
-    """Turns SLURM's signals into ``trainer.stop_requested`` (a flag; nothing else happens in the handler).
+class StopOnSignal(StopOnSignals):
+    """:class:`train.engine.StopOnSignals` inside a submitit job, with submitit's requeue signal too.
 
-    Installed inside the job, after submitit installed its own handlers: submitit's ``USR2`` handler (checkpoint
-    and requeue) is kept in :attr:`previous` and called by :class:`TrainJob` once the checkpoint is on disk.
+    Installed after submitit installed its own handlers: submitit's ``USR2`` handler (checkpoint and requeue) is
+    kept in :attr:`previous` and called by :class:`TrainJob` once the checkpoint is on disk.
     """
 
     def __init__(self) -> None:
         self.usr_signal = submitit.JobEnvironment._usr_sig()  # USR2, or $SUBMITIT_PREEMPT_SIGNAL
-        self.requeue_requested = False  # USR2: time limit near, or preemption (submitit's signal)
-        self.terminated = False  # SIGTERM: scancel, preemption, or the end of the time limit
-        self.interrupted = False  # SIGINT: Ctrl-C on `launch.py --cluster local` (or `--cluster debug`)
-        self.trainer: Any = None
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> StopOnSignal:
-        for sig in (self.usr_signal, signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == self.usr_signal:
-            self.requeue_requested = True
-        elif signum == signal.SIGINT:
-            if self.interrupted:  # a second Ctrl-C: quit now, without saving
-                raise KeyboardInterrupt
-            self.interrupted = True
-        else:
-            self.terminated = True
-        if self.trainer is not None:
-            self.trainer.stop_requested = True
+        super().__init__((self.usr_signal, signal.SIGTERM, signal.SIGINT))
 
     @property
-    def requested(self) -> bool:
-        return self.requeue_requested or self.terminated or self.interrupted
+    def requeue_requested(self) -> bool:  # USR2: time limit near, or preemption (submitit's signal)
+        return self.usr_signal in self.received
 
-    def attach(self, trainer: Any) -> None:
-        """From now on a signal stops ``trainer``; one that came while it was being built stops it too."""
-        self.trainer = trainer
-        if self.requested:
-            trainer.stop_requested = True
+    @property
+    def interrupted(self) -> bool:  # SIGINT: Ctrl-C on `launch.py --cluster local` (or `--cluster debug`)
+        return signal.SIGINT in self.received
 
     def submitit_handler(self) -> Any:
         """submitit's checkpoint-and-requeue handler, or None outside a submitit job (``--cluster debug``)."""

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         raise
-    except KeyboardInterrupt:  # a Ctrl-C before training started, or a second one (engine.StopOnInterrupt)
+    except KeyboardInterrupt:  # a Ctrl-C before training started, or a second one (engine.StopOnSignals)
         if rank == 0:
             print("\ninterrupted (Ctrl-C): quit without saving", file=sys.stderr)
         return 130

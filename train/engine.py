@@ -23,6 +23,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -549,52 +550,74 @@ class Trainer:
                 **{k: v for k, v in last.items() if k.startswith("val_")}}  # fmt: skip
 
 
-class StopOnInterrupt:
-    """While training outside a submitit job (``python -m train``, torchrun, plain srun): SIGINT (Ctrl-C) or SIGTERM
-    (torchrun's and SLURM's stop signal) sets ``trainer.stop_requested``, so every rank stops at the same step (the
-    next print interval), saves ``last.pth`` and the run returns "interrupted"; the same command resumes it. A
-    second Ctrl-C quits at once, without saving. ``received`` is the first signal's number (None: none came)."""
+class StopOnSignals:
+    """Turns stop signals into ``trainer.stop_requested`` (a flag and one log line; nothing else happens in the
+    handler), so every rank stops at the same step (the next print interval), saves ``last.pth`` and the run
+    returns "interrupted"; the same command resumes it. A second Ctrl-C (SIGINT) quits at once, without saving.
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    Used as is around ``python -m train`` and torchrun (SIGINT: Ctrl-C; SIGTERM: torchrun's and SLURM's stop
+    signal); ``slurm.job.StopOnSignal`` adds submitit's requeue signal. ``received``: the signals that came, in
+    order. A signal that comes before :meth:`attach` stops the trainer as soon as it is attached.
+    """
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(
+        self, signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM), trainer: Trainer | None = None
+    ):
+        self.signals = tuple(signals)
         self.trainer = trainer
-        self.received: int | None = None
+        self.received: list[int] = []
         self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> StopOnInterrupt:
+    def install(self) -> StopOnSignals:
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in self.SIGNALS:
+            for sig in self.signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
+    def __enter__(self) -> StopOnSignals:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def attach(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        if self.received:
+            trainer.stop_requested = True
+
+    @property
+    def first(self) -> str | None:
+        """The first signal's name (SIGINT, SIGTERM, ...), or None."""
+        return signal.Signals(self.received[0]).name if self.received else None
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.received = signum
-        self.trainer.stop_requested = True
-        self.trainer.log.warning(
-            "%s: stopping at the next print interval to save last.pth (Ctrl-C again quits without saving)",
-            signal.Signals(signum).name,
-        )
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt
+        first = not self.received
+        self.received.append(signum)
+        if self.trainer is not None:
+            self.trainer.stop_requested = True
+            if first:
+                self.trainer.log.warning(
+                    "%s: stopping at the next print interval to save last.pth (Ctrl-C again quits without saving)",
+                    signal.Signals(signum).name,
+                )
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Set up distributed, train to cfg.sched.epochs (or a stop request: SIGINT/SIGTERM, see StopOnInterrupt),
+    """Set up distributed, train to cfg.sched.epochs (or a stop request: SIGINT/SIGTERM, see StopOnSignals),
     tear down. The result's ``signal`` names the signal that stopped the run (None otherwise)."""
     info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min)
     try:
         trainer = Trainer(cfg, info)
-        with StopOnInterrupt(trainer) as stop:
+        with StopOnSignals(trainer=trainer) as stop:
             result = trainer.run()
-        result["signal"] = signal.Signals(stop.received).name if stop.received is not None else None
+        result["signal"] = stop.first
         return result
     finally:
         distributed.cleanup()

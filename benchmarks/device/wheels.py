@@ -63,6 +63,9 @@ PREFIX = "kit.part"
 # optree, nvtx, makefun, libcst, nvidia-nvimgcodec-cu13 (its [all] extra: nvidia-nvjpeg for JPEG decoding on
 # the GPU; the JPEG 2000 / TIFF codecs are left out) and nvidia-libnvcomp-cu13. omegaconf: train.config.
 # submitit: slurm/ (76 KB). wandb is left out: 20 MB plus a dozen dependencies, and the benchmarks never import it.
+# NPP is left out too: libdali_operators.so dlopens libnppc/libnppicc/libnppig only for the NPP functions it
+# calls (nppiCFAToRGB: fn.experimental.debayer; nppiRemap: fn.experimental.remap; read with `strings` on the
+# 2.4.0 wheel), and this project's pipelines use neither. The device image has cufft, which libdali_kernels needs.
 KIT = (
     "nvidia-dali-cuda130==2.4.0",
     "nvidia-nvimgcodec-cu13==0.9.0.20",
