@@ -66,8 +66,8 @@ def test_paper_recipe(arch):
         74,
     )
     # Table 3: A, A-LRN and B were trained at S = 256 only; C, D, E's best row is jittered S in [256, 512].
-    fixed = arch.startswith(("vgg11", "vgg13"))
-    assert cfg.data.augment == "scale" and (cfg.data.scale_min, cfg.data.scale_max) == (256, 256 if fixed else 512)
+    s_max = 256 if arch.startswith(("vgg11", "vgg13")) else 512
+    assert cfg.data.augment == "scale" and (cfg.data.scale_min, cfg.data.scale_max) == (256, s_max)
     assert cfg.data.color_pca_std == 0.1 and cfg.data.train_crop == 224 and cfg.data.hflip
 
 

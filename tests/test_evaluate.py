@@ -340,7 +340,7 @@ def test_reference_verdicts():
     assert rrc.verdict == "no reference" and "data.augment=rrc" in rrc.note
     assert compare("vgg16_bn", jitter, jitter, "dense", [384], near, 0.3).verdict == "no reference"
     paper = _with_data(Config(recipe="paper"), augment="scale", scale_min=256, scale_max=512)
-    got = compare("vgg16", paper, paper, "1-crop", [], near, 0.3)  # torchvision's row is not the paper recipe's
+    got = compare("vgg16", paper, paper, "1-crop", [], near, 0.3)  # torchvision's row: not this recipe's
     assert got.verdict == "no reference" and "trained with the paper recipe" in got.note
     assert compare("vgg16", paper, None, "1-crop", [], near, 0.3).source is not None  # bare weights: compared
 
