@@ -3,7 +3,7 @@ runs) per loader backend, against the compute ceiling, in one run.
 
     python benchmarks/eval_throughput.py                                  # vgg16_bn, the evaluator's defaults
     python benchmarks/eval_throughput.py --arch all --precision bf16 --channels-last --batch 256
-    python benchmarks/eval_throughput.py --smoke --out /tmp/et.json --readme /tmp/et.md   # CPU, seconds (tests)
+    python benchmarks/eval_throughput.py --smoke --out /tmp/et.json --readme /tmp/et.md   # CPU, ~1 min (tests)
 
 Sources, each counted by ``count_loader`` (inference mode, ``precision_context``, top-1/top-5 counts on the
 device, one host sync at the end):
@@ -75,18 +75,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data",
         type=Path,
         default=None,
-        help="JPEG tree (default data/bench_gpu, data/bench_gpu_smoke with --smoke; made if absent)",
+        help="JPEG tree (default data/bench_gpu; --smoke: runs/bench_smoke/data_gpu; made if absent)",
     )
     p.add_argument("--workers", type=int, default=None, help="DALI threads = DataLoader workers (default 8)")
     p.add_argument(
         "--reps", type=int, default=None, help="timed passes over the val split (default 5; smoke 1)"
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="JSON (default benchmarks/results/eval_throughput_*)"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON (default benchmarks/results/eval_throughput_*; --smoke: runs/bench_smoke/)",
     )
     p.add_argument("--readme", type=Path, default=None, help="markdown file the table is appended to")
     p.add_argument(
-        "--smoke", action="store_true", help="tiny model, images and counts: the script in seconds"
+        "--smoke",
+        action="store_true",
+        help="tiny model, images and counts: the script in about a minute on 2 CPU cores",
     )
     return p.parse_args(argv)
 
@@ -195,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     torch.backends.cudnn.benchmark = True
-    data = args.data or (REPO / ("data/bench_gpu_smoke" if smoke else "data/bench_gpu"))
+    data = args.data or (REPO / ("runs/bench_smoke/data_gpu" if smoke else "data/bench_gpu"))
     info = machine_info()
     print(f"device: {device_label(info)}", flush=True)
     stats = prepare_tree(data, GPU_SMOKE if smoke else GPU_TREE, usable_cpus())

@@ -238,7 +238,10 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--data", type=Path, default=None, help="benchmark JPEG tree (default data/bench_loader)"
+        "--data",
+        type=Path,
+        default=None,
+        help="benchmark JPEG tree (default data/bench_loader; --smoke: runs/bench_smoke/data_loader)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="DALI threads = DataLoader workers (default: all)"
@@ -259,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         "--readme", type=Path, help="results table to append to (default: beside the JSON's folder)"
     )
     parser.add_argument(
-        "--smoke", action="store_true", help="tiny images and counts: checks the script in seconds"
+        "--smoke",
+        action="store_true",
+        help="tiny images and counts: checks the script in about a minute on 2 CPU cores",
     )
     args = parser.parse_args(argv)
     usable = usable_cpus()
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads < 1 or batch < 1 or reps < 1:
         print("error: --threads, --batch and --reps must be positive", file=sys.stderr)
         return 2
-    data = args.data or (REPO / ("data/bench_loader_smoke" if args.smoke else "data/bench_loader"))
+    data = args.data or (REPO / ("runs/bench_smoke/data_loader" if args.smoke else "data/bench_loader"))
     params = SMOKE if args.smoke else FULL
 
     import torch

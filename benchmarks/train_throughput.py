@@ -5,7 +5,7 @@ memory and MFU.
     python benchmarks/train_throughput.py --arch all --precision bf16     # the 8 torchvision archs
     python benchmarks/train_throughput.py --precision tf32 --no-channels-last --compile --batch-per-gpu 64
     python benchmarks/train_throughput.py --sources synthetic --profile   # + a torch.profiler table per source
-    python benchmarks/train_throughput.py --smoke --out /tmp/tt.json --readme /tmp/tt.md   # CPU, seconds (tests)
+    python benchmarks/train_throughput.py --smoke --out /tmp/tt.json --readme /tmp/tt.md   # CPU, ~1 min (tests)
 
 Sources, each driving the training loop's own step (``train.engine.train_step``: autocast forward, cross-entropy,
 GradScaler for fp16, clipping when configured, the optimizer from ``train.optim.build_optimizer``, on
@@ -89,7 +89,7 @@ TARGETS = {
 }
 
 
-# --smoke: a model and images small enough for seconds on a CPU (the code path is the same).
+# --smoke: a model and images small enough for about a minute on a 2-core CPU (the code path is the same).
 def parse_args(argv: list[str] | None) -> Any:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None) -> Any:
         "--data",
         type=Path,
         default=None,
-        help="JPEG tree (default data/bench_gpu, data/bench_gpu_smoke with --smoke; made if absent)",
+        help="JPEG tree (default data/bench_gpu; --smoke: runs/bench_smoke/data_gpu; made if absent)",
     )
     p.add_argument("--workers", type=int, default=None, help="DALI threads = DataLoader workers (default 8)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per source (default 10; smoke 1)")
@@ -124,11 +124,16 @@ def parse_args(argv: list[str] | None) -> Any:
         "--profile", action="store_true", help="torch.profiler table of a few more steps per source"
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="JSON (default benchmarks/results/train_throughput_*)"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON (default benchmarks/results/train_throughput_*; --smoke: runs/bench_smoke/)",
     )
     p.add_argument("--readme", type=Path, default=None, help="markdown file the table is appended to")
     p.add_argument(
-        "--smoke", action="store_true", help="tiny model, images and counts: the script in seconds"
+        "--smoke",
+        action="store_true",
+        help="tiny model, images and counts: the script in about a minute on 2 CPU cores",
     )
     return p.parse_args(argv)
 
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     subjects = resolve_sources(args.sources, cuda)
     gemm_n = args.gemm_size or (8192 if cuda else 512)  # 8192³: 1.1 TFLOP per product
-    data = args.data or (REPO / ("data/bench_gpu_smoke" if smoke else "data/bench_gpu"))
+    data = args.data or (REPO / ("runs/bench_smoke/data_gpu" if smoke else "data/bench_gpu"))
     needs_data = any(s != "synthetic" for s in subjects)
     stats: dict[str, Any] = {}
     if needs_data:

@@ -25,8 +25,13 @@ uninterrupted pass (images, labels, colour shifts), whatever the worker count.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
+import os
 import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,11 +59,44 @@ def decode(path: str, decoder: str = "pil") -> Any:
     return decode_image(read_file(path), mode=ImageReadMode.RGB)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """Workers ignore SIGINT: a terminal's Ctrl-C reaches the whole process group, and a worker that died of it
-    would fail the next batch before the training process could stop cleanly and save (train.engine.StopOnSignals,
-    slurm.job.StopOnSignal). The training process shuts its workers down itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# The signals that stop a training run (train.engine.StopOnSignals, slurm.job.StopOnSignal). They reach every
+# process, not only the training one: a terminal's Ctrl-C the whole process group, SLURM's scancel / requeue
+# (SIGTERM) and its --signal (USR2, before the time limit) every process of the job step.
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+
+
+def start_forkserver_shielded() -> None:
+    """Start multiprocessing's forkserver (and its resource tracker) with STOP_SIGNALS blocked, so that neither
+    they nor the workers forked from them (which inherit the blocked mask) die of a stop signal. A dead worker
+    fails the next batch, and a dead forkserver the next loader, before the training process has stopped
+    cleanly and saved; the training process alone acts on the signals and shuts its workers down itself.
+    A signal that comes meanwhile is delivered to this process when the mask is restored. No-op once the
+    forkserver runs."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # The resource tracker first: its start unblocks SIGINT and SIGTERM here (it ignores both itself), and a
+        # forkserver it started would inherit that. A forkserver that dies takes its workers with it: their
+        # exit status comes through its socket, and torch counts them as "exited unexpectedly".
+        multiprocessing.resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _shield_worker(owner: int, worker_id: int) -> None:
+    """worker_init_fn: keep STOP_SIGNALS blocked in this worker (inherited from the forkserver; blocked again here
+    in case it was started elsewhere). A SIGTERM from the owner (the training process) must still end it: that is
+    how multiprocessing and torch end a worker that did not exit in time, at interpreter exit too, where a worker
+    that ignored it would hang the owner's join. A thread takes the SIGTERMs and exits on the owner's alone."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_exit_on_owners_sigterm, args=(owner,), name="sigterm", daemon=True).start()
+
+
+def _exit_on_owners_sigterm(owner: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner:
+            os._exit(0)  # like torch's own worker SIGTERM handler: a clean exit, not "killed by signal"
 
 
 class ImageFiles(Dataset):
@@ -162,8 +200,10 @@ class TorchvisionLoader(Loader):
             multiprocessing_context="forkserver" if self.workers > 0 else None,
             prefetch_factor=prefetch_factor if self.workers > 0 else None,
             generator=generator,
-            worker_init_fn=_ignore_sigint if self.workers > 0 else None,
+            worker_init_fn=functools.partial(_shield_worker, os.getpid()) if self.workers > 0 else None,
         )
+        if self.workers > 0:
+            start_forkserver_shielded()
         if len(self._dl) != self.steps:  # the sharding math of data_pipeline.loader, checked against torch's
             raise AssertionError(f"DataLoader has {len(self._dl)} batches, expected {self.steps}")
         self._colour = torch.Generator(device=self.device)  # PCA colour shifts, drawn where they are used

@@ -11,7 +11,9 @@ import dataclasses
 import math
 import os
 import shutil
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -430,6 +432,38 @@ def test_torchvision_workers_persistent_and_deterministic(tree):
     )
     assert torch.equal(x1, x0) and torch.equal(x2, x0) and torch.equal(y1, y0)
     loader.close()
+
+
+def test_torchvision_workers_outlive_stop_signals(tree):
+    """SLURM signals every process of a job step (scancel's SIGTERM, --signal's USR2): the workers, the forkserver
+    and its resource tracker must live on until the training process has saved, so the next batch still comes."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+    import signal
+
+    cfg = make_cfg(tree, "torchvision", "data.workers=2", "data.val_resize=40", "data.val_crop=32")
+    loader = build_loader(cfg, "val")
+    x1, y1, _ = collect(loader)
+    workers = [w.pid for w in loader._dl._iterator._workers]
+    helpers = [multiprocessing.forkserver._forkserver._forkserver_pid]
+    helpers.append(multiprocessing.resource_tracker._resource_tracker._pid)
+    assert len(workers) == 2 and all(helpers)
+    pids = [str(pid) for pid in workers + helpers]
+    for name in ("TERM", "USR2", "USR1", "INT"):  # sent by another process, as SLURM's are
+        subprocess.run(["kill", "-s", name, *pids], check=True)
+    time.sleep(0.5)
+    x2, y2, _ = collect(loader)  # a worker killed by one of them: "DataLoader worker ... exited unexpectedly"
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # The owner's own SIGTERM (how torch and multiprocessing end a worker that did not exit) still ends one.
+    os.kill(workers[0], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{workers[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{workers[0]}").exists() and Path(f"/proc/{workers[1]}").exists()
+    loader.close()
+    fresh = build_loader(cfg, "val")  # a new loader's workers come from the same (live) forkserver
+    assert torch.equal(collect(fresh)[0], x1)
+    fresh.close()
 
 
 # ------------------------------------------------------------------------------------- mid-epoch resume

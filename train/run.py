@@ -60,7 +60,7 @@ def make_run_dir(run_dir: str | Path) -> Path:
 def output_file_problem(path: str | os.PathLike[str], example: str = "result.json") -> str | None:
     """Why a result file cannot be written at ``path``, or None when it can: it is an existing folder, a part of its
     parent is a file, or its folder is not writable (checked by creating and removing a probe file in it; a parent
-    that does not exist yet is not made here: its nearest existing ancestor must be a writable folder). For CLIs
+    that does not exist yet is not made here: a probe folder must be creatable in its nearest existing ancestor). For CLIs
     that check ``--json``/``--out`` before any work rather than fail at the end."""
     out = Path(path)
     if out.is_dir():
@@ -71,9 +71,11 @@ def output_file_problem(path: str | os.PathLike[str], example: str = "result.jso
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         return f"{ancestor} is not a folder"
-    if ancestor != parent:
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            return f"cannot create {parent}: {ancestor} is not writable"
+    if ancestor != parent:  # probe by making (and removing) a folder where the first missing one would go
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
+        except OSError as e:
+            return f"cannot create {parent} in {ancestor}: {e.strerror or e}"
         return None
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
