@@ -10,7 +10,8 @@ Inside each task (SLURM, submitit's local executor, or in-process for ``--cluste
    ``train.distributed.setup`` makes one process group across all nodes. CPU threads per task: :func:`cpu_threads`.
 2. SLURM's warning signal (``USR2``, ``launch.signal_delay_s`` before the time limit, or on preemption) and
    ``SIGTERM`` only set ``trainer.stop_requested``: a signal handler must not run collectives or ``torch.save``
-   while the main thread is mid-step. All ranks agree at the next print interval, save ``run_dir/last.pth``
+   while the main thread is mid-step. All ranks agree on the step (``train.engine.StopVote``: within 3
+   steps of the signal), save ``run_dir/last.pth``
    mid-epoch and return "interrupted".
 3. After ``USR2``, rank 0 then calls submitit's own handler (saved when ours was installed): it calls
    :meth:`TrainJob.checkpoint`, counts timeouts against ``launch.max_num_timeout``, runs ``scontrol requeue`` and
@@ -175,6 +176,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         handler = stop.submitit_handler()
         if handler is None:  # --cluster debug (in-process): nothing to requeue; the caller gets the status
             return
+        if not stop.requeue_requested and not stop.interrupted:  # said now: KillWait's SIGKILL may come first
+            print(f"SIGTERM: checkpoint saved in {run_dir}/last.pth", flush=True)
         _flush_wandb()
         if stop.interrupted and not stop.requeue_requested:  # Ctrl-C: the user's stop, not the cluster's
             raise SystemExit(

@@ -601,8 +601,15 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
         make_run_dir(cfg.run_dir)  # writable? (the job writes config.yaml once it knows the run goes ahead)
     except RunError as e:
         raise LaunchError(str(e)) from None
+    id_file = Path(cfg.run_dir) / "wandb_id.txt"
+    had_id = id_file.is_file()
     wandb_line = wandb_run(cfg)
-    job = submit(plan, executor)
+    try:
+        job = submit(plan, executor)
+    except BaseException:  # sbatch refused it: no run was started under the id just fixed
+        if not had_id:
+            id_file.unlink(missing_ok=True)
+        raise
     stdout, stderr = log_paths(job)
     where = {"slurm": "SLURM", "local": "this machine", "debug": "this process"}[plan.cluster]
     partition = f" (partition {cfg.launch.partition})" if cfg.launch.partition else ""
@@ -638,7 +645,7 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
 def _stop_local_job(job: submitit.Job, cfg: Config, out: TextIO) -> int:
     """Ctrl-C while following a ``--cluster local`` job: the tasks save ``last.pth`` and stop; wait for that."""
     print(
-        f"\nCtrl-C: the tasks save {cfg.run_dir}/last.pth at their next print interval and stop; waiting for them "
+        f"\nCtrl-C: the tasks save {cfg.run_dir}/last.pth within a few steps and stop; waiting for them "
         "(Ctrl-C again quits them without saving)",
         file=sys.stderr,
         flush=True,

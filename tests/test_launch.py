@@ -307,9 +307,10 @@ def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
     slurm_env: SlurmCluster, tree, tmp_path, reference, capsys
 ):
     run_dir = tmp_path / "run"
-    args = small(
-        tree, run_dir, "--cluster", "slurm", "--partition", slurm_env.partition, "log.wandb_mode=offline"
-    )
+    # data.workers=1: SLURM signals every process of the job step, the loader's workers and forkserver too,
+    # which must live on until the training process has saved (and the weights equal the reference's anyway).
+    args = small(tree, run_dir, "--cluster", "slurm", "--partition", slurm_env.partition, "log.wandb_mode=offline",
+                 "data.workers=1")  # fmt: skip
     t0 = time.monotonic()
     out = run_cli(LAUNCH, *args, env=clean_env())
     assert out.returncode == 0, out.stderr
@@ -438,14 +439,14 @@ def test_slurm_timeout_limit_stops_the_job_and_the_same_command_resumes(
 
 @pytest.mark.slurm
 def test_slurm_unknown_partition_is_sbatch_error_in_one_line(slurm_env: SlurmCluster, tree, tmp_path):
-    out = run_cli(
-        LAUNCH, *small(tree, tmp_path / "r", "--cluster", "slurm", "--partition", "nope"), env=clean_env()
-    )
+    args = small(tree, tmp_path / "r", "--cluster", "slurm", "--partition", "nope", "log.wandb_mode=offline")
+    out = run_cli(LAUNCH, *args, env=clean_env())
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         "error: sbatch: invalid partition specified: nope; Batch job submission failed: Invalid partition name "
         "specified"
     )
+    assert not (tmp_path / "r" / "wandb_id.txt").exists()  # no run was started under the id it had fixed
 
 
 @pytest.mark.slurm

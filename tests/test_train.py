@@ -23,7 +23,7 @@ from tests.wandb_files import run_files
 from train import distributed
 from train.checkpoint import load_checkpoint_file
 from train.config import load_config
-from train.engine import Trainer, train
+from train.engine import StopVote, Trainer, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -202,7 +202,7 @@ def test_bad_input_is_one_line_and_leaves_no_checkpoint(tree, tmp_path):
 
 def test_ctrl_c_saves_last_pth_and_the_same_command_resumes(tree, tmp_path):
     """``python -m train`` in a terminal: Ctrl-C (SIGINT to the process group, DataLoader workers included) stops
-    at the next print interval with last.pth saved, exit status 130; the same command finishes the run."""
+    within a few steps with last.pth saved, exit status 130; the same command finishes the run."""
     run_dir = tmp_path / "run"
     argv = [sys.executable, "-m", "train", "--config", "demo", *overrides(tree, run_dir, "data.workers=2")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -222,6 +222,23 @@ def test_ctrl_c_saves_last_pth_and_the_same_command_resumes(tree, tmp_path):
     again = run_cli("-m", "train", "--config", "demo", *overrides(tree, run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert load_checkpoint_file(run_dir / "last.pth")["step"] == 21
+
+
+def _vote(rank: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    vote = StopVote(torch.device("cpu"), world_size=2)
+    answers = [vote(rank == 1 and step >= 5) for step in range(10)]  # only rank 1 got the signal, at step 5
+    Path(out, f"{rank}.json").write_text(json.dumps(answers))
+    torch.distributed.destroy_process_group()
+
+
+def test_stop_vote_every_rank_stops_at_the_same_step(tmp_path):
+    """A signal that reaches one rank stops every rank at the same step, LAG steps later (not at a print interval:
+    SLURM's KillWait after a SIGTERM is short)."""
+    torch.multiprocessing.spawn(_vote, args=(f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    answers = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert answers[0] == answers[1] and answers[0].index(True) == 5 + StopVote.LAG
+    assert StopVote(torch.device("cpu"), world_size=1)(True)  # one process: at once
 
 
 def test_resume_from_another_arch_is_refused(tree, tmp_path):

@@ -10,7 +10,7 @@
     torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet   # one node, 8 GPUs
 
 Without torchrun (or SLURM's srun) it trains in one process. It resumes from <run_dir>/last.pth when there is one.
-Ctrl-C (SIGINT) or SIGTERM: every rank stops at the next print interval and saves last.pth; exit status 130 / 143,
+Ctrl-C (SIGINT) or SIGTERM: every rank stops within 3 steps and saves last.pth; exit status 130 / 143,
 and the same command resumes (a second Ctrl-C quits without saving). Exit status 0 done, 1 a run error (one
 `error:` line), 2 a config error.
 One training per run folder: while one runs, another into the same run_dir stops at once with

@@ -17,6 +17,7 @@ PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook`` on DDP: half the all-r
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -251,6 +252,7 @@ class Trainer:
                 "warning: train.precision=fp16 on the CPU is many times slower than fp32 or bf16"
             )
         self.stop_requested = False
+        self.stop_vote = StopVote(self.device, self.dist.world_size)
 
     # ------------------------------------------------------------------------------------------ resume
 
@@ -388,6 +390,7 @@ class Trainer:
                              skip, steps_per_epoch)  # fmt: skip
             skip = steps_per_epoch
         self.train_loader.set_epoch(epoch, start_batch=skip)
+        self.stop_vote.reset()
         self.forward.train()
         zero = torch.zeros((), dtype=torch.int64, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -416,11 +419,13 @@ class Trainer:
                 c5 += b
                 n += labels.numel()
             interval_n += 1
-            if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch:
+            stop_now = self.stop_vote(self.stop_requested)  # the same answer on every rank at this step
+            if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch or stop_now:
                 # The only host sync of the loop, once per print interval (no .item() per step): the interval's
                 # loss averaged over all ranks and the stop flag, in one all-reduce, so every rank sees the same
                 # values and stops (or raises on a non-finite loss) at the same step; none is left waiting.
                 mean_loss, stop = self._interval_agreed(interval_loss, interval_n)
+                stop = stop or stop_now
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLoss(
                         f"loss is {mean_loss} at epoch {epoch + 1}, step {self.step} (lr {lr:g}): stopping; "
@@ -550,9 +555,48 @@ class Trainer:
                 **{k: v for k, v in last.items() if k.startswith("val_")}}  # fmt: skip
 
 
+class StopVote:
+    """Whether any rank was asked to stop, known to every rank at the same step, without a host sync per step.
+
+    Each step all-reduces a 0/1 flag on the device and copies the sum to host memory without waiting; step k's
+    sum is read at step k + LAG, long after it was computed (on CUDA an event wait that rarely waits). So a stop
+    signal ends training within LAG + 1 steps on every rank, not at the next print interval: a SIGTERM (scancel,
+    requeue, preemption) is followed by SIGKILL after SLURM's KillWait (30 s by default), which must cover those
+    steps and the save. One process: no collective, no lag.
+    """
+
+    LAG = 2
+
+    def __init__(self, device: torch.device, world_size: int) -> None:
+        self.device, self.world_size = device, world_size
+        self.pending: collections.deque[tuple[torch.Tensor, torch.cuda.Event | None]] = collections.deque()
+
+    def reset(self) -> None:
+        """At an epoch's start (every rank): flags of the last epoch's final steps are not carried over."""
+        self.pending.clear()
+
+    def __call__(self, requested: bool) -> bool:
+        if self.world_size == 1:
+            return requested
+        flag = torch.full((1,), float(requested), device=self.device)  # a fill kernel: no host-to-device copy
+        distributed.all_reduce_sum(flag)
+        event = None
+        if self.device.type == "cuda":
+            flag = torch.empty(1, pin_memory=True).copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.pending.append((flag, event))
+        if len(self.pending) <= self.LAG:
+            return False
+        flag, event = self.pending.popleft()
+        if event is not None:
+            event.synchronize()
+        return flag.item() > 0
+
+
 class StopOnSignals:
     """Turns stop signals into ``trainer.stop_requested`` (a flag and one log line; nothing else happens in the
-    handler), so every rank stops at the same step (the next print interval), saves ``last.pth`` and the run
+    handler), so every rank stops at the same step (within 3 steps: :class:`StopVote`), saves ``last.pth`` and the run
     returns "interrupted"; the same command resumes it. A second Ctrl-C (SIGINT) quits at once, without saving.
 
     Used as is around ``python -m train`` and torchrun (SIGINT: Ctrl-C; SIGTERM: torchrun's and SLURM's stop
@@ -604,8 +648,9 @@ class StopOnSignals:
             self.trainer.stop_requested = True
             if first:
                 self.trainer.log.warning(
-                    "%s: stopping at the next print interval to save last.pth (Ctrl-C again quits without saving)",
+                    "%s: stopping within %d steps to save last.pth (Ctrl-C again quits without saving)",
                     signal.Signals(signum).name,
+                    StopVote.LAG + 1,
                 )
 
 
