@@ -52,6 +52,10 @@ NODE_LOCAL_FS = ("tmpfs", "ramfs")
 SLURM_ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
                                 "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"})  # fmt: skip
 MAX_JOBS_CHECKED = 100  # the newest job folders asked about (one squeue call)
+# squeue's reasons for a pending job that SLURM will not start as submitted: a cluster without EnforcePartLimits
+# queues a job over its partition's limits (more nodes or time than it allows) instead of refusing it.
+NEVER_STARTS = frozenset({"PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints",
+                          "InvalidAccount", "InvalidQOS"})  # fmt: skip
 
 
 class LaunchError(RuntimeError):
@@ -415,6 +419,24 @@ def active_slurm_jobs(run_dir: str | Path) -> list[tuple[str, str]]:
     return active
 
 
+def never_starts(job_id: str) -> str | None:
+    """squeue's reason when the just-submitted job will not start as submitted (see NEVER_STARTS), else None.
+    Never fatal: a squeue that does not answer says nothing."""
+    for _ in range(4):  # a pending job's reason is "None" until the scheduler's first look at it (< 1 s here)
+        try:
+            cmd = ["squeue", "-h", "-o", "%T %r", "-j", job_id]
+            state, _, reason = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=30
+            ).stdout.partition(" ")
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        reason = reason.strip()
+        if state != "PENDING" or reason != "None":
+            return reason if state == "PENDING" and reason in NEVER_STARTS else None
+        time.sleep(0.5)
+    return None
+
+
 def refuse_active_slurm_jobs(run_dir: str | Path) -> None:
     """LaunchError in one line if a SLURM job launched into ``run_dir`` is still queued or running; a warning
     (and nothing refused) when squeue cannot tell."""
@@ -622,6 +644,15 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
     out.flush()
     if plan.cluster == "debug":
         return report(job, out)
+    reason = never_starts(job.job_id) if plan.cluster == "slurm" else None
+    if reason:
+        where = f"partition {cfg.launch.partition}" if cfg.launch.partition else "the default partition"
+        print(
+            f"warning: job {job.job_id} is pending for {reason}: SLURM will not start it as submitted (over the "
+            f"limits of {where}: scontrol show partition); scancel {job.job_id} and launch fewer --gpus/--nodes, "
+            f"CPUs or --time",
+            file=sys.stderr,
+        )
     if plan.cluster == "slurm" and not wait:
         print(
             f"follow: tail -f {stdout}; cancel: scancel {job.job_id}. The job checkpoints and requeues itself at its "

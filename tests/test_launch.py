@@ -450,6 +450,21 @@ def test_slurm_unknown_partition_is_sbatch_error_in_one_line(slurm_env: SlurmClu
 
 
 @pytest.mark.slurm
+def test_slurm_job_over_the_partitions_limits_is_warned_about(slurm_env: SlurmCluster, tree, tmp_path):
+    """The test cluster has one node: a 2-node job is queued (no EnforcePartLimits) but never starts."""
+    args = small(tree, tmp_path / "r", "--cluster", "slurm", "--partition", slurm_env.partition)
+    out = run_cli(LAUNCH, *args, "--gpus", "16", "data.batch_size=16", env=clean_env())
+    job_id = submitted(out.stdout)
+    subprocess.run(["scancel", job_id], check=True)
+    assert out.returncode == 0, out.stderr
+    # PartitionNodeLimit or PartitionConfig, depending on which check slurmctld's scheduler made first
+    assert re.search(
+        rf"warning: job {job_id} is pending for Partition\w+: SLURM will not start it", out.stderr
+    )
+    assert f"scancel {job_id} and launch fewer --gpus/--nodes" in out.stderr
+
+
+@pytest.mark.slurm
 def test_slurm_second_launch_into_a_busy_run_dir_is_refused(slurm_env: SlurmCluster, tree, tmp_path):
     """A second launch into the run folder of a queued or running job is refused before it writes anything there;
     ``--force`` submits anyway, and the new job's training then stops in one line naming the first job."""
