@@ -500,7 +500,7 @@ def test_slurm_second_launch_into_a_busy_run_dir_is_refused(slurm_env: SlurmClus
         assert forced.returncode == 1, forced.stdout[-2000:] + forced.stderr[-2000:]
         refusal = (
             f"run_dir {run_dir} is in use by pid {holder['pid']} on {holder['host']} (SLURM job {job_id}) since "
-            f"{holder['since']}; wait for it, scancel {job_id}, or use another run_dir"
+            f"{holder['since']}; wait for it to end, scancel {job_id} if it still runs, or use another run_dir"
         )
         last = forced.stderr.strip().splitlines()[-1]
         assert last.startswith(f"error: job {second_id} failed: train.run.RunError: {refusal} (log: "), last

@@ -81,7 +81,8 @@ def test_lock_names_the_holder_and_is_dropped_when_it_is_killed(tmp_path):
         message = str(refused.value)
         assert re.fullmatch(
             rf"run_dir {re.escape(str(run_dir))} is in use by pid {holder.pid} on {re.escape(socket.gethostname())} "
-            rf"\(SLURM job 5678, restart 1\) since {SINCE}; wait for it, scancel 5678, or use another run_dir",
+            rf"\(SLURM job 5678, restart 1\) since {SINCE}; wait for it to end, scancel 5678 if it still runs, or use "
+            r"another run_dir",
             message,
         ), message
         with pytest.raises(RunError, match=f"in use by pid {holder.pid} "):

@@ -82,21 +82,21 @@ def test_resume_after_epoch_and_mid_epoch_is_exact(tree, tmp_path, deterministic
     resumed = train(load_config("demo", overrides(tree, tmp_path / "split")))
     assert resumed["epoch"] == 3 and resumed["step"] == full["step"]
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "split"))
-    # stopped mid-epoch (as on a SLURM time limit: at the next print interval), then resumed
+    # stopped mid-epoch (as on a SLURM time limit; one process: after the step it was asked in), then resumed
     trainer = Trainer(load_config("demo", overrides(tree, tmp_path / "mid")), distributed.setup())
     trainer.stop_requested = True
     assert trainer.run()["status"] == "interrupted"
     state = load_checkpoint_file(tmp_path / "mid" / "last.pth")
-    assert (state["epoch"], state["batch_in_epoch"]) == (0, 2)
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 1)
     mid_cfg = load_config("demo", overrides(tree, tmp_path / "mid"))
     with opened_files(tree / "train") as opened:
         assert train(mid_cfg)["status"] == "done"
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mid"))
-    # the resumed epoch started at batch 2 without reading batches 0-1 (1 process, 7 batches of 8 per epoch)
+    # the resumed epoch started at batch 1 without reading batch 0 (1 process, 7 batches of 8 per epoch)
     samples = index_split(tree, "train").samples
     epoch0 = [samples[i][0] for i in epoch_shards(len(samples), 1, mid_cfg.seed, 0)[0]]
-    assert len(samples) == 56 and len(opened) == (3 * 7 - 2) * 8
-    assert opened[: 5 * 8] == epoch0[2 * 8 :]
+    assert len(samples) == 56 and len(opened) == (3 * 7 - 1) * 8
+    assert opened[: 6 * 8] == epoch0[1 * 8 :]
 
     # and the interrupted epoch's train statistics continue where they stopped
     def epoch_log(run: str) -> list[dict]:

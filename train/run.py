@@ -148,7 +148,8 @@ def describe_holder(run_dir: str | Path, note: dict[str, Any]) -> str:
         if note.get("slurm_restart_count") not in (None, "", "0"):
             parts.append(f"restart {note['slurm_restart_count']}")
         where = f" ({', '.join(parts)})"
-        what = f"wait for it, scancel {note.get('slurm_array') or job}, or use another run_dir"
+        # a job that was just cancelled or requeued still holds it while it saves: "wait" comes first
+        what = f"wait for it to end, scancel {note.get('slurm_array') or job} if it still runs, or use another run_dir"
     else:
         where = ""
         what = "wait for it, stop it, or use another run_dir"
@@ -222,7 +223,8 @@ def lock_run_dir(run_dir: str | Path) -> RunLock:
     set), start time (UTC). Creates ``run_dir`` if needed.
 
     When another process holds it: ``RunError`` in one line naming the holder, e.g. ``run_dir /x is in use by pid
-    1234 on node7 (SLURM job 5678) since 2026-11-22T14:00:00Z; wait for it, scancel 5678, or use another run_dir``.
+    1234 on node7 (SLURM job 5678) since 2026-11-22T14:00:00Z; wait for it to end, scancel 5678 if it still runs,
+    or use another run_dir``.
 
     The kernel drops a ``flock`` when the holder's file is closed, which happens when the process exits however
     it exits (crash, ``SIGKILL``, OOM kill, the end of a SLURM time limit). A requeued SLURM job (new processes)
