@@ -24,6 +24,7 @@ from train import distributed
 from train.checkpoint import load_checkpoint_file
 from train.config import load_config
 from train.engine import StopVote, Trainer, train
+from train.report import ETA
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -222,6 +223,21 @@ def test_ctrl_c_saves_last_pth_and_the_same_command_resumes(tree, tmp_path):
     again = run_cli("-m", "train", "--config", "demo", *overrides(tree, run_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert load_checkpoint_file(run_dir / "last.pth")["step"] == 21
+
+
+def test_eta_counts_the_validations_left(monkeypatch):
+    """2 epochs of 10 steps: 1 s a step, 5 s a validation (with the epoch's save)."""
+    now = [0.0]
+    monkeypatch.setattr("train.report.time.perf_counter", lambda: now[0])
+    eta = ETA(total_steps=20, validations=2)
+    now[0], eta.steps_done = 10.0, 10
+    assert eta.remaining() == 10.0  # no validation measured yet: steps only
+    now[0] = 15.0
+    eta.validated(5.0)
+    now[0], eta.steps_done = 20.0, 15
+    assert eta.remaining() == 5 * 1.0 + 1 * 5.0  # the last epoch's validation is still to come
+    now[0], eta.steps_done = 25.0, 20
+    assert eta.remaining() == 5.0
 
 
 def _vote(rank: int, init: str, out: str) -> None:

@@ -371,12 +371,16 @@ class Trainer:
         if self.epoch >= epochs:
             log.info("nothing to do: checkpoint is at epoch %d of %d", self.epoch, epochs)
             return self._finish("done")
-        eta = ETA((epochs - self.epoch) * steps_per_epoch - self.batch_in_epoch)
+        eta = ETA(
+            (epochs - self.epoch) * steps_per_epoch - self.batch_in_epoch, validations=epochs - self.epoch
+        )
         while self.epoch < epochs:
             status = self._train_epoch(eta, steps_per_epoch)
             if status == "interrupted":
                 return self._finish("interrupted")
+            started = time.perf_counter()
             self._end_epoch()
+            eta.validated(time.perf_counter() - started)  # with the epoch's save: both come once per epoch
         return self._finish("done")
 
     def _train_epoch(self, eta: ETA, steps_per_epoch: int) -> str:

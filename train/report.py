@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import sys
 import time
@@ -48,18 +49,28 @@ def format_duration(seconds: float) -> str:
 
 
 class ETA:
-    """Remaining time from the mean step time so far (validation time counted per epoch)."""
+    """Remaining time: the mean training step time so far × the steps left, plus the last validation's time × the
+    validations left (one per epoch, the current one included; none counted before the first has run)."""
 
-    def __init__(self, total_steps: int) -> None:
-        self.total_steps = total_steps
+    def __init__(self, total_steps: int, validations: int) -> None:
+        self.total_steps, self.validations = total_steps, validations
         self.start = time.perf_counter()
         self.steps_done = 0
+        self.val_seconds = 0.0  # all validations so far (not training time)
+        self.last_val = float("nan")
+
+    def validated(self, seconds: float) -> None:
+        self.val_seconds += seconds
+        self.last_val = seconds
+        self.validations -= 1
 
     def remaining(self) -> float:
-        """Seconds left for the ``total_steps - steps_done`` steps still to run (nan before the first)."""
+        """Seconds left (nan before the first step)."""
         if self.steps_done == 0:
             return float("nan")
-        return (time.perf_counter() - self.start) / self.steps_done * (self.total_steps - self.steps_done)
+        step = (time.perf_counter() - self.start - self.val_seconds) / self.steps_done
+        val = 0.0 if math.isnan(self.last_val) else self.last_val * self.validations
+        return step * (self.total_steps - self.steps_done) + val
 
 
 class JsonLines:
