@@ -17,8 +17,9 @@ alone (``scancel``, a preemption without SIGUSR2) every rank saves ``last.pth`` 
 mode (REQUEUE) or the same command again resumes it. ``--cluster local`` runs the same job on this machine (submitit's local executor, one process per GPU;
 CPU processes with gloo when there is no GPU) and follows its log; ``--cluster debug`` runs it in this process
 (submitit's DebugExecutor: one task, and an exception opens pdb).
-Running the same command again resumes from ``<run_dir>/last.pth``. Exit status: 0 submitted (or trained to the end,
-when following), 1 the job failed or stopped early, 2 bad input (including sbatch refusing the job).
+Running the same command again resumes from ``<run_dir>/last.pth`` (and submits nothing once it is at the last
+epoch). Exit status: 0 submitted (or trained to the end, when following; or nothing to do), 1 the job failed or
+stopped early, 2 bad input (including sbatch refusing the job).
 
 One training per run folder: while a SLURM job launched into the same ``--run-dir`` is still queued or running
 (``squeue``), or a training holds ``<run_dir>/.lock``, the launch is refused in one line (``error: run_dir X

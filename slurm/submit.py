@@ -460,6 +460,21 @@ def refuse_active_slurm_jobs(run_dir: str | Path) -> None:
     raise LaunchError(f"run_dir {run_dir} already has SLURM {noun} {jobs}; {advice}")
 
 
+def finished_epoch(cfg: Config) -> int | None:
+    """The epoch of ``<run_dir>/last.pth`` when the run it would resume has nothing left to train, else None (also
+    when the file cannot be read: the job then says why). Memory-mapped: only the pickled structure is read."""
+    last = Path(cfg.run_dir) / "last.pth"
+    if cfg.ckpt.resume != "auto" or not last.is_file():
+        return None
+    import torch
+
+    try:
+        epoch = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # the job's own resume reports a bad checkpoint in one line
+        return None
+    return epoch if isinstance(epoch, int) and epoch >= cfg.sched.epochs else None
+
+
 def log_paths(job: submitit.Job, task: int = 0) -> tuple[Path, Path]:
     """(stdout, stderr) of one task of a submitted job (submitit's ``%j_%t_log.out/.err``)."""
     paths = job.task(task).paths
@@ -617,6 +632,14 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
         # the checks come before anything is written into the folder (config.yaml, wandb_id.txt)
         if not force:
             check_run_dir_free(cfg.run_dir)  # a training holds it now (this node, or any node on NFS)
+        done = finished_epoch(cfg)
+        if done is not None:  # a job would only start, load last.pth and say so: not worth a queue slot
+            print(
+                f"nothing to do: {cfg.run_dir}/last.pth is at epoch {done} of {cfg.sched.epochs}; nothing submitted "
+                f"(evaluate it: python evaluate --checkpoint {cfg.run_dir}/best.pth; train on: sched.epochs=N)",
+                file=out,
+            )
+            return 0
         executor = make_executor(plan)  # (creates <run_dir>/slurm)
         if not force and plan.cluster == "slurm":
             refuse_active_slurm_jobs(cfg.run_dir)

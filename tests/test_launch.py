@@ -255,6 +255,15 @@ def reference(tree, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess
     return run_dir, out
 
 
+def test_a_finished_run_is_not_submitted_again(reference, tree):
+    run_dir, _ = reference
+    jobs = sorted((run_dir / "slurm").iterdir())
+    again = run_cli(LAUNCH, *small(tree, run_dir), "--cluster", "local", env=clean_env())
+    assert again.returncode == 0, again.stderr
+    assert f"nothing to do: {run_dir}/last.pth is at epoch 2 of 2; nothing submitted" in again.stdout
+    assert sorted((run_dir / "slurm").iterdir()) == jobs and "submitted job" not in again.stdout
+
+
 def test_cluster_local_runs_the_job_end_to_end(reference):
     run_dir, out = reference
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
