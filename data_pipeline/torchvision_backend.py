@@ -30,6 +30,7 @@ import itertools
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
 import os
+import select
 import signal
 import threading
 from collections.abc import Iterator
@@ -71,7 +72,7 @@ def start_forkserver_shielded() -> None:
     fails the next batch, and a dead forkserver the next loader, before the training process has stopped
     cleanly and saved; the training process alone acts on the signals and shuts its workers down itself.
     A signal that comes meanwhile is delivered to this process when the mask is restored. No-op once the
-    forkserver runs."""
+    forkserver runs (one started elsewhere first is not shielded: this project starts none)."""
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         # The resource tracker first: its start unblocks SIGINT and SIGTERM here (it ignores both itself), and a
@@ -85,18 +86,32 @@ def start_forkserver_shielded() -> None:
 
 
 def _shield_worker(owner: int, worker_id: int) -> None:
-    """worker_init_fn: keep STOP_SIGNALS blocked in this worker (inherited from the forkserver; blocked again here
-    in case it was started elsewhere). A SIGTERM from the owner (the training process) must still end it: that is
-    how multiprocessing and torch end a worker that did not exit in time, at interpreter exit too, where a worker
-    that ignored it would hang the owner's join. A thread takes the SIGTERMs and exits on the owner's alone."""
+    """worker_init_fn: keep STOP_SIGNALS blocked in this worker (inherited from the forkserver, and blocked here for
+    the threads it starts later). A thread then ends the worker on a SIGTERM from its owner (the training process):
+    that is how multiprocessing and torch end a worker that did not exit in time, at interpreter exit too, where a
+    worker that ignored it would hang the owner's join; and when the owner is gone (torch's own watchdog watches
+    the forkserver, the workers' parent, which lives as long as they do)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    threading.Thread(target=_exit_on_owners_sigterm, args=(owner,), name="sigterm", daemon=True).start()
+    threading.Thread(target=_serve_owner, args=(owner,), name="owner-watch", daemon=True).start()
 
 
-def _exit_on_owners_sigterm(owner: int) -> None:
+def _serve_owner(owner: int) -> None:
+    try:
+        handle = os.pidfd_open(owner)  # readable once the owner has exited (Linux ≥ 5.3)
+    except (AttributeError, OSError):
+        handle = None
     while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner:
+        info = signal.sigtimedwait({signal.SIGTERM}, 1.0)
+        if info is not None and info.si_pid == owner:
             os._exit(0)  # like torch's own worker SIGTERM handler: a clean exit, not "killed by signal"
+        if handle is not None:
+            if select.select([handle], [], [], 0)[0]:
+                os._exit(0)
+        else:
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(0)
 
 
 class ImageFiles(Dataset):

@@ -52,8 +52,9 @@ NODE_LOCAL_FS = ("tmpfs", "ramfs")
 SLURM_ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
                                 "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"})  # fmt: skip
 MAX_JOBS_CHECKED = 100  # the newest job folders asked about (one squeue call)
-# squeue's reasons for a pending job that SLURM will not start as submitted: a cluster without EnforcePartLimits
-# queues a job over its partition's limits (more nodes or time than it allows) instead of refusing it.
+# squeue's reasons for a pending job that SLURM will not start while they hold: a cluster without EnforcePartLimits
+# queues a job over its partition's limits (more nodes or time than it allows) instead of refusing it; the same
+# reasons also come when the nodes it needs are down or drained.
 NEVER_STARTS = frozenset({"PartitionNodeLimit", "PartitionTimeLimit", "PartitionConfig", "BadConstraints",
                           "InvalidAccount", "InvalidQOS"})  # fmt: skip
 
@@ -671,9 +672,9 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
     if reason:
         where = f"partition {cfg.launch.partition}" if cfg.launch.partition else "the default partition"
         print(
-            f"warning: job {job.job_id} is pending for {reason}: SLURM will not start it as submitted (over the "
-            f"limits of {where}: scontrol show partition); scancel {job.job_id} and launch fewer --gpus/--nodes, "
-            f"CPUs or --time",
+            f"warning: job {job.job_id} is pending for {reason}: SLURM will not start it while that holds (over "
+            f"the limits of {where}, or the nodes it needs are down or drained: scontrol show partition); if it "
+            f"asks too much, scancel {job.job_id} and launch fewer --gpus/--nodes, CPUs or --time",
             file=sys.stderr,
         )
     if plan.cluster == "slurm" and not wait:

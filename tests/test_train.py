@@ -225,6 +225,22 @@ def test_ctrl_c_saves_last_pth_and_the_same_command_resumes(tree, tmp_path):
     assert load_checkpoint_file(run_dir / "last.pth")["step"] == 21
 
 
+def test_a_stop_during_validation_ends_the_run_at_that_epoch(tree, tmp_path):
+    """A signal that comes while validating: the epoch's checkpoint is the stop's, no next epoch is started."""
+    trainer = Trainer(load_config("demo", overrides(tree, tmp_path / "r")), distributed.setup())
+    end_epoch = trainer._end_epoch
+
+    def signalled_while_validating() -> None:
+        trainer.stop_requested = True
+        end_epoch()
+
+    trainer._end_epoch = signalled_while_validating
+    assert trainer.run()["status"] == "interrupted"
+    state = load_checkpoint_file(tmp_path / "r" / "last.pth")
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 0)
+    assert train(load_config("demo", overrides(tree, tmp_path / "r")))["status"] == "done"
+
+
 def test_eta_counts_the_validations_left(monkeypatch):
     """2 epochs of 10 steps: 1 s a step, 5 s a validation (with the epoch's save)."""
     now = [0.0]

@@ -381,6 +381,14 @@ class Trainer:
             started = time.perf_counter()
             self._end_epoch()
             eta.validated(time.perf_counter() - started)  # with the epoch's save: both come once per epoch
+            if (
+                self.epoch < epochs and self._stop_agreed()
+            ):  # a signal during validation: stop before the next
+                if self.epoch % cfg.ckpt.every_epochs:  # this epoch's end was not saved (ckpt.every_epochs)
+                    self._save_interrupt()
+                elif self.dist.is_main:
+                    log.info("stop requested: epoch %d is saved in %s", self.epoch, self.ckpts.last)
+                return self._finish("interrupted")
         return self._finish("done")
 
     def _train_epoch(self, eta: ETA, steps_per_epoch: int) -> str:
@@ -467,6 +475,11 @@ class Trainer:
         self.epoch_images = (steps_per_epoch - skip) * per_rank_batch * self.dist.world_size  # trained in it
         self.epoch_lr = lr
         return "ok"
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (one all-reduce; between epochs, where a host sync costs nothing)."""
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        return distributed.all_reduce_sum(flag).item() > 0
 
     def _interval_agreed(self, interval_loss: torch.Tensor, steps: int) -> tuple[float, bool]:
         """(the interval's mean loss over all ranks, whether any rank was asked to stop), the same on every rank:
@@ -652,9 +665,10 @@ class StopOnSignals:
             self.trainer.stop_requested = True
             if first:
                 self.trainer.log.warning(
-                    "%s: stopping within %d steps to save last.pth (Ctrl-C again quits without saving)",
+                    "%s: stopping within %d steps to save last.pth%s",
                     signal.Signals(signum).name,
                     StopVote.LAG + 1,
+                    " (Ctrl-C again quits without saving)" if signum == signal.SIGINT else "",
                 )
 
 
