@@ -320,14 +320,10 @@ def publish(result: dict, name_parts: Sequence[str], table: str, args: Any, smok
 def write_result(result: dict, out: Path, readme: Path, table: str) -> None:
     """Write ``result`` as JSON to ``out`` (atomically) and append ``table`` to ``readme`` (created with a
     header when missing)."""
+    from train.checkpoint import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no .NAME.tmp-PID left beside a destination that could not be written
-        raise
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     readme.parent.mkdir(parents=True, exist_ok=True)
     if not readme.exists():
         readme.write_text("# Benchmark results\n\nWritten by the scripts in `benchmarks/`; newest last.\n\n")

@@ -281,9 +281,8 @@ class DaliLoader(Loader):
 
     def _epoch_lists(self) -> tuple[list[str], list[int]]:
         samples = self.index.samples
-        if (
-            self.split == "val"
-        ):  # this rank's block only, read as one shard (DALI's own sharding needs >= 1 image a rank)
+        # val: this rank's block only, read as one shard (DALI's own sharding needs >= 1 image a rank)
+        if self.split == "val":
             order: list[int] = list(val_shard(len(samples), self.rank, self.world_size))
             self._shard_files = [samples[i][0] for i in order]
         else:

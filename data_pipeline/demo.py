@@ -438,14 +438,12 @@ def _check_existing(root: Path, manifest: dict, files: dict[str, list[str]]) -> 
                     f"{root} holds {len(extra)} file(s) the demo generator did not write (first: {extra[0]}); "
                     f"delete {root} and generate again"
                 )
-            recorded = (old.get("bytes") or {}).get(
-                split
-            )  # absent in manifests written before it was recorded
-            if recorded is not None and _split_bytes(root, files[split]) != recorded:
+            recorded = old.get("bytes", {}).get(split)  # absent in manifests written before it was recorded
+            total = _split_bytes(root, files[split]) if recorded is not None else None
+            if total != recorded:
                 raise DemoTreeError(
-                    f"{root}/{split} is not what the demo generator wrote (its files total "
-                    f"{_split_bytes(root, files[split]):,} bytes, {recorded:,} when written: a file was truncated "
-                    f"or replaced); delete {root} and generate again"
+                    f"{root}/{split} is not what the demo generator wrote (its files total {total:,} bytes, "
+                    f"{recorded:,} when written: a file was truncated or replaced); delete {root} and generate again"
                 )
         return True
     if root.is_dir() and any(root.iterdir()):

@@ -298,8 +298,8 @@ def build_loader(
             from data_pipeline.dali_backend import DaliLoader
         except ImportError as e:
             raise DataError(
-                f"data.backend=dali but NVIDIA DALI cannot be imported ({e}); install nvidia-dali-cuda120 (CUDA 12) / nvidia-dali-cuda130 (CUDA 13) or "
-                "set data.backend=torchvision"
+                f"data.backend=dali but NVIDIA DALI cannot be imported ({e}); install nvidia-dali-cuda120 (CUDA 12) "
+                "or nvidia-dali-cuda130 (CUDA 13), or set data.backend=torchvision"
             ) from None
         loader = DaliLoader(**common, gpu=gpu)
     else:

@@ -46,24 +46,25 @@ def _scales(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(parse, ok, expected: str):
+    """An argparse ``type``: ``parse(text)`` when it parses and ``ok`` holds, else one "expected ..." error."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (percentage points), got {text!r}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_tolerance = _checked(
+    float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (percentage points)"
+)
 
 
 # Options of the evaluation that --predict (top-5 classes of image files) does not use: (flag, args attribute).

@@ -17,7 +17,6 @@ import datetime
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time
@@ -36,6 +35,7 @@ from evaluate.loading import LoadedModel, describe, load_model
 from evaluate.protocols import PROTOCOLS, default_scales, evaluate_protocol
 from evaluate.reference import PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
 from train import distributed
+from train.checkpoint import atomic_write_text
 from train.config import Config, from_dict, to_dict, with_overrides
 from train.report import format_duration
 
@@ -270,12 +270,7 @@ def _versions(backend: str) -> dict[str, str]:
 def _write_json(path: str, record: dict[str, Any]) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -335,9 +330,8 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
     cfg = eval_config(loaded, opts, info.world_size)
     try:
         val = index_split(cfg.data.root, "val")
-    except (
-        DataError
-    ) as e:  # the same tree and the same error on every rank: evaluate/__main__.py says it once
+    except DataError as e:
+        # the same tree and the same error on every rank: evaluate/__main__.py says it once
         e.every_rank = True  # type: ignore[attr-defined]
         raise
     _check_classes(loaded, val)

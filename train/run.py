@@ -59,30 +59,22 @@ def make_run_dir(run_dir: str | Path) -> Path:
 
 def output_file_problem(path: str | os.PathLike[str], example: str = "result.json") -> str | None:
     """Why a result file cannot be written at ``path``, or None when it can: it is an existing folder, a part of its
-    parent is a file, or its folder is not writable (checked by creating and removing a probe file in it; a parent
-    that does not exist yet is not made here: a probe folder must be creatable in its nearest existing ancestor). For CLIs
-    that check ``--json``/``--out`` before any work rather than fail at the end."""
+    parent is a file, or a folder cannot be made in the nearest existing one of its parent and the parent's
+    ancestors (a probe folder, made and removed; the parent itself is not made here). For CLIs that check
+    ``--json``/``--out`` before any work rather than fail at the end."""
     out = Path(path)
     if out.is_dir():
         return f"{out} is a folder; give a file path such as {out / example}"
-    parent = out.parent
-    ancestor = parent
+    parent = ancestor = out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         return f"{ancestor} is not a folder"
-    if ancestor != parent:  # probe by making (and removing) a folder where the first missing one would go
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
-        except OSError as e:
-            return f"cannot create {parent} in {ancestor}: {e.strerror or e}"
-        return None
     try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=parent)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
     except OSError as e:
-        return f"cannot write in {parent}: {e.strerror or e}"
-    os.close(fd)
-    os.unlink(probe)
+        where = f"write in {parent}" if ancestor == parent else f"create {parent} in {ancestor}"
+        return f"cannot {where}: {e.strerror or e}"
     return None
 
 
@@ -149,7 +141,8 @@ def describe_holder(run_dir: str | Path, note: dict[str, Any]) -> str:
             parts.append(f"restart {note['slurm_restart_count']}")
         where = f" ({', '.join(parts)})"
         # a job that was just cancelled or requeued still holds it while it saves: "wait" comes first
-        what = f"wait for it to end, scancel {note.get('slurm_array') or job} if it still runs, or use another run_dir"
+        job_ref = note.get("slurm_array") or job
+        what = f"wait for it to end, scancel {job_ref} if it still runs, or use another run_dir"
     else:
         where = ""
         what = "wait for it, stop it, or use another run_dir"
