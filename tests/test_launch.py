@@ -365,7 +365,9 @@ def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
     # each start resumed exactly where the previous one saved: same epoch, batch and step
     resumed = [
         int(m[1])
-        for m in re.finditer(r"resumed from .*last\.pth at epoch \d+, batch \d+ \(step (\d+)\)", text)
+        for m in re.finditer(
+            r"resumed from .*last\.pth at (?:epoch \d+, batch \d+|the end of epoch \d+) \(step (\d+)\)", text
+        )
     ]
     assert resumed == stops and 0 < stops[0] < stops[1] <= STEPS, text
 
@@ -386,10 +388,14 @@ def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
 
 
 def _stops(log: Path) -> list[int]:
-    """Global steps at which the job saved a mid-epoch checkpoint on a stop request, from rank 0's log."""
+    """Global steps at which the job stopped on a stop request, from rank 0's log: a mid-epoch checkpoint, or (a
+    signal during validation) the epoch's own."""
     text = log.read_text() if log.is_file() else ""
-    found = re.finditer(r"stop requested: saved .* at epoch (\d+), batch (\d+)", text)
-    return [(int(m[1]) - 1) * STEPS_PER_EPOCH + int(m[2]) for m in found]
+    pattern = r"stop requested: (?:saved .* at epoch (\d+), batch (\d+)|epoch (\d+) is saved)"
+    return [
+        (int(m[1]) - 1) * STEPS_PER_EPOCH + int(m[2]) if m[1] else int(m[3]) * STEPS_PER_EPOCH
+        for m in re.finditer(pattern, text)
+    ]
 
 
 @pytest.mark.slurm

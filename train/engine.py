@@ -430,11 +430,14 @@ class Trainer:
                 c5 += b
                 n += labels.numel()
             interval_n += 1
-            stop = self.stop_vote(self.stop_requested)  # the same answer on every rank at this step
-            if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch or stop:
+            stop_now = self.stop_vote(self.stop_requested)  # the same answer on every rank at this step
+            if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch or stop_now:
                 # The only host sync of the loop, once per print interval (no .item() per step): the interval's
-                # loss averaged over all ranks, so every rank raises on a non-finite loss at the same step.
-                mean_loss = self._interval_loss(interval_loss, interval_n)
+                # loss averaged over all ranks and the live stop flag, in one all-reduce, so every rank sees the
+                # same values and stops (or raises on a non-finite loss) at the same step. The live flag matters
+                # at the epoch's last step, which StopVote's lag cannot reach: a stop there skips validation.
+                mean_loss, stop = self._interval_agreed(interval_loss, interval_n)
+                stop = stop or stop_now
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLoss(
                         f"loss is {mean_loss} at epoch {epoch + 1}, step {self.step} (lr {lr:g}): stopping; "
@@ -478,9 +481,13 @@ class Trainer:
         flag = torch.tensor([float(self.stop_requested)], device=self.device)
         return distributed.all_reduce_sum(flag).item() > 0
 
-    def _interval_loss(self, interval_loss: torch.Tensor, steps: int) -> float:
-        """The interval's mean loss over all ranks (the same on every rank)."""
-        return distributed.all_reduce_sum(interval_loss.clone()).item() / (steps * self.dist.world_size)
+    def _interval_agreed(self, interval_loss: torch.Tensor, steps: int) -> tuple[float, bool]:
+        """(the interval's mean loss over all ranks, whether any rank was asked to stop), the same on every rank:
+        one all-reduce of [loss sum, stop flag]."""
+        packed = torch.stack([interval_loss.double(), interval_loss.new_tensor(float(self.stop_requested))])
+        distributed.all_reduce_sum(packed)
+        loss_sum, flag = packed.tolist()
+        return loss_sum / (steps * self.dist.world_size), flag > 0
 
     def _end_epoch(self) -> None:
         cfg, log = self.cfg, self.log
