@@ -40,6 +40,8 @@ from train.engine import StopOnSignals
 # After a stop on SIGTERM alone, how long rank 0 waits for submitit's preemption signal (USR2) before deciding
 # that nobody asked for a requeue (submitit's _interrupt sends TERM and USR2 from two scancel calls).
 USR_SIGNAL_GRACE_S = 5.0
+# How a task's result says it stopped on the user's Ctrl-C; the launcher (slurm.submit.report) looks for it.
+CTRL_C_STOP = "stopped on Ctrl-C (SIGINT)"
 
 
 def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
@@ -181,7 +183,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         _flush_wandb()
         if stop.interrupted and not stop.requeue_requested:  # Ctrl-C: the user's stop, not the cluster's
             raise SystemExit(
-                f"stopped on Ctrl-C (SIGINT): checkpoint saved in {run_dir}/last.pth; the same command resumes from it"
+                f"{CTRL_C_STOP}: checkpoint saved in {run_dir}/last.pth; the same command resumes from it"
             )
         deadline = time.monotonic() + USR_SIGNAL_GRACE_S
         while not stop.requeue_requested and time.monotonic() < deadline:
@@ -198,4 +200,4 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
 
 
-__all__ = ["StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env"]
+__all__ = ["CTRL_C_STOP", "StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env"]

@@ -43,6 +43,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError
 from submitit.slurm.slurm import SlurmExecutor
 
+from slurm.job import CTRL_C_STOP
 from train.config import Config, effective_lr, per_process_batch, to_dict, to_yaml
 
 NODE_LOCAL_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run")  # storage no other node can see
@@ -556,13 +557,36 @@ def dry_run(plan: Plan, out: TextIO | None = None) -> int:
     return 0
 
 
+class LogTail:
+    """The part of a log file not yet copied: ``copy_new(out)`` writes what has grown since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.pos = path, 0
+
+    def copy_new(self, out: TextIO) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open(errors="replace") as f:
+            f.seek(self.pos)
+            chunk = f.read()
+            self.pos = f.tell()
+        if chunk:
+            out.write(chunk)
+            out.flush()
+
+
 def follow(
-    job: submitit.Job, out: TextIO | None = None, poll_s: float = 0.5, sacct_every_s: float = 5.0
+    job: submitit.Job,
+    out: TextIO | None = None,
+    poll_s: float = 0.5,
+    sacct_every_s: float = 5.0,
+    tail: LogTail | None = None,
 ) -> None:
-    """Print rank 0's stdout as it grows until the job has ended (through requeues: the log is appended)."""
+    """Print rank 0's stdout as it grows until the job has ended (through requeues: the log is appended).
+    ``tail``: go on from where an earlier ``follow`` of the same log stopped."""
     out = out or sys.stdout
-    path, _ = log_paths(job)
-    pos, last_sacct = 0, time.monotonic()
+    tail = tail or LogTail(log_paths(job)[0])
+    last_sacct = time.monotonic()
     while True:
         finished = job.done()
         if (
@@ -572,14 +596,7 @@ def follow(
         ):
             last_sacct = time.monotonic()  # a job that died without a result: ask SLURM now, not on backoff
             finished = job.watcher.is_done(job.job_id, mode="force")
-        if path.exists():
-            with path.open(errors="replace") as f:
-                f.seek(pos)
-                chunk = f.read()
-                pos = f.tell()
-            if chunk:
-                out.write(chunk)
-                out.flush()
+        tail.copy_new(out)
         if finished:
             return
         time.sleep(poll_s)
@@ -596,12 +613,17 @@ def _failure(e: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
-def report(job: submitit.Job, out: TextIO | None = None) -> int:
-    """Wait for the job's result and say how it ended in one line; 0 when it trained to the end."""
+def report(job: submitit.Job, out: TextIO | None = None, run_dir: str | None = None) -> int:
+    """Wait for the job's result and say how it ended in one line; 0 when it trained to the end.
+
+    With ``run_dir`` (``--cluster local``): a job whose tasks stopped on a Ctrl-C (SIGINT reached them, whether or
+    not this process saw it too) ends like a Ctrl-C of the launcher: the resume line, exit status 130."""
     out = out or sys.stdout
     try:
         results = job.results()
     except UncompletedJobError as e:
+        if run_dir is not None and CTRL_C_STOP in str(e):
+            return _stopped_on_ctrl_c(run_dir)
         _, err = log_paths(job)
         print(f"error: job {job.job_id} failed: {_failure(e)} (log: {err})", file=sys.stderr)
         return 1
@@ -612,6 +634,22 @@ def report(job: submitit.Job, out: TextIO | None = None) -> int:
         file=out,
     )
     return 0 if r["status"] == "done" else 1
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises():
+    """Following a ``--cluster local`` job: Ctrl-C raises KeyboardInterrupt here even when this process started
+    with SIGINT ignored, as it does when a non-interactive shell starts it (or its parent: ``make test &``, ``nohup
+    ... &`` in a script, some CI runners) in the background. The tasks install their own SIGINT handler and stop
+    on it either way; this process must then know it, wait for them and say so, not report a failed job."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: bool = False) -> int:
@@ -684,20 +722,25 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
             file=out,
         )
         return 0
-    try:
-        follow(job, out)
-    except KeyboardInterrupt:
-        if plan.cluster == "local":
-            return _stop_local_job(job, cfg, out)
-        else:
+    if plan.cluster != "local":
+        try:
+            follow(job, out)
+        except KeyboardInterrupt:
             print(
                 f"\nstopped following; job {job.job_id} keeps running (scancel {job.job_id})", file=sys.stderr
             )
-        return 130
-    return report(job, out)
+            return 130
+        return report(job, out)
+    tail = LogTail(stdout)
+    with _ctrl_c_raises():
+        try:
+            follow(job, out, tail=tail)
+            return report(job, out, run_dir=cfg.run_dir)
+        except KeyboardInterrupt:
+            return _stop_local_job(job, cfg, out, tail)
 
 
-def _stop_local_job(job: submitit.Job, cfg: Config, out: TextIO) -> int:
+def _stop_local_job(job: submitit.Job, cfg: Config, out: TextIO, tail: LogTail) -> int:
     """Ctrl-C while following a ``--cluster local`` job: the tasks save ``last.pth`` and stop; wait for that."""
     print(
         f"\nCtrl-C: the tasks save {cfg.run_dir}/last.pth within a few steps and stop; waiting for them "
@@ -705,24 +748,30 @@ def _stop_local_job(job: submitit.Job, cfg: Config, out: TextIO) -> int:
         file=sys.stderr,
         flush=True,
     )
-    with contextlib.suppress(ProcessLookupError, ValueError):
-        # The controller forwards SIGTERM to the tasks: the same stop when only this process got the Ctrl-C.
-        os.kill(int(job.job_id), signal.SIGTERM)
+    if not job.done():  # (an ended controller's pid may be another process's by now)
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            # The controller forwards SIGTERM to the tasks: the same stop when only this process got the Ctrl-C.
+            os.kill(int(job.job_id), signal.SIGTERM)
     try:
-        follow(job, out)
+        follow(job, out, tail=tail)
     except KeyboardInterrupt:
         print(f"\nstopped waiting; job {job.job_id} is ending without saving", file=sys.stderr)
         return 130
-    last = Path(cfg.run_dir) / "last.pth"
+    return _stopped_on_ctrl_c(cfg.run_dir)
+
+
+def _stopped_on_ctrl_c(run_dir: str) -> int:
+    last = Path(run_dir) / "last.pth"
     if last.is_file():
         print(f"stopped; the same command resumes from {last}", file=sys.stderr)
     else:
-        print(f"stopped before a checkpoint was saved in {cfg.run_dir}", file=sys.stderr)
+        print(f"stopped before a checkpoint was saved in {run_dir}", file=sys.stderr)
     return 130
 
 
 __all__ = [
     "LaunchError",
+    "LogTail",
     "Plan",
     "absolute_paths",
     "active_slurm_jobs",

@@ -286,12 +286,17 @@ def test_cluster_local_runs_the_job_end_to_end(reference):
 def test_ctrl_c_on_cluster_local_saves_and_the_same_command_resumes(tree, tmp_path, reference):
     """A terminal's Ctrl-C reaches the whole foreground process group: launcher, submitit's controller, the tasks
     and their DataLoader workers (data.workers=2 here). The tasks save last.pth and stop; the launcher waits for
-    them; the same command then finishes the run with the uninterrupted run's weights."""
+    them; the same command then finishes the run with the uninterrupted run's weights.
+
+    The launcher starts with SIGINT ignored, as it does whenever a non-interactive shell started it or a parent in
+    the background (``make test &``): the tasks stop on the Ctrl-C either way, so the launcher must too (it exited
+    1, "job failed", when it inherited the ignore; a terminal's default handler is the easy case of the same)."""
     run_dir = tmp_path / "run"
     args = small(tree, run_dir, "--cluster", "local", "data.workers=2")
     env = {**clean_env(), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, LAUNCH, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     steps = run_dir / "steps.jsonl"
     deadline = time.monotonic() + 300
     while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None:
@@ -303,6 +308,7 @@ def test_ctrl_c_on_cluster_local_saves_and_the_same_command_resumes(tree, tmp_pa
     assert f"Ctrl-C: the tasks save {run_dir}/last.pth" in err
     assert f"stopped; the same command resumes from {run_dir}/last.pth" in err
     assert "stop requested: saved" in out and "exited unexpectedly" not in out + err
+    assert out.count("stop requested: saved") == 1  # rank 0's log copied once, not again after the Ctrl-C
     state = torch.load(run_dir / "last.pth", weights_only=True)
     assert 0 < state["step"] < STEPS, state["step"]
     again = run_cli(LAUNCH, *args, env=clean_env(), timeout=600)
