@@ -24,9 +24,11 @@ DEMO_RUN ?= runs/demo
 
 demo: $(VENV)/.installed $(DEMO_DATA)/class_index.json
 	$(PY) slurm/launch.py --config demo --cluster local data.root=$(DEMO_DATA) run_dir=$(DEMO_RUN)
-	$(PY) evaluate --checkpoint $(DEMO_RUN)/best.pth --data $(DEMO_DATA) --json $(DEMO_RUN)/eval.json
-	@echo "demo done: plot $(DEMO_RUN)/curves.png, checkpoints $(DEMO_RUN)/{last,best}.pth, per-epoch metrics $(DEMO_RUN)/metrics.jsonl,"
-	@echo "           evaluation $(DEMO_RUN)/eval.json, W&B offline run $$(ls -d $(DEMO_RUN)/wandb/offline-run-* 2>/dev/null | tail -n 1)"
+	@echo "demo trained: plot $(DEMO_RUN)/curves.png, checkpoints $(DEMO_RUN)/{last,best}.pth, per-epoch metrics $(DEMO_RUN)/metrics.jsonl,"
+	@echo "              W&B offline run $$(ls -d $(DEMO_RUN)/wandb/offline-run-* 2>/dev/null | tail -n 1); evaluating best.pth into $(DEMO_RUN)/eval.json:"
+	@# The last line says whether best.pth landed inside the band measured over seeds (README, "The demo");
+	@# outside it (evaluate's exit status 1) make still succeeds: the run itself worked, its number is off.
+	$(PY) evaluate --checkpoint $(DEMO_RUN)/best.pth --data $(DEMO_DATA) --json $(DEMO_RUN)/eval.json || [ $$? -eq 1 ]
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -33,7 +33,7 @@ from evaluate.core import PRECISIONS, Counts, count_loader
 from evaluate.imagenet_classes import NUM_CLASSES, imagenet_wnids
 from evaluate.loading import LoadedModel, describe, load_model
 from evaluate.protocols import PROTOCOLS, default_scales, evaluate_protocol
-from evaluate.reference import PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
+from evaluate.reference import DEMO_BAND, PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
 from train import distributed
 from train.checkpoint import atomic_write_text
 from train.config import Config, from_dict, to_dict, with_overrides
@@ -96,6 +96,7 @@ class Comparison:
     tolerance: float
     verdict: str  # PASS | FAIL | no reference
     note: str = ""
+    band: tuple[float, float] | None = None  # the demo band (its margin included): PASS when inside
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,7 +179,15 @@ def compare(
     counts: Counts,
     tol: float,
 ) -> Comparison:
-    """The reference row that applies to this evaluation (torchvision's for 1-crop, the paper's otherwise)."""
+    """The reference row that applies to this evaluation (torchvision's for 1-crop, the paper's otherwise; the
+    demo band for a checkpoint of the demo recipe)."""
+    demo = (
+        _compare_demo(cfg, trained, protocol, counts)
+        if trained is not None and trained.recipe == "demo"
+        else None
+    )
+    if demo is not None:
+        return demo
     d = cfg.data
     missing: list[str] = []
     if cfg.model.num_classes != 1000:
@@ -219,6 +228,56 @@ def compare(
             counts, None, None, None, tol, f"the paper has no row for {letter}, S={scale}, Q={{{q}}}"
         )
     return _compare(counts, *row, tol)
+
+
+# What a run must share with configs/demo.yaml for the demo band to apply (data.root, workers, seed, logging and
+# where it ran do not move the result beyond the seeds' spread; the per-process batch does, through BatchNorm).
+_DEMO_KEYS = ("data", "model", "optim", "sched", "launch.gpus")
+_DEMO_FREE = ("data.root", "data.workers", "data.backend")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def demo_changes(trained: Config) -> list[str]:
+    """How a demo-recipe run's training differs from configs/demo.yaml (``sched.epochs 8 → 2``), in the fields that
+    move its result."""
+    from train.config import load_config
+
+    ours, recipe = _flat(to_dict(trained)), _flat(to_dict(load_config("demo")))
+    keys = [k for k in recipe if k.startswith(_DEMO_KEYS) and not k.startswith(_DEMO_FREE)]
+    return [f"{k} {recipe[k]!r} → {ours.get(k)!r}" for k in keys if ours.get(k) != recipe[k]]
+
+
+def _compare_demo(cfg: Config, trained: Config, protocol: str, counts: Counts) -> Comparison | None:
+    """The demo band's verdict for a checkpoint of configs/demo.yaml as ``make demo`` trains and evaluates it; None
+    for any other demo-recipe run (changed recipe, other data or protocol), which then gets the usual reasons."""
+    band, tol = DEMO_BAND, DEMO_BAND.margin
+    if (
+        protocol != "1-crop"
+        or demo_changes(trained)
+        or (cfg.data.val_resize, cfg.data.val_crop) != (trained.data.val_resize, trained.data.val_crop)
+        or counts.n != band.val_images
+    ):
+        return None
+    inside = band.contains(counts.top1_err)
+    note = (
+        f"inside the demo band ({band.describe()}): this install trains as it should"
+        if inside
+        else f"OUTSIDE the demo band ({band.describe()}): something differs from the measured runs (the "
+        f"installed torch/torchvision, the demo dataset, the recipe); see README, 'The demo'"
+    )
+    limits = (band.low - band.margin, band.high + band.margin)
+    verdict = "PASS" if inside else "FAIL"
+    return Comparison(f"demo band, {band.source}", None, None, None, None, tol, verdict, note, limits)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -481,7 +540,9 @@ def format_result(result: EvalResult) -> str:
     lines = [header, "-" * len(header)]
     for name, c, cmp in rows:
         verdict = cmp.verdict
-        if verdict in ("PASS", "FAIL"):
+        if cmp.band is not None:
+            verdict += f" (top-1 err in {cmp.band[0]:.1f}–{cmp.band[1]:.1f})"
+        elif verdict in ("PASS", "FAIL"):
             verdict += f" (|diff top-1| <= {cmp.tolerance:g})"
         lines.append(
             f"{result.arch:<10} {name:<17} {c.n:>7,}  {c.top1_err:>9.3f} {num(cmp.top1_err):>7} "
@@ -490,7 +551,9 @@ def format_result(result: EvalResult) -> str:
         )
     r = result.record
     for name, _, cmp in rows:
-        if cmp.source:
+        if cmp.band is not None:
+            lines.append(f"reference ({name}): {cmp.source}")
+        elif cmp.source:
             lines.append(f"reference ({name}): {cmp.source}" + (f"; {cmp.note}" if cmp.note else ""))
         elif cmp.note:
             lines.append(f"no reference ({name}): {cmp.note}")
@@ -507,4 +570,7 @@ def format_result(result: EvalResult) -> str:
     lines.append(
         f"checkpoint {ck['path']} ({ck['kind']}, arch from {ck['arch_source']}) sha256 {ck['sha256']}"
     )
+    cmp = result.comparison
+    if cmp.band is not None:  # last: what `make demo` ends with
+        lines.append(f"demo: val top-1 err {result.counts.top1_err:.1f} % is {cmp.note}")
     return "\n".join(lines)

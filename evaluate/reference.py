@@ -7,6 +7,10 @@ The vgg11_bn row is 29.63 / 10.19. The table copied around widely (old torchvisi
 26.70 / 8.58 for vgg11_bn: those are ResNet-34's numbers (top-1 26.70, top-5 8.58), pasted into the wrong row.
 We carry the corrected row; ``tests/test_reference.py`` checks every row against the installed torchvision.
 
+DEMO_BAND: not an ImageNet figure. What ``make demo`` (``configs/demo.yaml`` on the generated demo dataset) reaches:
+the final val top-1 error measured over seeds by ``benchmarks/demo_seeds.py``; ``python evaluate`` on a demo
+checkpoint says whether it landed inside, so a new user knows at once whether the install trains as it should.
+
 PAPER: Simonyan & Zisserman, arXiv 1409.1556, Table 3 (dense evaluation at one test scale Q, no multi-crop):
 configurations A–E, training scale S (fixed, or jittered in [256; 512]); and the D and E rows of Tables 4
 (dense, three test scales) and 5 (dense, multi-crop, and both).
@@ -41,6 +45,36 @@ TORCHVISION: dict[str, Reference] = {
         ("vgg19_bn", 25.782, 8.158),
     ]
 }
+
+
+@dataclass(frozen=True)
+class DemoBand:
+    """Lowest and highest final val top-1 error of the demo recipe over ``seeds`` seeds, in percent. A run is
+    inside when within ``margin`` points of that range: one standard error of an error rate measured on the demo's
+    200 val images (~3 points at 25 %), as one more seed or another CPU's rounding moves it by about that much."""
+
+    low: float
+    high: float
+    seeds: int
+    margin: float
+    val_images: int
+    source: str
+
+    def contains(self, top1_err: float) -> bool:
+        return self.low - self.margin - 1e-9 <= top1_err <= self.high + self.margin + 1e-9
+
+    def describe(self) -> str:
+        return f"{self.low:.1f}–{self.high:.1f} % over {self.seeds} seeds, ± {self.margin:g}"
+
+
+DEMO_BAND = DemoBand(
+    low=39.0,
+    high=56.5,
+    seeds=5,
+    margin=3.0,
+    val_images=200,
+    source="benchmarks/results/demo_seeds_cpu.json (benchmarks/demo_seeds.py, 2 CPU cores)",
+)
 
 # Paper configuration letter of each of our arch names (BN variants are torchvision's, not the paper's).
 PAPER_CONFIG = {"vgg11": "A", "vgg11_lrn": "A-LRN", "vgg13": "B", "vgg16_c": "C", "vgg16": "D", "vgg19": "E"}

@@ -669,6 +669,9 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
         print(f"note: {n}", file=out)
     try:
         # the checks come before anything is written into the folder (config.yaml, wandb_id.txt)
+        if not force and plan.cluster == "slurm":
+            # first: once that job runs it also holds the lock below, and this says which job and how to end it
+            refuse_active_slurm_jobs(cfg.run_dir)
         if not force:
             check_run_dir_free(cfg.run_dir)  # a training holds it now (this node, or any node on NFS)
         done = finished_epoch(cfg)
@@ -680,8 +683,6 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
             )
             return 0
         executor = make_executor(plan)  # (creates <run_dir>/slurm)
-        if not force and plan.cluster == "slurm":
-            refuse_active_slurm_jobs(cfg.run_dir)
         make_run_dir(cfg.run_dir)  # writable? (the job writes config.yaml once it knows the run goes ahead)
     except RunError as e:
         raise LaunchError(str(e)) from None
