@@ -16,16 +16,21 @@ num_shards=world_size`` (the GLOBAL rank), ``pad_last_batch=True``, ``stick_to_s
   laid out so DALI's contiguous shard r is rank r's list; every shard has N // W images and the iterator stops
   after ``(N // W) // batch`` full batches (``LastBatchPolicy.DROP``) on every rank. A pipeline is built per
   epoch: ~0.02 s on the demo tree; 1.6 s for ImageNet's 1.28 M files, measured on 2 shared CPU cores.
-* train resumed mid-epoch (``set_epoch(epoch, start_batch=k)``): every rank's list starts at its position
+* train resumed mid-epoch (``set_epoch(epoch, start_batch=k, state=...)``), exactly: train pipelines are built
+  with ``enable_checkpointing=True``; ``state_dict()`` takes DALI's checkpoint of the pass under way
+  (``DALIGenericIterator.checkpoints()``: the file reader's position and the state of every random operator —
+  crop windows, scale jitter, offsets, flips, colour shifts — after the last batch handed out; ~1-2 KB a rank).
+  A resumed pass builds epoch e's full list with the same seed and ``checkpoint=`` that state: the batches from
+  k on are bitwise those of the uninterrupted pass (tests/test_train.py). The state is used only when it was
+  taken by this backend (dali-cpu and dali-gpu pipelines differ), this DALI version, at (epoch, k), by this rank of
+  the same world size, batch, seed and dataset size; otherwise (another process count, an older checkpoint)
+  ``set_epoch`` returns why and the pass is fast-forwarded: every rank's list starts at its position
   ``k × batch`` (the first image of batch k), so every shard still has the same length, ``N // W - k × batch``,
   DALI's contiguous shard r is still rank r's list, and every rank yields exactly ``steps - k`` full batches
-  (``stick_to_shard``, ``pad_last_batch`` and ``DROP`` unchanged). The skipped images are not in the reader's
-  list: never read or decoded. They are the same images in the same order as batches k.. of an uninterrupted
-  pass, but NOT the same augmentation: DALI's random operators (crop windows, scales, flips, colour shifts) draw
-  from one stream per pipeline, which cannot be advanced past the skipped batches without running them, so a
-  fast-forwarded pipeline is seeded from (seed, rank, epoch, k) and draws fresh crops and flips. (GPU training
-  is not bitwise reproducible anyway; the torchvision backend resumes bitwise.) ``k = steps`` (stopped after the
-  epoch's last batch) yields nothing and builds no pipeline.
+  (``stick_to_shard``, ``pad_last_batch`` and ``DROP`` unchanged); the skipped images are never read. Those are
+  the same images in the same order as batches k.. of an uninterrupted pass with fresh augmentation: a
+  fast-forwarded pipeline is seeded from (seed, rank, epoch, k). ``k = steps`` (stopped after the epoch's last
+  batch) yields nothing and builds no pipeline. (GPU training is not bitwise reproducible anyway, the input is.)
 
 Operators. Train ``rrc``: ``decoders.image_random_crop`` (DALI decodes only the random window) → ``resize`` to
 crop×crop. Train ``scale``: ``decoders.image`` → the random crop×crop window of the image rescaled so its shorter
@@ -59,6 +64,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from nvidia.dali import __version__ as dali_version
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -147,8 +153,13 @@ def build_pipeline(
     seed: int = 0,
     channels_last: bool = False,
     debug: bool = False,
+    checkpointing: bool = False,
+    checkpoint: bytes | None = None,
 ) -> Any:
     """A DALI pipeline (not built) returning (images, labels) batches; see the module docstring.
+
+    ``checkpointing=True`` lets ``pipe.checkpoint()`` (or the iterator's ``checkpoints()``) save the reader's
+    position and the random operators' state; ``checkpoint`` (implies it) is such a state to resume from.
 
     ``debug=True`` adds two outputs for tests: the geometry, (resized height, resized width, crop top, crop left)
     for val and ``scale`` (for ``rrc``: the decoded window's height and width, then zeros), and the (3,) PCA
@@ -177,6 +188,8 @@ def build_pipeline(
         device_id=device_id if gpu else None,
         seed=seed,
         prefetch_queue_depth=PREFETCH,
+        enable_checkpointing=checkpointing or checkpoint is not None,
+        checkpoint=checkpoint,
     )
     def pipeline():  # type: ignore[no-untyped-def]
         jpegs, label = fn.readers.file(
@@ -273,9 +286,66 @@ class DaliLoader(Loader):
         self._pipe: Any = None
         self._iter: DALIGenericIterator | None = None
         self._ready = False  # a built pipeline/iterator at the start of a pass for self._built_for
-        self._built_for: tuple[int, int] | None = None  # (epoch, start batch)
+        self._built_for: tuple[int, int, bool] | None = (
+            None  # (epoch, start batch, restored from a checkpoint)
+        )
         self._start = 0  # the start batch of the pipeline being built
-        self._shard_files: list[str] = []
+        self._restore: bytes | None = (
+            None  # the DALI checkpoint the next pass (set_epoch's start batch) resumes
+        )
+        self._position = 0  # batches of the current train epoch handed out (the pass's start batch + yielded)
+        self._shard_files: list[str] = []  # this rank's files from the pass's start batch on
+
+    # ------------------------------------------------------------------------------------------ resuming
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict[str, Any] | None = None) -> str | None:
+        super().set_epoch(epoch, start_batch)
+        self._restore = None
+        if self.split != "train" or start_batch in (0, self.steps):  # a full pass, or nothing left of it
+            return None
+        why = self._unusable(state, start_batch)
+        if why is None:
+            self._restore = state["pipeline"]  # type: ignore[index]
+            return None
+        return f"{why}: batches {start_batch}.. of epoch {self.epoch + 1} are its images in order, with fresh crops/flips"
+
+    def _identity(self) -> dict[str, Any]:
+        """What a pipeline checkpoint is only valid for (besides its position)."""
+        return {
+            "backend": self.backend,
+            "dali": dali_version,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "dataset_size": self.dataset_size,
+        }
+
+    def _unusable(self, state: dict[str, Any] | None, start: int) -> str | None:
+        if not state or not state.get("pipeline"):
+            return "no DALI pipeline state for this rank in the checkpoint"
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                return f"the DALI pipeline state was saved with {key} {state.get(key)}, this run has {value}"
+        if (state.get("epoch"), state.get("batch")) != (self.epoch, start):
+            return (
+                f"the DALI pipeline state is at epoch {state.get('epoch', -1) + 1} batch {state.get('batch')}, "
+                f"not epoch {self.epoch + 1} batch {start}"
+            )
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The DALI checkpoint of the train pass under way after its last batch handed out (module docstring);
+        None before a pass has handed out a batch, or where DALI cannot take one (logged)."""
+        if self.split != "train" or self._iter is None or self._position == 0:
+            return None
+        try:
+            pipeline = self._iter.checkpoints()[0]
+        except (RuntimeError, ValueError) as e:
+            log.warning("DALI could not checkpoint the train pipeline (%s): a resume draws fresh augmentation",
+                        _one_line(e))  # fmt: skip
+            return None
+        return {**self._identity(), "epoch": self.epoch, "batch": self._position, "pipeline": bytes(pipeline)}
 
     # -------------------------------------------------------------------------------------------- building
 
@@ -286,15 +356,20 @@ class DaliLoader(Loader):
             order: list[int] = list(val_shard(len(samples), self.rank, self.world_size))
             self._shard_files = [samples[i][0] for i in order]
         else:
-            skip = self._start * self.batch_size  # mid-epoch resume: each rank's list from batch k on
-            shards = [s[skip:] for s in epoch_shards(len(samples), self.world_size, self.seed, self.epoch)]
+            skip = (
+                self._start * self.batch_size
+            )  # each rank's list from batch k on (unless restored: DALI skips)
+            shards = epoch_shards(len(samples), self.world_size, self.seed, self.epoch)
+            if self._restore is None:
+                shards = [s[skip:] for s in shards]
+                skip = 0
             order = [i for s in shards for i in s]  # equal lengths: DALI's contiguous shard r == shards[r]
-            self._shard_files = [samples[i][0] for i in shards[self.rank]]
+            self._shard_files = [samples[i][0] for i in shards[self.rank][skip:]]
         return [samples[i][0] for i in order], [samples[i][1] for i in order]
 
     def _seed(self) -> int:
         entropy = [self.seed, self.rank, self.epoch, self.split == "val"]
-        if self._start:  # a fast-forwarded pass draws its own augmentation (see the module docstring)
+        if self._start and self._restore is None:  # a fast-forwarded pass draws its own augmentation
             entropy.append(self._start)
         state = np.random.SeedSequence(entropy).generate_state(1)
         return int(state[0] % (2**31 - 1))
@@ -315,6 +390,8 @@ class DaliLoader(Loader):
             num_threads=self.workers,
             seed=self._seed(),
             channels_last=self.channels_last,
+            checkpointing=self.split == "train",
+            checkpoint=self._restore,
         )
         try:
             pipe.build()
@@ -328,19 +405,22 @@ class DaliLoader(Loader):
             )
         except RuntimeError as e:
             raise DataError(f"DALI could not build the {self.split} pipeline: {_one_line(e)}") from None
-        expected = self.steps - self._start if self.split == "train" else None
+        # a restored iterator counts the whole epoch (its counter restored at batch k), a fast-forwarded one the rest
+        restored = self._restore is not None
+        expected = self.steps - (0 if restored else self._start) if self.split == "train" else None
         if expected is not None and len(it) != expected:
             raise AssertionError(f"DALI iterator has {len(it)} batches, expected {expected}")
         log.debug(
-            "built the DALI %s pipeline (%s, epoch %d from batch %d, %d files)",
+            "built the DALI %s pipeline (%s, epoch %d from batch %d%s, %d files)",
             self.split,
             self.backend,
             self.epoch,
             self._start,
+            ", restored from its checkpoint" if restored else "",
             len(files),
         )
         self._pipe, self._iter = pipe, it
-        self._built_for = (self.epoch if self.split == "train" else 0, self._start)
+        self._built_for = (self.epoch if self.split == "train" else 0, self._start, restored)
         self._ready = True
 
     def close(self) -> None:
@@ -359,13 +439,17 @@ class DaliLoader(Loader):
         steps = self.steps - start
         if self.num_samples == 0 or steps == 0:
             return
-        want = (self.epoch if self.split == "train" else 0, start)
+        if start == 0:
+            self._restore = None  # set_epoch's state is for the pass from its start batch
+        want = (self.epoch if self.split == "train" else 0, start, self._restore is not None)
         if not self._ready or self._built_for != want:
             self._start = start
             self._build()
         assert self._iter is not None
         self._ready = False  # a pass is under way; a second pass (or a broken-off one) rebuilds
+        self._restore = None  # used: a later pass of this epoch starts over
         it, yielded = self._iter, 0
+        self._position = start
         # Val runs until DALI's StopIteration (which rewinds the iterator, auto_reset); train stops at `steps`
         # (its pipeline is rebuilt for the next epoch anyway).
         while self.split == "val" or yielded < steps:
@@ -388,6 +472,9 @@ class DaliLoader(Loader):
             else:
                 labels = labels.to(self.device)
             yielded += 1
+            self._position = (
+                start + yielded
+            )  # before the yield: a checkpoint taken now resumes after this batch
             yield images, labels
         if yielded != steps:
             raise AssertionError(f"DALI yielded {yielded} batches, expected {steps}")

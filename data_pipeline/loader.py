@@ -14,9 +14,13 @@
 Mid-epoch resume (``set_epoch(epoch, start_batch=k)``, train loaders; ``0 <= k <= len(loader)``, a val loader
 accepts only 0, anything else is a ``ValueError``): the next pass starts at batch ``k`` of that epoch's order
 and never reads the first ``k`` batches' images; it applies to that one pass (a later pass, and every
-``set_epoch`` without it, is a full epoch). torchvision backend: batches k.. are bitwise those of an
-uninterrupted pass (augmentation seeded per image, colour shifts advanced past the skipped batches). DALI: the
-same images in the same order, with fresh random augmentation (see ``data_pipeline.dali_backend``).
+``set_epoch`` without it, is a full epoch). Batches k.. are bitwise those of an uninterrupted pass: same images,
+same crops, flips and colour shifts. torchvision backend: by construction (augmentation seeded per image, colour
+shifts advanced past the skipped batches). DALI: from the pipeline checkpoint that ``state_dict()`` took at batch
+k (``set_epoch(e, start_batch=k, state=...)``; DALI's random streams are per pipeline and restored, not
+re-derived); without a usable one, the same images in the same order with fresh random augmentation, and
+``set_epoch`` returns the one-line reason (see ``data_pipeline.dali_backend``). The trainer keeps every rank's
+``state_dict()`` in ``last.pth``.
 
 Which backend: ``data.backend=torchvision`` → PIL decoding + torchvision.transforms.v2 in DataLoader workers
 (``torchvision``); ``data.backend=dali`` → DALI, with ``data.dali_device``: ``auto`` decodes on the GPU
@@ -47,6 +51,7 @@ import math
 import operator
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.datasets.folder import find_classes
@@ -149,11 +154,15 @@ class Loader:
         """Batches this rank yields per epoch (train: the same on every rank)."""
         return self.steps
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict[str, Any] | None = None) -> str | None:
         """Train: the next pass uses epoch ``epoch``'s order (a function of (seed, epoch)) and starts at batch
         ``start_batch`` of it (``len(self) - start_batch`` batches; mid-epoch resume), a one-shot setting: the
         pass after it, and the next ``set_epoch`` without it, start at 0. Val: no effect; ``start_batch`` must be
-        0. Raises ``ValueError`` for a ``start_batch`` outside ``[0, len(self)]``."""
+        0. Raises ``ValueError`` for a ``start_batch`` outside ``[0, len(self)]``.
+
+        ``state``: this rank's ``state_dict()`` taken after batch ``start_batch`` of ``epoch`` (a backend whose
+        position alone does not fix its batches needs it). Returns None when batches ``start_batch``.. will be
+        exactly those of an uninterrupted pass, else one line saying why not (what the caller warns about)."""
         start = operator.index(start_batch)
         if self.split != "train" and start != 0:
             raise ValueError(
@@ -163,6 +172,12 @@ class Loader:
             raise ValueError(f"start_batch must be in [0, {self.steps}] (batches per epoch), got {start}")
         self.epoch = int(epoch)
         self._start_batch = start
+        return None
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a resume needs besides (epoch, batch) to continue the current train pass exactly, at the position
+        after the last batch it yielded; None when the position alone does (torchvision backend, val)."""
+        return None
 
     def _take_start_batch(self) -> int:
         """The batch a pass beginning now starts at; resets it to 0 (it applies to one pass)."""

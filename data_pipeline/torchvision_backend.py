@@ -223,10 +223,11 @@ class TorchvisionLoader(Loader):
             raise AssertionError(f"DataLoader has {len(self._dl)} batches, expected {self.steps}")
         self._colour = torch.Generator(device=self.device)  # PCA colour shifts, drawn where they are used
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, state: dict[str, Any] | None = None) -> str | None:
         super().set_epoch(epoch, start_batch)
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
+        return None  # exact from the position alone (``state`` is another backend's, if any)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self._batches(self._take_start_batch())

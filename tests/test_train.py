@@ -20,7 +20,7 @@ from data_pipeline.loader import epoch_shards
 from tests.conftest import REPO, run_cli
 from tests.test_loaders import opened_files
 from tests.wandb_files import run_files
-from train import distributed
+from train import distributed, engine
 from train.checkpoint import load_checkpoint_file
 from train.config import load_config
 from train.engine import StopVote, Trainer, train
@@ -111,6 +111,64 @@ def test_resume_after_epoch_and_mid_epoch_is_exact(tree, tmp_path, deterministic
         json.loads(line)["epoch"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     ]
     assert epochs == [1, 2, 3]
+
+
+def dali(tree: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``overrides`` on the DALI-CPU backend, batch 4: 14 steps an epoch, so a stop at step 7 is mid-epoch."""
+    return overrides(tree, run_dir, "data.backend=dali", "data.dali_device=cpu", "data.workers=1",
+                     "data.batch_size=4", "sched.epochs=2", "sched.step_size=1", *extra)  # fmt: skip
+
+
+def stop_at(monkeypatch, trainer: Trainer, step: int) -> None:
+    """Ask ``trainer`` to stop once it has taken global step ``step`` (one process: it stops right there)."""
+    real = engine.train_step
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        trainer.stop_requested = trainer.step + 1 >= step
+        return out
+
+    monkeypatch.setattr(engine, "train_step", counted)
+
+
+def test_dali_cpu_resume_mid_epoch_is_exact(tree, tmp_path, deterministic, monkeypatch):
+    """Stopped at step 7 of a 14-step epoch and resumed, a DALI-CPU run ends with the uninterrupted run's weights:
+    last.pth keeps the pipeline's DALI checkpoint (reader position, crop/flip/colour random state)."""
+    full = train(load_config("demo", dali(tree, tmp_path / "full")))
+    assert (full["status"], full["step"]) == ("done", 28)
+    trainer = Trainer(load_config("demo", dali(tree, tmp_path / "mid")), distributed.setup())
+    stop_at(monkeypatch, trainer, 7)
+    assert trainer.run()["status"] == "interrupted"
+    monkeypatch.undo()
+    state = load_checkpoint_file(tmp_path / "mid" / "last.pth")
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (0, 7, 7)
+    (saved,) = state["loader_state"]  # one per rank
+    assert (saved["backend"], saved["epoch"], saved["batch"], saved["world_size"]) == ("dali-cpu", 0, 7, 1)
+    assert isinstance(saved["pipeline"], bytes) and 0 < len(saved["pipeline"]) < 64_000
+    assert train(load_config("demo", dali(tree, tmp_path / "mid")))["status"] == "done"
+    log = (tmp_path / "mid" / "train.log").read_text()
+    assert "resumed from" in log and "augmentation" not in log
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mid"))
+
+
+def test_dali_resume_without_its_pipeline_state_warns_once_and_goes_on(tree, tmp_path, monkeypatch):
+    """A checkpoint whose DALI state cannot be used (saved by another process count, or none, as from an older
+    version) resumes at the same batch with fresh augmentation: one warning, not an error."""
+    run_dir = tmp_path / "run"
+    trainer = Trainer(load_config("demo", dali(tree, run_dir, "sched.epochs=1")), distributed.setup())
+    stop_at(monkeypatch, trainer, 5)
+    assert trainer.run()["status"] == "interrupted"
+    monkeypatch.undo()
+    state = load_checkpoint_file(run_dir / "last.pth")
+    state["loader_state"][0]["world_size"] = 2  # as if saved by rank 0 of 2 processes
+    torch.save(state, run_dir / "last.pth")
+    result = train(load_config("demo", dali(tree, run_dir, "sched.epochs=1")))
+    assert (result["status"], result["step"]) == ("done", 14)
+    warned = [line for line in (run_dir / "train.log").read_text().splitlines() if "augmentation" in line]
+    assert len(warned) == 1 and warned[0].endswith(
+        "resuming mid-epoch with new random augmentation: the DALI pipeline state was saved with world_size 2, "
+        "this run has 1: batches 5.. of epoch 1 are its images in order, with fresh crops/flips"
+    ), warned
 
 
 def test_two_process_gloo_run_and_outputs(tree, tmp_path):

@@ -7,9 +7,11 @@ Resume is automatic from ``run_dir/last.pth`` (``ckpt.resume=auto``). A run stop
 ends with the same weights as one that was never stopped (tests/test_train.py checks it bitwise on CPU). A run
 stopped mid-epoch (SLURM time limit or preemption: ``last.pth`` holds ``batch_in_epoch = k``) resumes at batch k:
 ``train_loader.set_epoch(epoch, start_batch=k)`` starts the epoch's order there without reading or decoding the
-first k batches. With the torchvision backend batches k.. are bitwise those of the uninterrupted run, and so are
-the final weights (checked on CPU); with DALI they are the same images in the same order with fresh random
-augmentation (``data_pipeline.dali_backend``).
+first k batches. Batches k.. are bitwise those of the uninterrupted run, and so are the final weights (checked on
+CPU for the torchvision backend and DALI-CPU): the torchvision backend needs only (epoch, k); DALI restores each
+rank's pipeline checkpoint, which ``last.pth`` keeps (``loader_state``, one per rank). Where it cannot (another
+process count, a checkpoint without it) the batches are the same images in order with new random augmentation,
+and rank 0 warns once (``data_pipeline.loader``).
 
 Gradient compression (``dist.grad_compression=fp16|bf16``, default none = the recipes' fp32 all-reduce) registers
 PyTorch's ``fp16_compress_hook`` / ``bf16_compress_hook`` on DDP: half the all-reduce bytes, rounded gradients.
@@ -240,6 +242,7 @@ class Trainer:
         self.steps_log = JsonLines(run_dir / "steps.jsonl")
         self.epoch, self.step, self.batch_in_epoch = 0, 0, 0
         self.partial_counts: tuple[float, int, int, int] | None = None
+        self.loader_state: dict[str, Any] | None = None  # this rank's train loader state at batch_in_epoch
         self.best_top1_err = float("inf")
         self.resumed_wandb_id = self._resume()
         if self.epoch < cfg.sched.epochs:  # the run goes ahead: its config is the folder's config
@@ -307,6 +310,9 @@ class Trainer:
             partial[self.dist.rank] if partial and len(partial) == self.dist.world_size else None
         )
         self.best_top1_err = state["best_top1_err"]
+        # each rank's loader state at batch_in_epoch (DALI: its pipeline checkpoint), for the resumed epoch
+        loader_states = state.get("loader_state") or []
+        self.loader_state = loader_states[self.dist.rank] if self.dist.rank < len(loader_states) else None
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             set_rng_state(rngs[self.dist.rank])
@@ -336,6 +342,9 @@ class Trainer:
             "step": self.step,
             "batch_in_epoch": self.batch_in_epoch,
             "partial_counts": distributed.all_gather_object(self.partial_counts)
+            if self.batch_in_epoch
+            else None,
+            "loader_state": distributed.all_gather_object(self.train_loader.state_dict())
             if self.batch_in_epoch
             else None,
             "best_top1_err": self.best_top1_err,
@@ -400,7 +409,10 @@ class Trainer:
             self.log.warning("checkpoint is at batch %d, but an epoch has %d batches here: resuming at its end",
                              skip, steps_per_epoch)  # fmt: skip
             skip = steps_per_epoch
-        self.train_loader.set_epoch(epoch, start_batch=skip)
+        inexact = self.train_loader.set_epoch(epoch, start_batch=skip, state=self.loader_state)
+        self.loader_state = None
+        if inexact and self.dist.is_main:
+            self.log.warning("resuming mid-epoch with new random augmentation: %s", inexact)
         self.stop_vote.reset()
         self.forward.train()
         zero = torch.zeros((), dtype=torch.int64, device=device)
