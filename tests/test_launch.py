@@ -1,6 +1,6 @@
 """slurm/launch.py: the sbatch script and job layout it plans, bad input, and real runs of the demo recipe on two
 CPU tasks (gloo): ``--cluster local`` end to end, and on the local SLURM cluster submit → interrupt → requeue →
-resume to the same weights as an uninterrupted run, the timeout limit, a killed job resumed on resubmit,
+resume to the same weights as an uninterrupted run (also on DALI-CPU, stopped mid-epoch), the timeout limit, a killed job resumed on resubmit,
 sbatch's own error for an unknown partition, and a second launch into a run folder that is still busy.
 
     .venv/bin/python -m pytest tests/test_launch.py -rA      # SLURM tests need root (slurm/local_cluster.sh)
@@ -391,6 +391,50 @@ def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
     assert max(row["_step"] for row in first.history) == stops[0]
     assert min(row["_step"] for row in last.history) >= stops[1]  # = after a stop at an epoch end
     assert max(row["_step"] for row in last.history) == STEPS
+
+
+def dali_small(tree: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``small`` on the DALI-CPU backend, global batch 4 (2 a task): 14 steps an epoch, room for a mid-epoch stop."""
+    return small(tree, run_dir, "data.backend=dali", "data.dali_device=cpu", "data.workers=1", "data.batch_size=4",
+                 *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dali_reference(tree, tmp_path_factory) -> Path:
+    """An uninterrupted DALI-CPU run of 2 tasks through ``--cluster local``."""
+    run_dir = tmp_path_factory.mktemp("dali_reference") / "run"
+    out = run_cli(LAUNCH, *dali_small(tree, run_dir, "--cluster", "local"), env=clean_env(), timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slurm
+def test_slurm_time_limit_on_dali_resumes_mid_epoch_to_the_same_weights(
+    slurm_env: SlurmCluster, tree, tmp_path, dali_reference
+):
+    """The time limit's USR2 mid-epoch on a 2-task DALI-CPU job: both tasks save their own pipeline checkpoint in
+    last.pth, the requeued job restores them (same images, crops, flips and colour shifts as if never stopped) and
+    ends with the uninterrupted run's weights, without the fresh-augmentation warning."""
+    run_dir = tmp_path / "run"
+    args = dali_small(tree, run_dir, "--cluster", "slurm", "--partition", slurm_env.partition)
+    out = run_cli(LAUNCH, *args, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    job_id = submitted(out.stdout)
+    log = run_dir / "slurm" / job_id / f"{job_id}_0_log.out"
+    job = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id, tasks=[0, 1])
+    steps = run_dir / "steps.jsonl"
+    slurm_env.wait_for("a training step", lambda: steps.is_file() and steps.read_text().strip(), timeout=300)
+    job._interrupt(timeout=True)  # USR2 alone, as before the time limit
+    slurm_env.start_requeued_now(job_id, timeout=120)
+    results = job.results()
+    assert [(r["status"], r["epoch"], r["step"]) for r in results] == [("done", 2, 28)] * 2
+    text = log.read_text()
+    saved = re.search(r"stop requested: saved .* at epoch 1, batch (\d+)", text)
+    assert saved and 0 < int(saved[1]) < 14, text  # mid-epoch: the pipeline state is what makes it exact
+    assert f"resumed from {run_dir}/last.pth at epoch 1, batch {saved[1]} (step {saved[1]})" in text, text
+    assert "augmentation" not in text
+    assert_same_weights(dali_reference, run_dir)
+    assert val_metrics(run_dir) == val_metrics(dali_reference)
 
 
 def _stops(log: Path) -> list[int]:

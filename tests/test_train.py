@@ -131,11 +131,21 @@ def stop_at(monkeypatch, trainer: Trainer, step: int) -> None:
     monkeypatch.setattr(engine, "train_step", counted)
 
 
-def test_dali_cpu_resume_mid_epoch_is_exact(tree, tmp_path, deterministic, monkeypatch):
+@pytest.fixture(scope="module")
+def dali_full(tree: Path, tmp_path_factory) -> Path:
+    """An uninterrupted DALI-CPU run (2 epochs of 14 steps): the reference of the DALI resume tests."""
+    run_dir = tmp_path_factory.mktemp("dali") / "full"
+    try:
+        result = train(load_config("demo", dali(tree, run_dir)))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert (result["status"], result["step"]) == ("done", 28)
+    return run_dir
+
+
+def test_dali_cpu_resume_mid_epoch_is_exact(tree, tmp_path, deterministic, monkeypatch, dali_full):
     """Stopped at step 7 of a 14-step epoch and resumed, a DALI-CPU run ends with the uninterrupted run's weights:
     last.pth keeps the pipeline's DALI checkpoint (reader position, crop/flip/colour random state)."""
-    full = train(load_config("demo", dali(tree, tmp_path / "full")))
-    assert (full["status"], full["step"]) == ("done", 28)
     trainer = Trainer(load_config("demo", dali(tree, tmp_path / "mid")), distributed.setup())
     stop_at(monkeypatch, trainer, 7)
     assert trainer.run()["status"] == "interrupted"
@@ -148,7 +158,35 @@ def test_dali_cpu_resume_mid_epoch_is_exact(tree, tmp_path, deterministic, monke
     assert train(load_config("demo", dali(tree, tmp_path / "mid")))["status"] == "done"
     log = (tmp_path / "mid" / "train.log").read_text()
     assert "resumed from" in log and "augmentation" not in log
-    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "mid"))
+    assert_same_weights(weights(dali_full), weights(tmp_path / "mid"))
+
+
+def test_sigterm_on_dali_saves_its_pipeline_and_the_same_command_resumes_exactly(tree, tmp_path, dali_full):
+    """``python -m train`` on DALI-CPU, stopped by SIGTERM to its process group (what scancel and a terminal's
+    Ctrl-C do, the latter with SIGINT) mid-epoch: exit status 143, last.pth with the pipeline's checkpoint; the same
+    command ends with the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    argv = [sys.executable, "-m", "train", "--config", "demo", *dali(tree, run_dir)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    steps = run_dir / "steps.jsonl"
+    deadline = time.monotonic() + 180
+    while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no step logged in 180 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143, err[-3000:]
+    assert f"interrupted (SIGTERM): saved {run_dir}/last.pth" in err and "Traceback" not in err, err
+    state = load_checkpoint_file(run_dir / "last.pth")
+    assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < 14, (state["epoch"], state["batch_in_epoch"])
+    (saved,) = state["loader_state"]
+    assert (saved["epoch"], saved["batch"]) == (0, state["batch_in_epoch"])
+    again = run_cli("-m", "train", "--config", "demo", *dali(tree, run_dir))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "augmentation" not in again.stdout + again.stderr
+    assert_same_weights(weights(dali_full), weights(run_dir))
 
 
 def test_dali_resume_without_its_pipeline_state_warns_once_and_goes_on(tree, tmp_path, monkeypatch):
