@@ -1,7 +1,8 @@
 """slurm/launch.py: the sbatch script and job layout it plans, bad input, and real runs of the demo recipe on two
 CPU tasks (gloo): ``--cluster local`` end to end, and on the local SLURM cluster submit → interrupt → requeue →
-resume to the same weights as an uninterrupted run (also on DALI-CPU, stopped mid-epoch), the timeout limit, a killed job resumed on resubmit,
-sbatch's own error for an unknown partition, and a second launch into a run folder that is still busy.
+resume to the same weights as an uninterrupted run (also on DALI-CPU, stopped mid-epoch), the timeout limit, a
+killed job resumed on resubmit, sbatch's own error for an unknown partition, and a second launch into a run folder
+that is still busy.
 
     .venv/bin/python -m pytest tests/test_launch.py -rA      # SLURM tests need root (slurm/local_cluster.sh)
 """
