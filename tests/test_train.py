@@ -143,10 +143,22 @@ def dali_full(tree: Path, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_dali_cpu_resume_mid_epoch_is_exact(tree, tmp_path, deterministic, monkeypatch, dali_full):
+# The paper's augmentation: scale jitter (S drawn per image), random crop offsets, flip, PCA colour shift.
+PAPER_AUGMENT = ("data.augment=scale", "data.scale_min=36", "data.scale_max=48", "data.color_pca_std=0.1")
+
+
+@pytest.mark.parametrize("augment", ["rrc", "paper"])
+def test_dali_cpu_resume_mid_epoch_is_exact(tree, tmp_path, deterministic, monkeypatch, dali_full, augment):
     """Stopped at step 7 of a 14-step epoch and resumed, a DALI-CPU run ends with the uninterrupted run's weights:
-    last.pth keeps the pipeline's DALI checkpoint (reader position, crop/flip/colour random state)."""
-    trainer = Trainer(load_config("demo", dali(tree, tmp_path / "mid")), distributed.setup())
+    last.pth keeps the pipeline's DALI checkpoint (reader position and the state of its random operators), with
+    torchvision's augmentation (random-resized crop, flip) and the paper's (scale jitter, crop offsets, flip,
+    colour shift)."""
+    extra = PAPER_AUGMENT if augment == "paper" else ()
+    if augment == "paper":
+        full = train(load_config("demo", dali(tree, tmp_path / "full", *extra)))
+        assert (full["status"], full["step"]) == ("done", 28)
+    reference = dali_full if augment == "rrc" else tmp_path / "full"
+    trainer = Trainer(load_config("demo", dali(tree, tmp_path / "mid", *extra)), distributed.setup())
     stop_at(monkeypatch, trainer, 7)
     assert trainer.run()["status"] == "interrupted"
     monkeypatch.undo()
@@ -155,10 +167,10 @@ def test_dali_cpu_resume_mid_epoch_is_exact(tree, tmp_path, deterministic, monke
     (saved,) = state["loader_state"]  # one per rank
     assert (saved["backend"], saved["epoch"], saved["batch"], saved["world_size"]) == ("dali-cpu", 0, 7, 1)
     assert isinstance(saved["pipeline"], bytes) and 0 < len(saved["pipeline"]) < 64_000
-    assert train(load_config("demo", dali(tree, tmp_path / "mid")))["status"] == "done"
+    assert train(load_config("demo", dali(tree, tmp_path / "mid", *extra)))["status"] == "done"
     log = (tmp_path / "mid" / "train.log").read_text()
     assert "resumed from" in log and "augmentation" not in log
-    assert_same_weights(weights(dali_full), weights(tmp_path / "mid"))
+    assert_same_weights(weights(reference), weights(tmp_path / "mid"))
 
 
 def test_sigterm_on_dali_saves_its_pipeline_and_the_same_command_resumes_exactly(tree, tmp_path, dali_full):
