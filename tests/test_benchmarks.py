@@ -305,3 +305,27 @@ def test_scaling_note_matches_models_and_model_code(repo):
     assert report["allreduce_bytes_per_step"] == {"fp32": 4 * 138_365_992, "bf16": 2 * 138_365_992}
     assert [x["gpus"] for x in report["efficiency"]["fp32"]] == [8, 16, 32, 64]
     assert [x["gpus"] for x in report["recipes"]["paper"]] == [1, 8, 16, 32, 64]
+
+
+def test_resume_cost_smoke(tmp_path):
+    """benchmarks/resume_cost.py end to end on a tiny tree: both backends stopped mid-epoch, DALI's snapshot holds
+    its pipeline state, every variant timed to its first step, the ratios are those of the medians."""
+    out, readme = tmp_path / "rc.json", tmp_path / "README.md"
+    proc = run_cli("benchmarks/resume_cost.py", "--smoke", "--workers", "1", "--data", str(tmp_path / "data"),
+                   "--runs", str(tmp_path / "runs"), "--out", str(out), "--readme", str(readme), timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    s = result["setting"]
+    assert result["smoke"] is True and (s["train_images"], s["batch"], s["steps_per_epoch"]) == (48, 4, 12)
+    b = result["backends"]
+    assert set(b) == {"dali-cpu", "torchvision"}
+    assert set(b["dali-cpu"]["seconds"]) == {"fresh", "resume", "resume-no-state"}
+    assert set(b["torchvision"]["seconds"]) == {"fresh", "resume"}
+    for name, r in b.items():
+        assert 0 < r["snapshot"]["batch"] < 12 and r["snapshot"]["step"] == r["snapshot"]["batch"], name
+        assert all(len(xs) == 1 and xs[0] > 0 for xs in r["seconds"].values()), name
+        med = r["median_s"]
+        assert abs(r["ratios"]["resume_over_fresh"] - med["resume"] / med["fresh"]) < 1e-9
+    dali, tv = b["dali-cpu"]["snapshot"], b["torchvision"]["snapshot"]
+    assert dali["loader_state_bytes"] > 0 and tv["loader_state_bytes"] == 0
+    assert "### Resume cost" in readme.read_text() and "| dali-cpu |" in readme.read_text()
