@@ -1,0 +1,160 @@
+"""Two SLURM nodes on this machine (``slurm/local_cluster.sh up --nodes 2``: node1 and node2, each a slurmd in a
+network namespace of its own with its own hostname and address): the cluster itself, and the demo recipe as a
+2-node job (one task per node, gloo) checked from its own logs and outputs against 2 processes on one node.
+
+    .venv/bin/python -m pytest tests/test_multinode.py -rA      # as root (network namespaces, daemons)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.loader import train_steps
+from tests.conftest import run_cli
+from tests.slurm_cluster import SlurmCluster, leftovers
+from tests.test_launch import LAUNCH, assert_same_weights, clean_env, metrics, small, submitted, val_metrics
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def tree(small_tree: Path) -> Path:
+    return small_tree
+
+
+def test_two_nodes_with_their_own_hostnames_and_addresses(
+    slurm_cluster2: SlurmCluster, tmp_path: Path
+) -> None:
+    """sinfo lists node1 and node2 idle with 8 (fake) GPUs each; a 2-node job's tasks run one per node, each
+    under its node's hostname and address, and resolve each other by name (what the rendezvous needs)."""
+    nodes = slurm_cluster2.run("sinfo", "-h", "-N", "-o", "%N|%T|%G").stdout.split()
+    assert [n.split("|")[0] for n in nodes] == ["node1", "node2"], nodes
+    assert all(n.split("|")[1] in {"idle", "mixed", "allocated"} and n.endswith("|gpu:8") for n in nodes), (
+        nodes
+    )
+
+    out = tmp_path / "out.txt"
+    script = (
+        'srun bash -c \'echo $SLURM_PROCID $(hostname) $(ip -o -4 addr show dev eth0 | awk "{print \\$4}") '
+        '$(getent hosts node1 | cut -d" " -f1) $(getent hosts node2 | cut -d" " -f1)\''
+    )
+    job = slurm_cluster2.run("sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gres=gpu:1",
+                             f"--output={out}", "--wait", "--wrap", script, timeout=120).stdout.strip()  # fmt: skip
+    rows = sorted(line.split() for line in out.read_text().splitlines())
+    assert [r[:2] for r in rows] == [["0", "node1"], ["1", "node2"]], rows
+    addr1, addr2 = (r[2].split("/")[0] for r in rows)
+    assert addr1 != addr2 and addr1.rsplit(".", 1)[0] == addr2.rsplit(".", 1)[0]  # one private /24
+    assert all(r[3:] == [addr1, addr2] for r in rows), rows  # both nodes resolve both names the same way
+    listed = slurm_cluster2.run("sacct", "-n", "-X", "-P", "-j", job, "-o", "NodeList").stdout.split()
+    assert listed == ["node[1-2]"], listed
+
+
+def _rank_lines(log: Path) -> dict[str, str]:
+    """``rank R/W: host H (A), node N, local rank L; MASTER_ADDR M = A'`` from a task's log, as a dict."""
+    m = re.search(
+        r"^rank (\d+)/(\d+): host (\S+) \((\S+)\), node (\d+), local rank (\d+); MASTER_ADDR (\S+) = (\S+)$",
+        log.read_text(),
+        re.M,
+    )
+    assert m, log.read_text()[-2000:]
+    keys = ("rank", "world", "host", "addr", "node", "local_rank", "master", "master_addr")
+    return dict(zip(keys, m.groups(), strict=True))
+
+
+def _samples(run_dir: Path, epoch: int, rank: int) -> list[str]:
+    return (run_dir / "samples" / f"epoch{epoch:03d}_rank{rank}.txt").read_text().splitlines()
+
+
+def test_two_node_demo_equals_two_processes_on_one_node(slurm2_env: SlurmCluster, tree: Path, tmp_path: Path):
+    """The demo recipe (short schedule) on ``--gpus 2 --nodes 2``: one task on node1, one on node2, gloo across
+    the bridge. From the job's own logs and outputs: world size 2 over two hostnames, rank 1 rendezvouses on rank
+    0's host and address; every epoch's train images are each trained exactly once over both nodes (each rank's
+    list is also the one-node run's); validation counts every image once; and the final weights equal a
+    2-process run on one node of the same config, bitwise (CPU, torchvision backend, deterministic)."""
+    ref_dir, run_dir = tmp_path / "one_node", tmp_path / "two_nodes"
+    t0 = time.monotonic()
+    ref = run_cli(LAUNCH, *small(tree, ref_dir, "--cluster", "local", "log.sample_ids=true"), env=clean_env(),
+                  timeout=600)  # fmt: skip
+    t_ref = time.monotonic() - t0
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+
+    args = small(tree, run_dir, "--cluster", "slurm", "--nodes", "2", "--partition", slurm2_env.partition,
+                 "--wait", "log.sample_ids=true")  # fmt: skip
+    t0 = time.monotonic()
+    out = run_cli(LAUNCH, *args, env=clean_env(), timeout=600)
+    t_run = time.monotonic() - t0
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    job_id = submitted(out.stdout)
+    print(f"2 processes on one node (--cluster local): {t_ref:.1f} s; 2 nodes (submit → done): {t_run:.1f} s")
+    assert "note: 2 GPUs on 8-GPU nodes: using 2 nodes × 1 GPUs each" in out.stdout
+    assert "2 task(s) on 2 node(s)" in out.stdout  # rank 0's log, followed by --wait
+
+    # who ran where, from each task's own log
+    folder = run_dir / "slurm" / job_id
+    r0, r1 = (_rank_lines(folder / f"{job_id}_{t}_log.out") for t in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world"], r1["world"]) == ("0", "1", "2", "2")
+    assert (r0["host"], r1["host"]) == ("node1", "node2")
+    assert (r0["node"], r1["node"], r0["local_rank"], r1["local_rank"]) == ("0", "1", "0", "0")
+    assert r0["addr"] != r1["addr"]
+    # rank 1 (node2) rendezvouses on rank 0's host, which it resolves to rank 0's own address
+    assert r0["master"] == r1["master"] == "node1"
+    assert r1["master_addr"] == r0["addr"] == r0["master_addr"]
+    nodelist = slurm2_env.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "NodeList").stdout.split()
+    assert nodelist == ["node[1-2]"]
+
+    # every epoch: each train image trained exactly once over both nodes (none on both, none missing beyond
+    # the declared drop), and each rank trained the images the one-node run's rank did
+    train_files = {str(p.relative_to(tree / "train")) for p in (tree / "train").rglob("*.*")}
+    # what the job declares (rank 0's log): steps per epoch × per-rank batch of the train images; drop the rest
+    m = re.search(
+        r"on 2 process\(es\) .*global batch (\d+), (\d+) steps/epoch, .*\(torchvision: (\d+) train / (\d+) val\)",
+        out.stdout,
+    )
+    assert m, out.stdout[-3000:]
+    global_batch, steps, total, n_val = (int(x) for x in m.groups())
+    per_rank = steps * global_batch // 2
+    assert total == len(train_files) and steps == train_steps(total, 2, global_batch // 2)
+    for epoch in (1, 2):
+        a, b = _samples(run_dir, epoch, 0), _samples(run_dir, epoch, 1)
+        assert len(a) == len(b) == per_rank
+        assert len(set(a)) == len(a) and len(set(b)) == len(b)
+        assert not set(a) & set(b), f"epoch {epoch}: images on both nodes"
+        assert set(a) | set(b) <= train_files
+        assert len(set(a) | set(b)) == total - (total - 2 * per_rank)  # all but the declared drop
+        assert (a, b) == (_samples(ref_dir, epoch, 0), _samples(ref_dir, epoch, 1))
+
+    # validation: every val image counted once per epoch, the same numbers as on one node
+    assert n_val == sum(1 for _ in (tree / "val").rglob("*.*"))
+    assert [r["val_images"] for r in metrics(run_dir)] == [n_val, n_val]
+    assert val_metrics(run_dir) == val_metrics(ref_dir)
+    assert_same_weights(ref_dir, run_dir)
+
+    speeds = [
+        (r["epoch"], r["img_per_s"], s["img_per_s"])
+        for r, s in zip(metrics(run_dir), metrics(ref_dir), strict=True)
+    ]
+    print(
+        "img/s per epoch (2 nodes, 1 node × 2 processes): "
+        + ", ".join(f"{e}: {a:.1f}, {b:.1f}" for e, a, b in speeds)
+    )
+
+
+def test_down_removes_every_namespace_and_veth_and_up_again(slurm_cluster2: SlurmCluster) -> None:
+    """``down`` stops every daemon of the 2-node cluster and removes its namespaces, veths and bridge; ``up``
+    brings it back (later tests keep using it)."""
+    with slurm_cluster2.alone():
+        t0 = time.monotonic()
+        down = slurm_cluster2.script("down")
+        t_down = time.monotonic() - t0
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert leftovers(slurm_cluster2.state_dir, 2) == []
+        t0 = time.monotonic()
+        up = slurm_cluster2.script("up")
+        t_up = time.monotonic() - t0
+        assert up.returncode == 0, up.stdout + up.stderr
+        print(f"2-node cluster: down {t_down:.1f} s, up again {t_up:.1f} s")
+        assert slurm_cluster2.run("sinfo", "-h", "-N", "-o", "%N").stdout.split() == ["node1", "node2"]
