@@ -7,16 +7,29 @@ network namespace of its own with its own hostname and address): the cluster its
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
 
 import pytest
+import submitit
+import torch
 
 from data_pipeline.loader import train_steps
 from tests.conftest import run_cli
 from tests.slurm_cluster import SlurmCluster, leftovers
-from tests.test_launch import LAUNCH, assert_same_weights, clean_env, metrics, small, submitted, val_metrics
+from tests.test_launch import (
+    LAUNCH,
+    STEPS,
+    _stops,
+    assert_same_weights,
+    clean_env,
+    metrics,
+    small,
+    submitted,
+    val_metrics,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -24,6 +37,17 @@ pytestmark = pytest.mark.slurm
 @pytest.fixture(scope="module")
 def tree(small_tree: Path) -> Path:
     return small_tree
+
+
+@pytest.fixture(scope="module")
+def one_node(tree: Path, tmp_path_factory) -> tuple[Path, float]:
+    """The same config as 2 processes on one node (``--cluster local``): the run the 2-node jobs must equal."""
+    ref_dir = tmp_path_factory.mktemp("one_node") / "run"
+    t0 = time.monotonic()
+    ref = run_cli(LAUNCH, *small(tree, ref_dir, "--cluster", "local", "log.sample_ids=true"), env=clean_env(),
+                  timeout=600)  # fmt: skip
+    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    return ref_dir, time.monotonic() - t0
 
 
 def test_two_nodes_with_their_own_hostnames_and_addresses(
@@ -69,18 +93,15 @@ def _samples(run_dir: Path, epoch: int, rank: int) -> list[str]:
     return (run_dir / "samples" / f"epoch{epoch:03d}_rank{rank}.txt").read_text().splitlines()
 
 
-def test_two_node_demo_equals_two_processes_on_one_node(slurm2_env: SlurmCluster, tree: Path, tmp_path: Path):
+def test_two_node_demo_equals_two_processes_on_one_node(
+    slurm2_env: SlurmCluster, tree: Path, tmp_path: Path, one_node: tuple[Path, float]
+):
     """The demo recipe (short schedule) on ``--gpus 2 --nodes 2``: one task on node1, one on node2, gloo across
     the bridge. From the job's own logs and outputs: world size 2 over two hostnames, rank 1 rendezvouses on rank
     0's host and address; every epoch's train images are each trained exactly once over both nodes (each rank's
     list is also the one-node run's); validation counts every image once; and the final weights equal a
     2-process run on one node of the same config, bitwise (CPU, torchvision backend, deterministic)."""
-    ref_dir, run_dir = tmp_path / "one_node", tmp_path / "two_nodes"
-    t0 = time.monotonic()
-    ref = run_cli(LAUNCH, *small(tree, ref_dir, "--cluster", "local", "log.sample_ids=true"), env=clean_env(),
-                  timeout=600)  # fmt: skip
-    t_ref = time.monotonic() - t0
-    assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-3000:]
+    (ref_dir, t_ref), run_dir = one_node, tmp_path / "two_nodes"
 
     args = small(tree, run_dir, "--cluster", "slurm", "--nodes", "2", "--partition", slurm2_env.partition,
                  "--wait", "log.sample_ids=true")  # fmt: skip
@@ -141,6 +162,67 @@ def test_two_node_demo_equals_two_processes_on_one_node(slurm2_env: SlurmCluster
         "img/s per epoch (2 nodes, 1 node × 2 processes): "
         + ", ".join(f"{e}: {a:.1f}, {b:.1f}" for e, a, b in speeds)
     )
+
+
+def test_two_node_job_requeued_twice_resumes_on_both_nodes_to_the_same_weights(
+    slurm2_env: SlurmCluster, tree: Path, tmp_path: Path, one_node: tuple[Path, float]
+):
+    """The 2-node job interrupted mid-run twice (USR2 alone, what SLURM sends before the time limit; then a
+    preemption: SIGTERM, then USR2) requeues itself each time, starts again on both nodes, resumes there from
+    last.pth and ends bitwise equal to the uninterrupted run, in one W&B run."""
+    ref_dir, _ = one_node
+    run_dir = tmp_path / "run"
+    args = small(tree, run_dir, "--cluster", "slurm", "--nodes", "2", "--partition", slurm2_env.partition,
+                 "log.wandb_mode=offline", "log.sample_ids=true", "data.workers=1")  # fmt: skip
+    t0 = time.monotonic()
+    out = run_cli(LAUNCH, *args, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    job_id = submitted(out.stdout)
+    wandb_id = re.search(r"^W&B: offline \(log.wandb_mode=offline\): new run (\w+), ", out.stdout, re.M)[1]
+    folder = run_dir / "slurm" / job_id
+    log = folder / f"{job_id}_0_log.out"
+    job = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id, tasks=[0, 1])
+    steps = run_dir / "steps.jsonl"
+
+    def logged_step_above(step: int) -> bool:
+        lines = steps.read_text().splitlines() if steps.is_file() else []
+        return any(json.loads(line)["step"] > step for line in lines)
+
+    stops: list[int] = []
+    for timeout in (True, False):
+        after = stops[-1] if stops else 0
+        slurm2_env.wait_for(f"training past step {after}", lambda a=after: logged_step_above(a), timeout=300)
+        job._interrupt(timeout=timeout)
+        slurm2_env.start_requeued_now(job_id, timeout=120)
+        stops = _stops(log)
+    results = job.results()
+    print(f"2 nodes: submit → 2 × (interrupt → requeue) → done: {time.monotonic() - t0:.1f} s")
+    assert [(r["status"], r["epoch"], r["step"]) for r in results] == [("done", 2, STEPS)] * 2
+    slurm2_env.wait_for("sacct COMPLETED", lambda: slurm2_env.sacct_states(job_id)[-1:] == ["COMPLETED"])
+    assert slurm2_env.sacct_states(job_id, duplicates=True) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+
+    # every start ran on both nodes (each task's log is appended to by each start)
+    for task, host in ((0, "node1"), (1, "node2")):
+        text = (folder / f"{job_id}_{task}_log.out").read_text()
+        assert re.findall(rf"^rank {task}/2: host (\S+) ", text, re.M) == [host] * 3, text[-3000:]
+    text = log.read_text()
+    assert text.count("this job is preempted") == 2 and "restart 1" in text and "restart 2" in text
+    resumed = [
+        int(m[1])
+        for m in re.finditer(
+            r"resumed from .*last\.pth at (?:epoch \d+, batch \d+|the end of epoch \d+) \(step (\d+)\)", text
+        )
+    ]
+    assert resumed == stops and 0 < stops[0] < stops[1] <= STEPS, text
+    # each node went on with the images it had left: every epoch's list, over the three starts, is the
+    # uninterrupted run's
+    for epoch in (1, 2):
+        for rank in (0, 1):
+            assert _samples(run_dir, epoch, rank) == _samples(ref_dir, epoch, rank), (epoch, rank)
+    assert_same_weights(ref_dir, run_dir)
+    assert val_metrics(run_dir) == val_metrics(ref_dir)
+    assert torch.load(run_dir / "last.pth", weights_only=True)["wandb_id"] == wandb_id
+    assert len(sorted(run_dir.glob(f"wandb/offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))) == 3
 
 
 def test_down_removes_every_namespace_and_veth_and_up_again(slurm_cluster2: SlurmCluster) -> None:
