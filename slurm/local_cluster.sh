@@ -8,6 +8,7 @@
 #   slurm/local_cluster.sh status         # daemons, sinfo, squeue; exit 0 when up, 3 when not
 #   slurm/local_cluster.sh down           # cancel jobs, stop every daemon by PID, verify nothing is left
 #   slurm/local_cluster.sh install        # only install the packages
+#   slurm/local_cluster.sh node-fail 2    # several nodes: node2 dies (link down, SIGKILL to all in it); node-back 2
 #
 # Everything lives under one folder, $SLURM_LOCAL_DIR (default /tmp/vgg-slurm): a private munge key and socket,
 # a private MariaDB (own datadir, socket and port $SLURM_LOCAL_DB_PORT, default 6829) behind slurmdbd so `sacct`
@@ -36,6 +37,7 @@ NODE_MEM_MB=1048576    # declared RealMemory (1 TiB) for the same reason; Slurmd
 NUM_GPUS=8
 PORTS=(6817 6818 6819 "$DB_PORT")
 NODES=1   # `up --nodes N`; status/down read what up recorded in $RUN/nodes
+SLURMD_TIMEOUT_S="${SLURM_LOCAL_SLURMD_TIMEOUT:-10}"  # several nodes: SlurmdTimeout (node-failure detection)
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 NEEDED_CMDS=(slurmctld slurmd slurmdbd slurmstepd sbatch sacct sacctmgr scontrol munged munge unmunge mungekey
 	mariadbd mariadb-install-db mariadb mariadb-admin)
@@ -319,8 +321,11 @@ write_configs() {
 		nodes_conf="NodeName=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS Sockets=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$NODE_MEM_MB Gres=gpu:$NUM_GPUS State=UNKNOWN"
 		gres_conf="AutoDetect=off"$'\n'"NodeName=$host Name=gpu File=$STATE/dev/nvidia[0-$((NUM_GPUS - 1))]"
 	fi
-	local d_pid d_log d_spool
+	local d_pid d_log d_spool slurmd_timeout=""
 	IFS='|' read -r d_pid d_log d_spool <<<"$slurmd_files"
+	# Several nodes: a node whose slurmd stops answering is DOWN after this many seconds (default 300), and its
+	# jobs end (NODE_FAIL; requeued if they allow it). Bounds how long a job waits on a dead node.
+	[[ $NODES -gt 1 ]] && slurmd_timeout="SlurmdTimeout=$SLURMD_TIMEOUT_S"
 
 	# Fake GPUs: gres.conf File= must name character devices; nothing ever opens them.
 	local i
@@ -363,6 +368,7 @@ write_configs() {
 		SwitchType=switch/none
 		JobRequeue=1
 		ReturnToService=2
+		$slurmd_timeout
 		KillWait=5
 		InactiveLimit=0
 		MinJobAge=300
@@ -493,19 +499,21 @@ resume_down_nodes() {
 	return 0
 }
 
+# slurmd of node $1 in its own network namespace (address), UTS namespace (hostname nodeK, what jobs see) and
+# mount namespace (for the one bind mount of the namespace's hosts file over /etc/hosts).
+start_node_slurmd() {
+	local name ns
+	name="$(node_name "$1")"
+	ns="$(ns_node "$1")"
+	nsenter --net="/run/netns/$ns" unshare --uts --mount bash -c \
+		"mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $name && exec slurmd -f '$CONF' -N $name" \
+		</dev/null >>"$LOG/slurmd-$name.log" 2>&1 9>&- || start_failed "slurmd $name" "$LOG/slurmd-$name.log"
+}
+
 start_slurmd() {
 	if [[ $NODES -gt 1 ]]; then
-		local k name
-		for ((k = 1; k <= NODES; k++)); do
-			name="$(node_name "$k")"
-			# Own network namespace (address), own UTS namespace (hostname nodeK, what jobs see), own mount
-			# namespace for the one bind mount of the namespace's hosts file over /etc/hosts.
-			local ns
-			ns="$(ns_node "$k")"
-			nsenter --net="/run/netns/$ns" unshare --uts --mount bash -c \
-				"mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $name && exec slurmd -f '$CONF' -N $name" \
-				</dev/null >>"$LOG/slurmd-$name.log" 2>&1 9>&- || start_failed "slurmd $name" "$LOG/slurmd-$name.log"
-		done
+		local k
+		for ((k = 1; k <= NODES; k++)); do start_node_slurmd "$k"; done
 		resume_down_nodes
 		wait_for "slurmd on $NODES nodes (all idle in sinfo)" 30 "$LOG/slurmd-node1.log" node_ready
 		return 0
@@ -684,8 +692,48 @@ cmd_status() {
 	return $rc
 }
 
+# node-fail K: node K dies as a machine would: its link goes down first (nothing it sends reaches the others,
+# no FIN/RST), then every process in its namespace (slurmd, step daemons, the job's tasks) gets SIGKILL; no
+# signal reaches the job. node-back K: link up, slurmd started again (ReturnToService=2 makes it idle again).
+node_arg() {
+	set_nodes "$(recorded_nodes)"
+	[[ $NODES -gt 1 ]] || die "node-fail/node-back need a cluster of several nodes (up --nodes N)"
+	[[ "${1:-}" =~ ^[0-9]+$ && $1 -ge 1 && $1 -le $NODES ]] || die "node must be 1..$NODES, got '${1:-}'"
+}
+
+cmd_node_fail() {
+	[[ $EUID -eq 0 ]] || cannot "must run as root"
+	node_arg "$1"
+	local ns pids
+	ns="$(ns_node "$1")"
+	ip link set "$(veth_of "n$1")" down
+	pids="$(ip netns pids "$ns" | xargs)"
+	# shellcheck disable=SC2086
+	[[ -z "$pids" ]] || kill -KILL $pids
+	rm -f "$(pidfile "slurmd-$(node_name "$1")")"
+	say "$(node_name "$1") failed: link down, SIGKILL to pid(s) ${pids:-none} in $ns"
+}
+
+cmd_node_back() {
+	[[ $EUID -eq 0 ]] || cannot "must run as root"
+	node_arg "$1"
+	lock
+	ip link set "$(veth_of "n$1")" up
+	[[ -n "$(daemon_pid "slurmd-$(node_name "$1")")" ]] || start_node_slurmd "$1"
+	local name
+	name="$(node_name "$1")"
+	wait_for "$name idle in sinfo" 60 "$LOG/slurmd-$name.log" bash -c \
+		"sinfo -h -n $name -o %T | grep -qE '^(idle|mixed|allocated)'"
+	say "$name is back"
+}
+
 VERB="${1:-}"
 [[ $# -gt 0 ]] && shift
+NODE_ARG=""
+[[ "$VERB" == node-fail || "$VERB" == node-back ]] && {
+	NODE_ARG="${1:-}"
+	[[ $# -gt 0 ]] && shift
+}
 while [[ $# -gt 0 ]]; do
 	case "$1" in
 	--nodes)
@@ -706,6 +754,8 @@ done
 case "$VERB" in
 up) cmd_up ;;
 down) cmd_down ;;
+node-fail) cmd_node_fail "$NODE_ARG" ;;
+node-back) cmd_node_back "$NODE_ARG" ;;
 status) cmd_status ;;
 install)
 	[[ $EUID -eq 0 ]] || cannot "must run as root to install packages"
@@ -713,7 +763,7 @@ install)
 	install_packages
 	;;
 *)
-	echo "usage: $0 up [--nodes N]|down|status|install   (state in \$SLURM_LOCAL_DIR, default /tmp/vgg-slurm)" >&2
+	echo "usage: $0 up [--nodes N]|down|status|install|node-fail K|node-back K   (state in \$SLURM_LOCAL_DIR, default /tmp/vgg-slurm)" >&2
 	exit 2
 	;;
 esac

@@ -8,7 +8,9 @@ network namespace of its own with its own hostname and address): the cluster its
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 
 from data_pipeline.loader import train_steps
 from tests.conftest import run_cli
-from tests.slurm_cluster import SlurmCluster, leftovers
+from tests.slurm_cluster import SCRIPT, SlurmCluster, leftovers, net_tag
 from tests.test_launch import (
     LAUNCH,
     STEPS,
@@ -223,6 +225,92 @@ def test_two_node_job_requeued_twice_resumes_on_both_nodes_to_the_same_weights(
     assert val_metrics(run_dir) == val_metrics(ref_dir)
     assert torch.load(run_dir / "last.pth", weights_only=True)["wandb_id"] == wandb_id
     assert len(sorted(run_dir.glob(f"wandb/offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))) == 3
+
+
+def test_node_failure_ends_the_job_and_it_resumes_once_the_node_is_back(
+    slurm2_env: SlurmCluster, tree: Path, tmp_path: Path
+):
+    """node2 dies mid-epoch (``local_cluster.sh node-fail 2``: its link goes down, then SIGKILL to its slurmd,
+    step daemons and task; no signal reaches the job). Rank 0 on node1 waits in a collective that cannot
+    finish; SLURM's node-failure handling ends it: node2 is DOWN after SlurmdTimeout (10 s here), the job run
+    ends NODE_FAIL and SLURM requeues it (the launcher submits with --requeue). The run folder keeps an intact
+    last.pth from the last save and whole metrics rows; once node2 is back the requeued job resumes from that
+    last.pth on both nodes and finishes."""
+    run_dir = tmp_path / "run"
+    epochs, steps_per_epoch = 3, STEPS // 2
+    args = small(tree, run_dir, "--cluster", "slurm", "--nodes", "2", "--partition", slurm2_env.partition,
+                 f"sched.epochs={epochs}", "train.print_every=1")  # fmt: skip
+    out = run_cli(LAUNCH, *args, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    job_id = submitted(out.stdout)
+    steps = run_dir / "steps.jsonl"
+
+    def step_logged() -> int:
+        lines = steps.read_text().splitlines() if steps.is_file() else []
+        return max((json.loads(x)["step"] for x in lines if x.endswith("}")), default=0)
+
+    # mid-epoch 2: epoch 1 is saved (last.pth), epoch 2 is under way
+    slurm2_env.wait_for("a step of epoch 2", lambda: step_logged() > steps_per_epoch + 1, timeout=300)
+    fail = _script_args(slurm2_env, "node-fail", "2")
+    t_fail = time.monotonic()
+    assert fail.returncode == 0, fail.stdout + fail.stderr
+
+    # the job's run ends: NODE_FAIL in accounting, and nothing of it is left on node1
+    slurm2_env.wait_for(
+        "NODE_FAIL", lambda: "NODE_FAIL" in slurm2_env.sacct_states(job_id, True), timeout=120
+    )
+    t_end = time.monotonic() - t_fail
+    slurm2_env.wait_for("node1 to hold only slurmd", lambda: _only_slurmd(slurm2_env), timeout=60)
+    print(
+        f"node2 killed → job run NODE_FAIL after {t_end:.1f} s, node1 clear after {time.monotonic() - t_fail:.1f} s"
+    )
+    assert t_end < 60, t_end  # SlurmdTimeout 10 s, plus SLURM's ping interval and KillWait (5 s)
+
+    # what the run folder holds: last.pth whole (loads, at a save point), every metrics row whole
+    state = torch.load(run_dir / "last.pth", weights_only=True)
+    saved = state["step"]
+    assert saved % steps_per_epoch == 0 and steps_per_epoch <= saved < epochs * steps_per_epoch, saved
+    rows = metrics(run_dir)
+    assert [r["epoch"] for r in rows] == list(range(1, saved // steps_per_epoch + 1))
+    assert (run_dir / "metrics.jsonl").read_text().endswith("\n")
+    # requeued, not ended: still in the queue (COMPLETING until SLURM gives up on node2's steps, then PENDING)
+    assert slurm2_env.squeue_state(job_id) in {"COMPLETING", "PENDING"}
+
+    back = _script_args(slurm2_env, "node-back", "2")
+    assert back.returncode == 0, back.stdout + back.stderr
+    slurm2_env.start_requeued_now(job_id, timeout=120)
+    # submitit takes the first run's NODE_FAIL for the job's end: wait for accounting's COMPLETED, then read
+    slurm2_env.wait_for("sacct COMPLETED", lambda: slurm2_env.sacct_states(job_id)[-1:] == ["COMPLETED"], 300)
+    assert slurm2_env.sacct_states(job_id, duplicates=True) == ["NODE_FAIL", "COMPLETED"]
+    job = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id, tasks=[0, 1])
+    results = job.results()
+    assert [(r["status"], r["epoch"]) for r in results] == [("done", epochs)] * 2
+    log = (run_dir / "slurm" / job_id / f"{job_id}_0_log.out").read_text()
+    assert re.search(rf"resumed from .*last\.pth at the end of epoch {saved // steps_per_epoch} \(step {saved}\)",
+                     log), log[-3000:]  # fmt: skip
+    assert re.findall(r"^rank 1/2: host (\S+) ", (run_dir / "slurm" / job_id / f"{job_id}_1_log.out").read_text(),
+                      re.M) == ["node2", "node2"]  # fmt: skip
+    assert [r["epoch"] for r in metrics(run_dir)] == list(range(1, epochs + 1))
+    # the same launch command now has nothing left to do
+    again = run_cli(LAUNCH, *args, env=clean_env())
+    assert again.returncode == 0 and f"is at epoch {epochs} of {epochs}; nothing submitted" in again.stdout
+
+
+def _script_args(cluster: SlurmCluster, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(cluster.state_dir)}
+    return subprocess.run(["bash", str(SCRIPT), *argv], env=env, capture_output=True, text=True, timeout=120)
+
+
+def _only_slurmd(cluster: SlurmCluster) -> bool:
+    ns = f"vgg-{net_tag(cluster.state_dir)}-node1"
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    comms = []
+    for p in pids:
+        try:
+            comms.append(Path(f"/proc/{p}/comm").read_text().strip())
+        except OSError:
+            continue
+    return comms == ["slurmd"]
 
 
 def test_down_removes_every_namespace_and_veth_and_up_again(slurm_cluster2: SlurmCluster) -> None:
