@@ -189,7 +189,10 @@ def leftovers(state_dir: Path = STATE_DIR, nodes: int = 1) -> list[str]:
             environ = (proc / "environ").read_bytes()
         except OSError:
             continue
-        if str(state_dir).encode() in cmdline or conf_entry in environ.split(b"\0"):
+        # a path in the state folder: "/tmp/vgg-slurm/" (with the slash), not a prefix of "/tmp/vgg-slurm2/..."
+        folder = str(state_dir).encode()
+        in_folder = any(a == folder or folder + b"/" in a for a in cmdline.split(b"\0"))
+        if in_folder or conf_entry in environ.split(b"\0"):
             found.append(f"{comm} (pid {proc.name})")
     if nodes > 1:
         tag = net_tag(state_dir)
