@@ -307,7 +307,11 @@ def build_loader(
         from data_pipeline.torchvision_backend import TorchvisionLoader
 
         loader = TorchvisionLoader(**common, decoder=decoder)
+        if split == "train" and getattr(cfg.log, "sample_ids", False):
+            loader.sample_log = Path(cfg.run_dir) / "samples"
     elif d.backend == "dali":
+        if getattr(cfg.log, "sample_ids", False):
+            raise DataError("log.sample_ids=true needs data.backend=torchvision")
         gpu = _dali_wants_gpu(getattr(d, "dali_device", "auto"), device)
         try:
             from data_pipeline.dali_backend import DaliLoader

@@ -34,6 +34,7 @@ import select
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -222,6 +223,19 @@ class TorchvisionLoader(Loader):
         if len(self._dl) != self.steps:  # the sharding math of data_pipeline.loader, checked against torch's
             raise AssertionError(f"DataLoader has {len(self._dl)} batches, expected {self.steps}")
         self._colour = torch.Generator(device=self.device)  # PCA colour shifts, drawn where they are used
+        self.sample_log: Path | None = None  # log.sample_ids: folder of the per-rank, per-epoch image lists
+
+    def _log_samples(self, order: list[int], batch: int) -> None:
+        """Append the images of train batch ``batch`` of this epoch to this rank's list (log.sample_ids)."""
+        assert self.sample_log is not None
+        self.sample_log.mkdir(parents=True, exist_ok=True)
+        root = Path(self.index.root)
+        lines = [
+            f"{Path(self.index.samples[i][0]).relative_to(root)}\n"
+            for i in order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        ]
+        with open(self.sample_log / f"epoch{self.epoch + 1:03d}_rank{self.rank}.txt", "a") as f:
+            f.writelines(lines)
 
     def set_epoch(self, epoch: int, start_batch: int = 0, state: dict[str, Any] | None = None) -> str | None:
         super().set_epoch(epoch, start_batch)
@@ -245,6 +259,9 @@ class TorchvisionLoader(Loader):
         self._indices.start = start * self.batch_size
         if start == self.steps:  # resumed after the epoch's last batch: nothing left to read
             return
+        # log.sample_ids: this epoch's order on this rank (the sampler's, fixed by (seed, epoch)), batch by batch
+        order = list(self.sampler) if self.sample_log is not None and self.sampler is not None else None
+        batch = start
         batches = iter(self._dl)
         while True:
             try:
@@ -257,6 +274,9 @@ class TorchvisionLoader(Loader):
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             shift = self.spec.pca_shift(len(images), self._colour) if lighting else None
+            if order is not None:  # handed to the training loop now
+                self._log_samples(order, batch)
+                batch += 1
             yield self.spec.normalize(images, shift), labels.to(self.device, non_blocking=self._pin)
 
     def close(self) -> None:

@@ -6,7 +6,8 @@
 Inside each task (SLURM, submitit's local executor, or in-process for ``--cluster debug``):
 
 1. submitit's ``TorchDistributedEnvironment`` exports torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
-   MASTER_ADDR) from the job environment; ``MASTER_PORT`` is ours (:func:`master_port`), then
+   MASTER_ADDR: the first host of the job's node list, as submitit's ``JobEnvironment().hostnames`` expands it)
+   from the job environment; every task logs its host, address and rendezvous (:func:`rank_place`); ``MASTER_PORT`` is ours (:func:`master_port`), then
    ``train.distributed.setup`` makes one process group across all nodes. CPU threads per task: :func:`cpu_threads`.
 2. SLURM's warning signal (``USR2``, ``launch.signal_delay_s`` before the time limit, or on preemption) and
    ``SIGTERM`` only set ``trainer.stop_requested``: a signal handler must not run collectives or ``torch.save``
@@ -57,6 +58,24 @@ def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
     if job_env.num_nodes == 1:
         dist_env.master_addr = "127.0.0.1"
     return dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def rank_place(master_addr: str) -> str:
+    """Where this task runs and whom it rendezvouses with, for its log: ``host node2 (10.0.0.12), node 1, local
+    rank 0; MASTER_ADDR node1 = 10.0.0.11`` (each name as this node resolves it)."""
+
+    def resolve(name: str) -> str:
+        try:
+            return socket.gethostbyname(name)
+        except OSError as e:
+            return f"unresolved: {e}"
+
+    host = socket.gethostname()
+    job_env = submitit.JobEnvironment()
+    return (
+        f"host {host} ({resolve(host)}), node {job_env.node}, local rank {job_env.local_rank}; "
+        f"MASTER_ADDR {master_addr} = {resolve(master_addr)}"
+    )
 
 
 def cpu_threads(local_world_size: int) -> int | None:
@@ -146,6 +165,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(threads)
+        print(f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}", flush=True)
         if job_env.global_rank == 0:
             print(
                 f"job {job_env.job_id} ({job_env.cluster}): {dist_env.world_size} task(s) on {job_env.num_nodes} "
@@ -200,4 +220,4 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
 
 
-__all__ = ["CTRL_C_STOP", "StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env"]
+__all__ = ["CTRL_C_STOP", "StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env", "rank_place"]

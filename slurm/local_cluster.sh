@@ -2,11 +2,13 @@
 # A real single-node SLURM cluster on this machine, for tests and for trying the launcher without a cluster.
 #
 #   sudo slurm/local_cluster.sh up        # install Debian's packages if missing, start everything (as root)
+#   sudo slurm/local_cluster.sh up --nodes 2   # two compute nodes, each a slurmd in its own network namespace
 #   source /tmp/vgg-slurm/env.sh          # exports SLURM_CONF: sinfo, sbatch, sacct, submitit now work
 #   sinfo -N -o '%N %T %c %m %G'          # one node, 64 CPUs (declared), gres gpu:8 (fake devices)
 #   slurm/local_cluster.sh status         # daemons, sinfo, squeue; exit 0 when up, 3 when not
 #   slurm/local_cluster.sh down           # cancel jobs, stop every daemon by PID, verify nothing is left
 #   slurm/local_cluster.sh install        # only install the packages
+#   slurm/local_cluster.sh node-fail 2    # several nodes: node2 dies (link down, SIGKILL to all in it); node-back 2
 #
 # Everything lives under one folder, $SLURM_LOCAL_DIR (default /tmp/vgg-slurm): a private munge key and socket,
 # a private MariaDB (own datadir, socket and port $SLURM_LOCAL_DB_PORT, default 6829) behind slurmdbd so `sacct`
@@ -16,6 +18,13 @@
 #
 # Exit status: 0 ok; 1 failure (message on stderr); 2 usage; 3 `status` when not up; 77 this machine cannot host
 # the cluster (not root, or packages missing and no apt-get) -- tests skip on 77 unless VGG_REQUIRE_SLURM=1.
+#
+# --nodes N (N >= 2): compute nodes node1..nodeN, each a slurmd in its own network namespace (hostname nodeK via
+# `unshare --uts`, address 10.213.S.(10+K) on a veth to a private bridge); slurmctld, slurmdbd and MariaDB run in
+# a "head" namespace (10.213.S.1), so their fixed ports do not collide with a 1-node cluster in another state
+# folder. The bridge's own address (10.213.S.254) is how clients here reach the controller; nothing is routed
+# off this machine. S is derived from the state folder (or $SLURM_LOCAL_SUBNET, e.g. 10.213.7). `status` and
+# `down` read the node count `up` recorded; `down` also removes the namespaces, veths, bridge and /etc/netns files.
 # SLURM_LOCAL_OWNER (default "manual") is recorded by `up`; the test fixture only stops a cluster it started.
 set -euo pipefail
 
@@ -27,6 +36,8 @@ NODE_CPUS=64           # declared, not real: lets 8-task jobs with several CPUs 
 NODE_MEM_MB=1048576    # declared RealMemory (1 TiB) for the same reason; SlurmdParameters=config_overrides
 NUM_GPUS=8
 PORTS=(6817 6818 6819 "$DB_PORT")
+NODES=1   # `up --nodes N`; status/down read what up recorded in $RUN/nodes
+SLURMD_TIMEOUT_S="${SLURM_LOCAL_SLURMD_TIMEOUT:-10}"  # several nodes: SlurmdTimeout (node-failure detection)
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 NEEDED_CMDS=(slurmctld slurmd slurmdbd slurmstepd sbatch sacct sacctmgr scontrol munged munge unmunge mungekey
 	mariadbd mariadb-install-db mariadb mariadb-admin)
@@ -42,9 +53,48 @@ DB_SOCK="$DB/mysqld.sock"
 export SLURM_CONF="$CONF"
 export PATH="$PATH:/usr/sbin:/sbin"
 
-# name -> pid file; the order is the start order (down stops in reverse).
+# name -> pid file; the order is the start order (down stops in reverse). With several nodes: slurmd-node1, ...
 DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
 pidfile() { echo "$RUN/$1.pid"; }
+
+# ---------------------------------------------------------------------------------------- several nodes: names
+# One tag per state folder, so two state folders never share a namespace, interface or subnet.
+TAG="$(printf '%s' "$STATE" | cksum | awk '{ printf "%04x", $1 % 65536 }')"
+NS_PREFIX="vgg-$TAG"                 # namespaces vgg-TAG-head, vgg-TAG-node1, ...
+BRIDGE="vgg${TAG}br"                 # interface names: at most 15 characters
+SUBNET="${SLURM_LOCAL_SUBNET:-10.213.$(($(printf '%s' "$STATE" | cksum | cut -d' ' -f1) % 250))}"
+HEAD_ADDR="$SUBNET.1"
+BRIDGE_ADDR="$SUBNET.254"
+node_name() { echo "node$1"; }
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+ns_head() { echo "$NS_PREFIX-head"; }
+ns_node() { echo "$NS_PREFIX-node$1"; }
+veth_of() { echo "vgg${TAG}$1"; }    # host side of namespace $1's veth: vggTAGh, vggTAGn1, ...
+
+set_nodes() {
+	NODES="$1"
+	DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+	if [[ $NODES -gt 1 ]]; then
+		DAEMONS=(munged mariadbd slurmdbd slurmctld)
+		local k
+		for ((k = 1; k <= NODES; k++)); do DAEMONS+=("slurmd-$(node_name "$k")"); done
+	fi
+}
+recorded_nodes() {
+	local n
+	n="$(cat "$RUN/nodes" 2>/dev/null | tr -dc '0-9' || true)"
+	echo "${n:-1}"
+}
+# The command prefix that runs daemon $1 in its network namespace (nothing: this one). nsenter, not `ip netns
+# exec`: that one also remounts /sys, hiding /sys/fs/cgroup, without which slurmd refuses to start.
+ns_exec() {
+	[[ $NODES -gt 1 ]] || return 0
+	case "$1" in
+	munged) ;;
+	mariadbd | slurmdbd | slurmctld) echo "nsenter --net=/run/netns/$(ns_head)" ;;
+	slurmd-node*) echo "nsenter --net=/run/netns/$NS_PREFIX-${1#slurmd-}" ;;
+	esac
+}
 
 die() {
 	echo "error: $*" >&2
@@ -74,7 +124,7 @@ daemon_pid() {
 	pid="$(tr -dc '0-9' <"$f")"
 	[[ -n "$pid" ]] && alive_pid "$pid" || return 0
 	comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
-	[[ "$comm" == "$1"* ]] && echo "$pid"
+	[[ "$comm" == "${1%%-*}"* ]] && echo "$pid"
 	return 0
 }
 
@@ -153,6 +203,70 @@ wait_for() {
 	done
 }
 
+# ------------------------------------------------------------------------------------ several nodes: network
+# Namespaces (head + one per node), their veths and the bridge, all of them ours (named with $TAG).
+all_ns() {
+	local k
+	ns_head
+	for ((k = 1; k <= NODES; k++)); do ns_node "$k"; done
+}
+our_netns() { ip netns list 2>/dev/null | awk '{ print $1 }' | grep -x -- "$NS_PREFIX-.*" || true; }
+our_links() { ip -o link show 2>/dev/null | awk -F': ' '{ print $2 }' | sed 's/@.*//' | grep -- "^vgg$TAG" || true; }
+
+# The hosts file bind-mounted over /etc/hosts for the slurmds (and so their jobs; `ip netns exec` would mount it
+# too): nodes resolve each other (srun, gloo's and NCCL's rendezvous on MASTER_ADDR=node1) without DNS.
+write_hosts() {
+	local k
+	printf '127.0.0.1 localhost\n%s %s\n' "$HEAD_ADDR" "$(hostname -s)"
+	for ((k = 1; k <= NODES; k++)); do printf '%s %s\n' "$(node_addr "$k")" "$(node_name "$k")"; done
+}
+
+net_up() {
+	local other
+	# Refuse a subnet some interface here already uses (ours are removed first by net_down).
+	other="$(ip -o -4 addr show 2>/dev/null | awk -v s="$SUBNET." 'index($4, s) == 1 { print $2 }' | xargs)"
+	[[ -z "$other" ]] || die "subnet $SUBNET.0/24 is already used here (by $other); set SLURM_LOCAL_SUBNET=10.213.N"
+	ip link add "$BRIDGE" type bridge
+	ip addr add "$BRIDGE_ADDR/24" dev "$BRIDGE"
+	ip link set "$BRIDGE" up
+	local ns addr veth k
+	for ((k = 0; k <= NODES; k++)); do
+		if [[ $k -eq 0 ]]; then
+			ns="$(ns_head)" addr="$HEAD_ADDR" veth="$(veth_of h)"
+		else
+			ns="$(ns_node "$k")" addr="$(node_addr "$k")" veth="$(veth_of "n$k")"
+		fi
+		ip netns add "$ns"
+		mkdir -p "/etc/netns/$ns"
+		write_hosts >"/etc/netns/$ns/hosts"
+		ip link add "$veth" type veth peer name eth0 netns "$ns"
+		ip link set "$veth" master "$BRIDGE"
+		ip link set "$veth" up
+		ip -n "$ns" link set lo up
+		ip -n "$ns" addr add "$addr/24" dev eth0
+		ip -n "$ns" link set eth0 up
+	done
+}
+
+# Remove our namespaces (after killing what still runs in them), veths, bridge and /etc/netns files.
+net_down() {
+	local ns pids
+	for ns in $(our_netns); do
+		pids="$(ip netns pids "$ns" 2>/dev/null | xargs)"
+		if [[ -n "$pids" ]]; then
+			# shellcheck disable=SC2086
+			stop_pids 2 $pids
+			[[ "${1:-}" == quiet ]] || say "stopped process(es) left in namespace $ns (pid $pids)"
+		fi
+		ip netns del "$ns" 2>/dev/null || true
+	done
+	local link
+	for link in $(our_links); do ip link del "$link" 2>/dev/null || true; done
+	for ns in /etc/netns/"$NS_PREFIX"-*; do [[ -e "$ns" ]] && rm -rf "$ns"; done
+	[[ -d /etc/netns ]] && rmdir --ignore-fail-on-non-empty /etc/netns
+	return 0
+}
+
 # ------------------------------------------------------------------------------------------------------ install
 install_packages() {
 	local missing=() c
@@ -191,6 +305,27 @@ write_configs() {
 	local host
 	host="$(hostname -s)"
 	mkdir -p "$ETC" "$RUN" "$LOG" "$MUNGE" "$DB" "$STATE/spool/ctld" "$STATE/spool/d" "$STATE/dev"
+	# One node here at 127.0.0.1; several: node1..nodeN in their namespaces, the controller at the head's address.
+	local ctl_addr=127.0.0.1 slurmd_files="$(pidfile slurmd)|$LOG/slurmd.log|$STATE/spool/d" nodes_conf gres_conf
+	if [[ $NODES -gt 1 ]]; then
+		ctl_addr="$HEAD_ADDR"
+		slurmd_files="$RUN/slurmd-%n.pid|$LOG/slurmd-%n.log|$STATE/spool/d-%n"
+		nodes_conf="" gres_conf="AutoDetect=off"
+		local k
+		for ((k = 1; k <= NODES; k++)); do
+			mkdir -p "$STATE/spool/d-$(node_name "$k")"
+			nodes_conf+="NodeName=$(node_name "$k") NodeAddr=$(node_addr "$k") CPUs=$NODE_CPUS Sockets=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$NODE_MEM_MB Gres=gpu:$NUM_GPUS State=UNKNOWN"$'\n'
+		done
+		gres_conf+=$'\n'"NodeName=node[1-$NODES] Name=gpu File=$STATE/dev/nvidia[0-$((NUM_GPUS - 1))]"
+	else
+		nodes_conf="NodeName=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS Sockets=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$NODE_MEM_MB Gres=gpu:$NUM_GPUS State=UNKNOWN"
+		gres_conf="AutoDetect=off"$'\n'"NodeName=$host Name=gpu File=$STATE/dev/nvidia[0-$((NUM_GPUS - 1))]"
+	fi
+	local d_pid d_log d_spool slurmd_timeout=""
+	IFS='|' read -r d_pid d_log d_spool <<<"$slurmd_files"
+	# Several nodes: a node whose slurmd stops answering is DOWN after this many seconds (default 300), and its
+	# jobs end (NODE_FAIL; requeued if they allow it). Bounds how long a job waits on a dead node.
+	[[ $NODES -gt 1 ]] && slurmd_timeout="SlurmdTimeout=$SLURMD_TIMEOUT_S"
 
 	# Fake GPUs: gres.conf File= must name character devices; nothing ever opens them.
 	local i
@@ -201,7 +336,7 @@ write_configs() {
 	cat >"$CONF" <<-EOF
 		# Written by slurm/local_cluster.sh; regenerated on every \`up\`.
 		ClusterName=$CLUSTER
-		SlurmctldHost=$host(127.0.0.1)
+		SlurmctldHost=$host($ctl_addr)
 		SlurmUser=root
 		SlurmdUser=root
 		SlurmctldPort=6817
@@ -210,11 +345,11 @@ write_configs() {
 		AuthInfo=socket=$SOCK
 		CredType=cred/munge
 		StateSaveLocation=$STATE/spool/ctld
-		SlurmdSpoolDir=$STATE/spool/d
+		SlurmdSpoolDir=$d_spool
 		SlurmctldPidFile=$(pidfile slurmctld)
-		SlurmdPidFile=$(pidfile slurmd)
+		SlurmdPidFile=$d_pid
 		SlurmctldLogFile=$LOG/slurmctld.log
-		SlurmdLogFile=$LOG/slurmd.log
+		SlurmdLogFile=$d_log
 		SlurmctldDebug=info
 		SlurmdDebug=info
 		# No cgroups: proctrack/cgroup needs the freezer controller, which these VMs lack.
@@ -233,6 +368,7 @@ write_configs() {
 		SwitchType=switch/none
 		JobRequeue=1
 		ReturnToService=2
+		$slurmd_timeout
 		KillWait=5
 		InactiveLimit=0
 		MinJobAge=300
@@ -240,19 +376,16 @@ write_configs() {
 		JobCompType=jobcomp/none
 		JobAcctGatherType=jobacct_gather/none
 		AccountingStorageType=accounting_storage/slurmdbd
-		AccountingStorageHost=127.0.0.1
+		AccountingStorageHost=$ctl_addr
 		AccountingStoragePort=6819
 		# slurmctld authenticates to slurmdbd through munge; this is how it finds our private munged.
 		AccountingStoragePass=$SOCK
 		AccountingStorageTRES=gres/gpu
-		NodeName=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS Sockets=1 CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$NODE_MEM_MB Gres=gpu:$NUM_GPUS State=UNKNOWN
+		$nodes_conf
 		PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 	EOF
 
-	cat >"$ETC/gres.conf" <<-EOF
-		AutoDetect=off
-		NodeName=$host Name=gpu File=$STATE/dev/nvidia[0-$((NUM_GPUS - 1))]
-	EOF
+	printf '%s\n' "$gres_conf" >"$ETC/gres.conf"
 
 	if [[ ! -s "$DB/password" ]]; then
 		(umask 077 && head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"$DB/password")
@@ -263,7 +396,7 @@ write_configs() {
 			AuthType=auth/munge
 			AuthInfo=socket=$SOCK
 			DbdHost=localhost
-			DbdAddr=127.0.0.1
+			DbdAddr=$ctl_addr
 			DbdPort=6819
 			SlurmUser=root
 			LogFile=$LOG/slurmdbd.log
@@ -322,7 +455,7 @@ start_mariadbd() {
 			}
 	fi
 	# Our own server: no system config, its own socket/port, loopback only.
-	setsid mariadbd --no-defaults --user=root --datadir="$DB/data" --socket="$DB_SOCK" --port="$DB_PORT" \
+	$(ns_exec mariadbd) setsid mariadbd --no-defaults --user=root --datadir="$DB/data" --socket="$DB_SOCK" --port="$DB_PORT" \
 		--bind-address=127.0.0.1 --skip-name-resolve --pid-file="$(pidfile mariadbd)" \
 		--log-error="$LOG/mariadbd.log" --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 \
 		--skip-log-bin </dev/null >>"$LOG/mariadbd.log" 2>&1 9>&- &
@@ -336,7 +469,7 @@ start_mariadbd() {
 }
 
 start_slurmdbd() {
-	slurmdbd </dev/null >>"$LOG/slurmdbd.log" 2>&1 9>&- || start_failed slurmdbd "$LOG/slurmdbd.log"
+	$(ns_exec slurmdbd) slurmdbd </dev/null >>"$LOG/slurmdbd.log" 2>&1 9>&- || start_failed slurmdbd "$LOG/slurmdbd.log"
 	wait_for "slurmdbd" 30 "$LOG/slurmdbd.log" sacctmgr -n list cluster format=cluster
 	if [[ -z "$(sacctmgr -n -P list cluster format=cluster where cluster="$CLUSTER")" ]]; then
 		sacctmgr -i add cluster "$CLUSTER" >/dev/null
@@ -344,26 +477,49 @@ start_slurmdbd() {
 }
 
 start_slurmctld() {
-	slurmctld -f "$CONF" </dev/null >>"$LOG/slurmctld.log" 2>&1 9>&- || start_failed slurmctld "$LOG/slurmctld.log"
+	$(ns_exec slurmctld) slurmctld -f "$CONF" </dev/null >>"$LOG/slurmctld.log" 2>&1 9>&- || start_failed slurmctld "$LOG/slurmctld.log"
 	wait_for "slurmctld" 30 "$LOG/slurmctld.log" scontrol ping
 }
 
+# Every node idle (or running jobs) in sinfo.
 node_ready() {
-	local state
-	state="$(sinfo -h -N -o '%T' 2>/dev/null | head -n 1)"
-	[[ "$state" == idle* || "$state" == mixed* || "$state" == allocated* ]]
+	local states
+	states="$(sinfo -h -N -o '%T' 2>/dev/null || true)"
+	[[ "$(grep -cE '^(idle|mixed|allocated)' <<<"$states")" -eq $NODES ]]
+}
+
+# Nodes left DOWN/DRAINED by an earlier unclean stop are put back into service.
+resume_down_nodes() {
+	local line
+	sleep 0.3
+	while read -r line; do
+		[[ "$line" == *" down"* || "$line" == *" drain"* ]] &&
+			scontrol update nodename="${line%% *}" state=resume >/dev/null 2>&1
+	done < <(sinfo -h -N -o '%N %T' 2>/dev/null || true)
+	return 0
+}
+
+# slurmd of node $1 in its own network namespace (address), UTS namespace (hostname nodeK, what jobs see) and
+# mount namespace (for the one bind mount of the namespace's hosts file over /etc/hosts).
+start_node_slurmd() {
+	local name ns
+	name="$(node_name "$1")"
+	ns="$(ns_node "$1")"
+	nsenter --net="/run/netns/$ns" unshare --uts --mount bash -c \
+		"mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $name && exec slurmd -f '$CONF' -N $name" \
+		</dev/null >>"$LOG/slurmd-$name.log" 2>&1 9>&- || start_failed "slurmd $name" "$LOG/slurmd-$name.log"
 }
 
 start_slurmd() {
-	slurmd -f "$CONF" </dev/null >>"$LOG/slurmd.log" 2>&1 9>&- || start_failed slurmd "$LOG/slurmd.log"
-	local host state
-	host="$(hostname -s)"
-	# A node left DOWN/DRAINED by an earlier unclean stop is put back into service.
-	sleep 0.3
-	state="$(sinfo -h -N -o '%T' 2>/dev/null | head -n 1 || true)"
-	if [[ "$state" == down* || "$state" == drain* ]]; then
-		scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
+	if [[ $NODES -gt 1 ]]; then
+		local k
+		for ((k = 1; k <= NODES; k++)); do start_node_slurmd "$k"; done
+		resume_down_nodes
+		wait_for "slurmd on $NODES nodes (all idle in sinfo)" 30 "$LOG/slurmd-node1.log" node_ready
+		return 0
 	fi
+	slurmd -f "$CONF" </dev/null >>"$LOG/slurmd.log" 2>&1 9>&- || start_failed slurmd "$LOG/slurmd.log"
+	resume_down_nodes
 	wait_for "slurmd (node idle in sinfo)" 30 "$LOG/slurmd.log" node_ready
 }
 
@@ -389,16 +545,23 @@ cmd_up() {
 	[[ $EUID -eq 0 ]] || cannot "must run as root (daemons run as root without systemd)"
 	lock
 	install_packages
+	local want="$NODES" had
+	had="$(recorded_nodes)"
+	set_nodes "$had"
+	if [[ -n "$(running_daemons)" && "$had" -ne "$want" ]]; then
+		die "a $had-node cluster is up in $STATE; run '$0 down' first, or use another SLURM_LOCAL_DIR for $want node(s)"
+	fi
 	if all_up; then
-		say "already up ($STATE); source $STATE/env.sh"
+		say "already up ($STATE, $NODES node(s)); source $STATE/env.sh"
 		return 0
 	fi
-	if [[ -n "$(running_daemons)" ]]; then
-		say "partly up ($(running_daemons | tr '\n' ' ')); restarting"
+	if [[ -n "$(running_daemons)" || -n "$(our_netns)" ]]; then
+		say "partly up ($(running_daemons | xargs) $(our_netns | xargs)); restarting"
 		stop_all quiet
 	fi
-	local busy
-	busy="$(busy_ports | xargs)"
+	set_nodes "$want"
+	local busy=""
+	[[ $NODES -gt 1 ]] || busy="$(busy_ports | xargs)"  # several nodes: the ports are in our own namespaces
 	if [[ -n "$busy" ]]; then
 		local detail=""
 		command -v ss >/dev/null 2>&1 && detail="$(ss -Hltnp 2>/dev/null | grep -E ":(${busy// /|})\b" || true)"
@@ -408,6 +571,9 @@ cmd_up() {
 	t0="$(now)"
 	# A failed start leaves nothing running behind.
 	trap 'echo "local_cluster: up failed; stopping what it started" >&2; stop_all quiet' EXIT
+	mkdir -p "$RUN"
+	echo "$NODES" >"$RUN/nodes"  # before anything starts: a failed up is cleaned up by down too
+	[[ $NODES -gt 1 ]] && net_up
 	write_configs
 	start_munged
 	start_mariadbd
@@ -417,7 +583,11 @@ cmd_up() {
 	trap - EXIT
 	# Who started it: the test fixture stops only a cluster a test session started (SLURM_LOCAL_OWNER=pytest).
 	echo "${SLURM_LOCAL_OWNER:-manual}" >"$RUN/owner"
-	say "up in $(elapsed "$t0") s: cluster $CLUSTER, partition $PARTITION, node $(hostname -s) with $NODE_CPUS CPUs (declared), gres gpu:$NUM_GPUS"
+	if [[ $NODES -gt 1 ]]; then
+		say "up in $(elapsed "$t0") s: cluster $CLUSTER, partition $PARTITION, nodes node[1-$NODES] at $(node_addr 1)..$(node_addr "$NODES") (namespaces $NS_PREFIX-node*, bridge $BRIDGE $BRIDGE_ADDR, controller $HEAD_ADDR), each $NODE_CPUS CPUs (declared), gres gpu:$NUM_GPUS"
+	else
+		say "up in $(elapsed "$t0") s: cluster $CLUSTER, partition $PARTITION, node $(hostname -s) with $NODE_CPUS CPUs (declared), gres gpu:$NUM_GPUS"
+	fi
 	say "state, logs and configs under $STATE"
 	say "use it:  source $STATE/env.sh && sinfo && sbatch -n 2 --gres=gpu:2 --wrap 'srun printenv CUDA_VISIBLE_DEVICES'"
 	say "stop it: $0 down"
@@ -435,7 +605,7 @@ stop_all() {
 			scancel $jobs 2>/dev/null || true
 			# Give slurmd time to end the steps cleanly (KillWait=5); without slurmd they never finish.
 			local deadline=$((SECONDS + 15))
-			while [[ -n "$(daemon_pid slurmd)" && -n "$(squeue -h -o %A 2>/dev/null)" && $SECONDS -lt $deadline ]]; do
+			while [[ -n "$(running_daemons | grep '^slurmd')" && -n "$(squeue -h -o %A 2>/dev/null)" && $SECONDS -lt $deadline ]]; do
 				sleep 0.2
 			done
 		fi
@@ -447,7 +617,7 @@ stop_all() {
 			stop_pids 20 "$pid"
 			[[ "${1:-}" == quiet ]] || say "stopped $d (pid $pid)"
 		fi
-		if [[ "$d" == slurmd ]]; then
+		if [[ "$d" == slurmd* ]]; then
 			local stray
 			stray="$(our_stepds | xargs)"
 			if [[ -n "$stray" ]]; then
@@ -464,6 +634,8 @@ stop_all() {
 		fi
 		rm -f "$(pidfile "$d")"
 	done
+	net_down "${1:-}"  # namespaces, veths, bridge of a several-node cluster (nothing for one node)
+	rm -f "$RUN/nodes"
 }
 
 cmd_down() {
@@ -473,6 +645,7 @@ cmd_down() {
 		return 0
 	}
 	lock
+	set_nodes "$(recorded_nodes)"
 	local t0
 	t0="$(now)"
 	if [[ -z "$(running_daemons)" ]]; then say "no daemon of ours was running"; fi
@@ -482,19 +655,32 @@ cmd_down() {
 	for d in "${DAEMONS[@]}"; do [[ -n "$(daemon_pid "$d")" ]] && left+=("$d"); done
 	[[ -n "$(our_stepds)" ]] && left+=("slurmstepd $(our_stepds | xargs)")
 	[[ -n "$(our_job_procs)" ]] && left+=("job processes $(our_job_procs | xargs)")
-	busy="$(busy_ports | xargs)"
-	[[ -n "$busy" ]] && left+=("listeners on port(s) $busy")
+	if [[ $NODES -eq 1 ]]; then
+		busy="$(busy_ports | xargs)"
+		[[ -n "$busy" ]] && left+=("listeners on port(s) $busy")
+	fi
+	[[ -n "$(our_netns)" ]] && left+=("network namespaces $(our_netns | xargs)")
+	[[ -n "$(our_links)" ]] && left+=("interfaces $(our_links | xargs)")
 	[[ ${#left[@]} -eq 0 ]] || die "down left behind: ${left[*]}"
 	rm -f "$RUN/owner"
-	say "down in $(elapsed "$t0") s; no process of ours and no listener on ${PORTS[*]} left (state kept in $STATE)"
+	if [[ $NODES -gt 1 ]]; then
+		say "down in $(elapsed "$t0") s; no process, namespace ($NS_PREFIX-*), veth or bridge ($BRIDGE) of ours left (state kept in $STATE)"
+	else
+		say "down in $(elapsed "$t0") s; no process of ours and no listener on ${PORTS[*]} left (state kept in $STATE)"
+	fi
 }
 
 cmd_status() {
 	local d pid rc=0
+	set_nodes "$(recorded_nodes)"
 	for d in "${DAEMONS[@]}"; do
 		pid="$(daemon_pid "$d")"
-		if [[ -n "$pid" ]]; then printf '%-10s running (pid %s)\n' "$d" "$pid"; else
-			printf '%-10s not running\n' "$d"
+		if [[ -n "$pid" ]]; then
+			local ns
+			ns="$(ip netns identify "$pid" 2>/dev/null || true)"
+			printf '%-12s running (pid %s)%s\n' "$d" "$pid" "${ns:+ in network namespace $ns}"
+		else
+			printf '%-12s not running\n' "$d"
 			rc=3
 		fi
 	done
@@ -506,9 +692,70 @@ cmd_status() {
 	return $rc
 }
 
-case "${1:-}" in
+# node-fail K: node K dies as a machine would: its link goes down first (nothing it sends reaches the others,
+# no FIN/RST), then every process in its namespace (slurmd, step daemons, the job's tasks) gets SIGKILL; no
+# signal reaches the job. node-back K: link up, slurmd started again (ReturnToService=2 makes it idle again).
+node_arg() {
+	set_nodes "$(recorded_nodes)"
+	[[ $NODES -gt 1 ]] || die "node-fail/node-back need a cluster of several nodes (up --nodes N)"
+	[[ "${1:-}" =~ ^[0-9]+$ && $1 -ge 1 && $1 -le $NODES ]] || die "node must be 1..$NODES, got '${1:-}'"
+}
+
+cmd_node_fail() {
+	[[ $EUID -eq 0 ]] || cannot "must run as root"
+	node_arg "$1"
+	local ns pids
+	ns="$(ns_node "$1")"
+	ip link set "$(veth_of "n$1")" down
+	pids="$(ip netns pids "$ns" | xargs)"
+	# shellcheck disable=SC2086
+	[[ -z "$pids" ]] || kill -KILL $pids
+	rm -f "$(pidfile "slurmd-$(node_name "$1")")"
+	say "$(node_name "$1") failed: link down, SIGKILL to pid(s) ${pids:-none} in $ns"
+}
+
+cmd_node_back() {
+	[[ $EUID -eq 0 ]] || cannot "must run as root"
+	node_arg "$1"
+	lock
+	ip link set "$(veth_of "n$1")" up
+	[[ -n "$(daemon_pid "slurmd-$(node_name "$1")")" ]] || start_node_slurmd "$1"
+	local name
+	name="$(node_name "$1")"
+	wait_for "$name idle in sinfo" 60 "$LOG/slurmd-$name.log" bash -c \
+		"sinfo -h -n $name -o %T | grep -qE '^(idle|mixed|allocated)'"
+	say "$name is back"
+}
+
+VERB="${1:-}"
+[[ $# -gt 0 ]] && shift
+NODE_ARG=""
+[[ "$VERB" == node-fail || "$VERB" == node-back ]] && {
+	NODE_ARG="${1:-}"
+	[[ $# -gt 0 ]] && shift
+}
+while [[ $# -gt 0 ]]; do
+	case "$1" in
+	--nodes)
+		[[ "$VERB" == up && "${2:-}" =~ ^[1-9][0-9]?$ ]] || {
+			echo "usage: $0 up [--nodes N]   (N: 1 to 99 compute nodes; status and down need no --nodes)" >&2
+			exit 2
+		}
+		NODES="$2"
+		shift 2
+		;;
+	*)
+		echo "usage: $0 up [--nodes N]|down|status|install   (unknown argument $1)" >&2
+		exit 2
+		;;
+	esac
+done
+
+case "$VERB" in
 up) cmd_up ;;
 down) cmd_down ;;
+node-fail) cmd_node_fail "$NODE_ARG" ;;
+node-back) cmd_node_back "$NODE_ARG" ;;
 status) cmd_status ;;
 install)
 	[[ $EUID -eq 0 ]] || cannot "must run as root to install packages"
@@ -516,7 +763,7 @@ install)
 	install_packages
 	;;
 *)
-	echo "usage: $0 up|down|status|install   (state in \$SLURM_LOCAL_DIR, default /tmp/vgg-slurm)" >&2
+	echo "usage: $0 up [--nodes N]|down|status|install|node-fail K|node-back K   (state in \$SLURM_LOCAL_DIR, default /tmp/vgg-slurm)" >&2
 	exit 2
 	;;
 esac

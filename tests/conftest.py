@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import slurm_cluster, slurm_env  # noqa: F401  (fixtures for @pytest.mark.slurm tests)
+from tests.slurm_cluster import slurm2_env, slurm_cluster, slurm_cluster2, slurm_env  # noqa: F401  (fixtures for @pytest.mark.slurm tests)
 
 REPO = Path(__file__).resolve().parent.parent
 

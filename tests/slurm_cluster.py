@@ -10,6 +10,10 @@ unless ``VGG_REQUIRE_SLURM=1`` (CI) turns that skip into a failure.
 
 Several test sessions may share the one cluster (SLURM's ports are fixed): each holds a shared ``flock`` on
 ``<state>/users.lock`` while it runs, and only the last one to leave stops the cluster.
+
+``slurm_cluster2`` / ``slurm2_env`` are the same for a two-node cluster (``local_cluster.sh up --nodes 2``) in its
+own state folder (``$SLURM_LOCAL_DIR2``, default ``/tmp/vgg-slurm2``): its daemons live in network namespaces of
+their own, so it runs beside the one-node cluster without touching it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +33,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 STATE_DIR = Path(os.environ.get("SLURM_LOCAL_DIR", "/tmp/vgg-slurm"))
+STATE_DIR2 = Path(os.environ.get("SLURM_LOCAL_DIR2", "/tmp/vgg-slurm2"))  # the two-node cluster
 REQUIRE_VAR = "VGG_REQUIRE_SLURM"
 CANNOT_HOST = 77  # local_cluster.sh's exit status for "this machine cannot host the cluster"
 PORTS = (6817, 6818, 6819, int(os.environ.get("SLURM_LOCAL_DB_PORT", "6829")))
@@ -49,6 +55,7 @@ class SlurmCluster:
     conf: Path
     env: dict[str, str] = field(repr=False)
     partition: str = "debug"
+    nodes: int = 1
     _users: _Users | None = field(default=None, repr=False, compare=False)
 
     @contextlib.contextmanager
@@ -74,8 +81,8 @@ class SlurmCluster:
         return proc
 
     def script(self, verb: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run ``local_cluster.sh VERB`` for this state folder."""
-        return _script(verb, timeout)
+        """Run ``local_cluster.sh VERB`` for this state folder (``up`` with this cluster's ``--nodes``)."""
+        return _script(verb, timeout, self.state_dir, self.nodes)
 
     def sacct_states(self, job_id: str, duplicates: bool = False) -> list[str]:
         """States of the job's allocation as accounting (slurmdbd) has them; with ``duplicates`` also the
@@ -113,10 +120,13 @@ class SlurmCluster:
             time.sleep(interval)
 
 
-def _script(verb: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SLURM_LOCAL_DIR": str(STATE_DIR), "SLURM_LOCAL_OWNER": "pytest"}
+def _script(
+    verb: str, timeout: float = 300, state_dir: Path = STATE_DIR, nodes: int = 1
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SLURM_LOCAL_DIR": str(state_dir), "SLURM_LOCAL_OWNER": "pytest"}
+    extra = ["--nodes", str(nodes)] if verb == "up" and nodes > 1 else []
     return subprocess.run(
-        ["bash", str(SCRIPT), verb], env=env, capture_output=True, text=True, timeout=timeout
+        ["bash", str(SCRIPT), verb, *extra], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -150,13 +160,21 @@ class _Users:
         os.close(self.fd)
 
 
-def leftovers() -> list[str]:
+def net_tag(state_dir: Path) -> str:
+    """The tag local_cluster.sh names a state folder's namespaces and interfaces with (``vgg-TAG-node1``)."""
+    crc = subprocess.run(["cksum"], input=str(state_dir).encode(), capture_output=True, check=True).stdout
+    return f"{int(crc.split()[0]) % 65536:04x}"
+
+
+def leftovers(state_dir: Path = STATE_DIR, nodes: int = 1) -> list[str]:
     """Processes of our cluster still alive (daemons or step daemons whose command line or environment points
-    into the state folder) and TCP ports of ours that accept connections. Empty after a clean ``down``."""
+    into the state folder) and TCP ports of ours that accept connections; with several nodes, the network
+    namespaces, veths and bridge of ours instead of ports (the daemons listen inside the namespaces). Empty after a
+    clean ``down``."""
     import socket
 
     found = []
-    conf_entry = f"SLURM_CONF={STATE_DIR}/etc/slurm.conf".encode()
+    conf_entry = f"SLURM_CONF={state_dir}/etc/slurm.conf".encode()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -171,8 +189,19 @@ def leftovers() -> list[str]:
             environ = (proc / "environ").read_bytes()
         except OSError:
             continue
-        if str(STATE_DIR).encode() in cmdline or conf_entry in environ.split(b"\0"):
+        # a path in the state folder: "/tmp/vgg-slurm/" (with the slash), not a prefix of "/tmp/vgg-slurm2/..."
+        folder = str(state_dir).encode()
+        in_folder = any(a == folder or folder + b"/" in a for a in cmdline.split(b"\0"))
+        if in_folder or conf_entry in environ.split(b"\0"):
             found.append(f"{comm} (pid {proc.name})")
+    if nodes > 1:
+        tag = net_tag(state_dir)
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        found += [f"network namespace {n}" for n in netns if n.startswith(f"vgg-{tag}-")]
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        found += [f"interface {m}" for m in re.findall(rf"^\d+: (vgg{tag}\w*)", links, re.M)]
+        found += [f"/etc/netns/{p.name}" for p in Path("/etc/netns").glob(f"vgg-{tag}-*")]
+        return found
     for port in PORTS:
         with socket.socket() as s:
             s.settimeout(1)
@@ -181,24 +210,22 @@ def leftovers() -> list[str]:
     return found
 
 
-def _cluster_env() -> dict[str, str]:
+def _cluster_env(state_dir: Path = STATE_DIR) -> dict[str, str]:
     env = dict(os.environ)
-    env["SLURM_CONF"] = str(STATE_DIR / "etc" / "slurm.conf")
+    env["SLURM_CONF"] = str(state_dir / "etc" / "slurm.conf")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """Bring the local cluster up (installing packages on first use), yield it, stop it at session end."""
+def _session_cluster(state_dir: Path, nodes: int) -> Iterator[SlurmCluster]:
     if os.geteuid() != 0:
         skip_or_fail("the local SLURM cluster needs root (slurm/local_cluster.sh starts daemons as root)")
-    STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-    users = _Users(STATE_DIR / "users.lock")
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    users = _Users(state_dir / "users.lock")
     if not users.share():
         users.close()
-        pytest.fail(f"another test session kept {STATE_DIR}/users.lock exclusively for 300 s", pytrace=False)
-    up = _script("up")
+        pytest.fail(f"another test session kept {state_dir}/users.lock exclusively for 300 s", pytrace=False)
+    up = _script("up", state_dir=state_dir, nodes=nodes)
     if up.returncode == CANNOT_HOST:
         users.close()
         skip_or_fail(up.stderr.strip().removeprefix("error: "))
@@ -206,21 +233,37 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         users.close()
         pytest.fail(f"slurm/local_cluster.sh up failed:\n{up.stdout}{up.stderr}", pytrace=False)
     cluster = SlurmCluster(
-        state_dir=STATE_DIR, conf=STATE_DIR / "etc" / "slurm.conf", env=_cluster_env(), _users=users
+        state_dir=state_dir,
+        conf=state_dir / "etc" / "slurm.conf",
+        env=_cluster_env(state_dir),
+        nodes=nodes,
+        _users=users,
     )
     try:
         yield cluster
     finally:
         # Stop it only if a test session started it and no other session still uses it.
-        owner = STATE_DIR / "run" / "owner"
+        owner = state_dir / "run" / "owner"
         if users.alone() and owner.exists() and owner.read_text().strip() == "pytest":
-            down = _script("down")
-            left = leftovers()
+            down = _script("down", state_dir=state_dir)
+            left = leftovers(state_dir, nodes)
             users.close()
             assert down.returncode == 0, f"slurm/local_cluster.sh down failed:\n{down.stdout}{down.stderr}"
             assert not left, f"slurm/local_cluster.sh down left behind: {', '.join(left)}"
         else:
             users.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """Bring the local cluster up (installing packages on first use), yield it, stop it at session end."""
+    yield from _session_cluster(STATE_DIR, 1)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster2() -> Iterator[SlurmCluster]:
+    """The two-node cluster (node1, node2 in network namespaces of their own), like ``slurm_cluster``."""
+    yield from _session_cluster(STATE_DIR2, 2)
 
 
 @pytest.fixture
@@ -230,3 +273,11 @@ def slurm_env(slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> S
     for key in ("SLURM_CONF", "PYTHONPATH"):
         monkeypatch.setenv(key, slurm_cluster.env[key])
     return slurm_cluster
+
+
+@pytest.fixture
+def slurm2_env(slurm_cluster2: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> SlurmCluster:
+    """``slurm_env`` for the two-node cluster."""
+    for key in ("SLURM_CONF", "PYTHONPATH"):
+        monkeypatch.setenv(key, slurm_cluster2.env[key])
+    return slurm_cluster2

@@ -95,17 +95,51 @@ def test_detect(monkeypatch, env, expected):
     assert distributed.detect() == expected
 
 
-@pytest.mark.parametrize(
-    ("nodelist", "host"),
-    [
-        ("gpu07", "gpu07"),
-        ("gpu[07-09,12]", "gpu07"),
-        ("node[3,5],cpu1", "node3"),
-        ("a-b-c[001-004]", "a-b-c001"),
-    ],
-)
-def test_first_host(nodelist, host):
-    assert distributed.first_host(nodelist) == host
+# Node lists as SLURM writes them in SLURM_JOB_NODELIST (zero-padded ranges, several groups, dashes in names).
+NODELISTS = [
+    ("gpu-a[001-004,010],gpu-b7", ["gpu-a001", "gpu-a002", "gpu-a003", "gpu-a004", "gpu-a010", "gpu-b7"]),
+    ("node[01-02]", ["node01", "node02"]),
+    ("node[1-2]", ["node1", "node2"]),
+    ("gpu07", ["gpu07"]),
+    ("node[3,5],cpu1", ["node3", "node5", "cpu1"]),
+    ("a-b-c[008-010]", ["a-b-c008", "a-b-c009", "a-b-c010"]),
+    ("n[1-2]-ib[3-4]", ["n1-ib3", "n1-ib4", "n2-ib3", "n2-ib4"]),
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize(("nodelist", "hosts"), NODELISTS, ids=[n for n, _ in NODELISTS])
+def test_rendezvous_host_from_scontrol_show_hostnames(slurm_env, monkeypatch, nodelist, hosts):
+    """SLURM's own expansion (``scontrol show hostnames`` with the test cluster's slurm.conf) of real node-list
+    forms; rank 0 runs on the first host, the rendezvous address."""
+    calls = []
+    real_run = distributed.subprocess.run
+    monkeypatch.setattr(
+        distributed.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or real_run(cmd, **kw)
+    )
+    assert distributed.slurm_hostnames(nodelist) == hosts
+    assert distributed.first_host(nodelist) == hosts[0]
+    assert [c[1:] for c in calls] == [["show", "hostnames", nodelist]] * 2  # SLURM's answer, not the fallback
+
+
+@pytest.mark.parametrize(("nodelist", "hosts"), NODELISTS, ids=[n for n, _ in NODELISTS])
+def test_rendezvous_host_without_scontrol_uses_submitits_parser(monkeypatch, tmp_path, nodelist, hosts):
+    """Where SLURM's clients are missing, submitit's parser (behind ``JobEnvironment().hostnames``) gives the
+    same list."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol there
+    assert distributed.slurm_hostnames(nodelist) == hosts
+    # inside a job: what submitit's JobEnvironment (the launcher's jobs) says
+    import submitit
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", nodelist)
+    assert submitit.JobEnvironment().hostnames == hosts
+
+
+def test_a_malformed_node_list_is_one_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # submitit's parser; SLURM never writes such a list
+    with pytest.raises(distributed.DistError, match=r"^cannot parse SLURM node list 'gpu\[01-'$"):
+        distributed.slurm_hostnames("gpu[01-")
 
 
 def test_master_port_is_below_the_ephemeral_range_and_per_job_run():

@@ -435,3 +435,19 @@ def test_precision_and_optimizer_switches_train(tree, tmp_path, switches):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     if "train.precision=fp16" in switches:
         assert state["scaler"]["scale"] > 0  # GradScaler was on and its state is checkpointed
+
+
+def test_metrics_rows_torn_by_a_kill_are_not_read_as_rows(tmp_path):
+    """A writer killed mid-line leaves a last line without its newline: it is not a record (a resumed run would
+    otherwise stop on it, or count it); truncate() rewrites the file whole and drops it."""
+    from train.report import JsonLines
+
+    log = JsonLines(tmp_path / "metrics.jsonl")
+    log.append({"epoch": 1, "loss": 2.0})
+    log.append({"epoch": 2, "loss": 1.5})
+    with open(log.path, "a") as f:
+        f.write('{"epoch": 3, "lo')  # what a kill during a torn write leaves
+    assert log.read() == [{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.5}]
+    log.truncate("epoch", 1)
+    assert log.path.read_text() == '{"epoch": 1, "loss": 2.0}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left

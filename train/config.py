@@ -130,6 +130,9 @@ class LogConfig:
     name: str | None = None
     tags: list[str] = field(default_factory=list)
     log_checkpoint: bool = False  # log best.pth as a W&B artifact
+    # every rank appends the train images of each batch it trains to run_dir/samples/epochNNN_rankR.txt (one
+    # path per line, relative to data.root): sharding checks across processes and nodes; torchvision backend only
+    sample_ids: bool = False
 
 
 @dataclass

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
+import shutil
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +42,40 @@ class DistInfo:
         return self.world_size > 1
 
 
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """The hostnames of a SLURM node list, expanded by SLURM itself: ``gpu-a[001-002],gpu-b7`` → ``gpu-a001``,
+    ``gpu-a002``, ``gpu-b7``.
+
+    ``scontrol show hostnames`` is SLURM's own parser (every form SLURM writes, also ones like ``n[1-2]-ib[3-4]``),
+    and it is on PATH wherever a job runs. Without it (a node list copied to a machine without SLURM's clients)
+    submitit's parser is used, the one behind ``submitit.JobEnvironment().hostnames`` (the rendezvous address of
+    jobs launched through ``slurm/launch.py``).
+    """
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise DistError("empty SLURM node list")
+    scontrol = shutil.which("scontrol")
+    failed = ""
+    if scontrol:
+        proc = subprocess.run(
+            [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60
+        )
+        if proc.returncode == 0 and proc.stdout.split():
+            return proc.stdout.split()
+        # e.g. "Could not establish a configuration source": a machine with SLURM's clients but no slurm.conf
+        lines = (proc.stderr.strip() or "no output").splitlines()
+        failed = f"; scontrol show hostnames failed: {lines[-1]}"
+    from submitit.slurm.slurm import SlurmParseException, _parse_node_list
+
+    try:
+        return _parse_node_list(nodelist)
+    except SlurmParseException:
+        raise DistError(f"cannot parse SLURM node list {nodelist!r}{failed}") from None
+
+
 def first_host(nodelist: str) -> str:
-    """First hostname of a SLURM node list: ``gpu[07-09,12],cpu1`` → ``gpu07``."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise DistError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if ranges is None:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """The first hostname of a SLURM node list (rank 0 runs there): the rendezvous host, ``MASTER_ADDR``."""
+    return slurm_hostnames(nodelist)[0]
 
 
 def _env_int(name: str) -> int:

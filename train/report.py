@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -80,17 +81,31 @@ class JsonLines:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        # one write() of the whole line on an O_APPEND file: a kill leaves the line whole or absent, not half
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
 
     def read(self) -> list[dict[str, Any]]:
+        """The records; a last line without its newline (a writer killed mid-line on a filesystem that tore the
+        write) is not a record and is skipped."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.split("\n")
+        if lines and lines[-1].strip():  # no final newline: torn
+            lines = lines[:-1]
+        return [json.loads(line) for line in lines if line.strip()]
 
     def truncate(self, key: str, limit: int) -> None:
+        """Keep the records with ``key <= limit`` (rows past a resumed checkpoint go); the file is replaced
+        atomically, so a kill during it leaves the old rows or the new ones."""
         kept = [r for r in self.read() if r.get(key, 0) <= limit]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
 
 def plot_curves(
