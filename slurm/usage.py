@@ -7,7 +7,7 @@
 
 Every start (the first submission, each requeue, a resubmission) writes its own record,
 ``<run_dir>/usage/<job id>-<restart>.json``: processes (one per GPU, or CPU processes on a machine without one),
-nodes, device kind, host, start time, a heartbeat rewritten every :data:`HEARTBEAT_S` seconds, and the end time
+nodes, device kind, host, start time (the task process's own start: its Python start-up counts), a heartbeat rewritten every :data:`HEARTBEAT_S` seconds, and the end time
 and status once the job returns or raises. A job killed hard (SIGKILL at the time limit, a node failure) never
 writes its end: its last heartbeat is then its end, at most ``HEARTBEAT_S`` short. GPU-hours (process-hours on
 CPU) = Σ processes × (end − start) over the run's starts, so a run requeued five times counts all six starts and
@@ -17,6 +17,7 @@ nothing of its time in the queue.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -32,6 +33,19 @@ HEARTBEAT_S = 30.0
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def process_start() -> str:
+    """When this process started (Linux: /proc), so that a record covers the task's Python start-up and imports,
+    not only the training; now where /proc cannot tell."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))  # fmt: skip
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _now()
+    return datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
 
 
 def _seconds(start: str, end: str) -> float:
@@ -62,7 +76,7 @@ class UsageRecorder:
             "nodes": nodes,
             "device": device,
             "host": socket.gethostname(),
-            "start": _now(),
+            "start": process_start(),
             "heartbeat": None,
             "end": None,
             "status": "running",
