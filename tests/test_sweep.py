@@ -370,6 +370,15 @@ def test_slurm_b_waits_for_a_and_starts_from_its_weights(slurm_env: SlurmCluster
     a_start = read_records(run_dir / "paper-vgg11")[0]
     b_start = read_records(run_dir / "paper-vgg13")[0]
     assert b_start["start"] >= a_start["end"]  # B ran after A, not beside it
+    # the report evaluates paper-recipe runs with the paper's protocol: dense, at Table 3's one test scale Q = S
+    rep = run_cli("evaluate", "--report", str(run_dir), env=clean_env())
+    assert rep.returncode == 0, rep.stdout[-2000:] + rep.stderr[-2000:]
+    rows = json.loads((run_dir / "report.json").read_text())["runs"]
+    assert [(r["arch"], r["state"], r["protocol"]) for r in rows] == [("vgg11", "done", "dense"),
+                                                                       ("vgg13", "done", "dense")]  # fmt: skip
+    for r in rows:
+        ev = json.loads(Path(r["eval_json"]).read_text())
+        assert (ev["protocol"], ev["test_scales"], ev["top1_err"]) == ("dense", [36], r["top1_err"])
 
 
 @pytest.mark.slurm
