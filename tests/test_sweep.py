@@ -389,5 +389,8 @@ def test_slurm_dependents_leave_the_queue_when_a_fails(slurm_env: SlurmCluster, 
     ids = sweep_job_ids(out.stdout)
     slurm_env.run("scancel", ids["vgg11"])  # A never completes: B's afterok can never be met
     slurm_env.wait_for("B to leave the queue", lambda: not slurm_env.squeue_state(ids["vgg13"]), timeout=60)
-    assert slurm_env.sacct_states(ids["vgg13"])[-1:] == ["CANCELLED"]
+    # accounting records a job that never ran a moment later than squeue drops it
+    slurm_env.wait_for(
+        "B CANCELLED in sacct", lambda: slurm_env.sacct_states(ids["vgg13"])[-1:] == ["CANCELLED"]
+    )
     assert not (run_dir / "paper-vgg13" / "usage").exists()  # B never started
