@@ -30,6 +30,7 @@ from slurm import launch
 from slurm.usage import UsageRecorder, read_records, read_usage
 from tests.conftest import REPO, run_cli
 from tests.slurm_cluster import SlurmCluster
+from tests.wandb_files import run_files
 from train.models import TORCHVISION_ARCHS
 from train.run import lock_run_dir
 
@@ -211,10 +212,11 @@ def test_sweep_trains_every_arch_in_its_own_run_folder(sweep):
     for arch in ARCHS:
         run = run_dir / f"demo-{arch}"
         config = yaml.safe_load((run / "config.yaml").read_text())
-        assert (config["model"]["arch"], config["log"]["group"]) == (
-            arch,
-            "table",
-        )  # one W&B group: the sweep's
+        assert (config["model"]["arch"], config["log"]["group"]) == (arch, "table")  # the sweep's W&B group
+        (wandb_run,) = run_files(
+            run, (run / "wandb_id.txt").read_text().strip()
+        )  # the offline run file says so
+        assert wandb_run.run.run_group == "table"
         state = torch.load(run / "last.pth", weights_only=True)
         assert (state["epoch"], state["config"]["model"]["arch"]) == (1, arch)
         (record,) = read_records(run)  # this job's own usage record
