@@ -10,6 +10,7 @@ paper's dense / multi-crop / multi-scale protocols, and top-5 predictions for im
     python evaluate --checkpoint runs/paper-vgg16/best.pth --protocol dense+multi-crop --scales 256,384,512
     python evaluate --checkpoint runs/demo/best.pth data.val_resize=73 data.val_crop=64   # key=value overrides
     python evaluate --checkpoint vgg16-397923af.pth --predict dog.jpg cat.jpg
+    python evaluate --report runs/demo-table/*        # a sweep's runs: evaluate, compare, report.md/json/png
 
 Exit status: 0 when the result is PASS or has no reference, 1 when it is FAIL, 2 for bad input (one
 ``error:`` line: missing/truncated checkpoint, not a checkpoint, wrong-arch weights, class count mismatch, a
@@ -93,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 PASS or no reference, 1 FAIL, 2 bad input.",
     )
     p.add_argument("--reference", action="store_true", help="print the reference table and exit")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run folders (or globs, or a sweep folder): evaluate each finished run's best.pth that has no current "
+        "eval.json, then write report.md, report.json and report.png (evaluate/report.py)",
+    )
+    p.add_argument("--report-dir", help="where --report writes its files (default: the run folders' parent)")
     p.add_argument("--checkpoint", help="our checkpoint ({'model', 'config', ...}) or a bare state_dict file")
     p.add_argument(
         "--arch", help="expected arch; refused if the checkpoint holds another (default: inferred)"
@@ -177,15 +186,42 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from data_pipeline.layout import DataError
+    from evaluate.evaluator import EvalError
+    from evaluate.report import ReportError, run_report
+    from train.checkpoint import CheckpointError
+    from train.config import ConfigError
+
+    if args.checkpoint or args.predict:
+        print(
+            "error: --report evaluates the runs' own best.pth; --checkpoint/--predict do not apply",
+            file=sys.stderr,
+        )
+        return 2
+    _setup_logging()
+    try:
+        return run_report(args.report, args.report_dir, data=args.data, batch_size=args.batch_size)
+    except (ReportError, EvalError, CheckpointError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from train.distributed import cleanup
+
+        cleanup()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.reference:
         print(format_table())
         return 0
+    if args.report:
+        return _report(args)
     if not args.checkpoint:
         parser.print_usage(sys.stderr)
-        print("error: give --checkpoint PATH (or --reference)", file=sys.stderr)
+        print("error: give --checkpoint PATH (or --reference, or --report RUN_DIR...)", file=sys.stderr)
         return 2
     if args.predict:
         given = [flag for flag, name in NOT_FOR_PREDICT if getattr(args, name) not in (None, False)]

@@ -20,10 +20,13 @@ Inside each task (SLURM, submitit's local executor, or in-process for ``--cluste
    alone (``scancel``, or a preemption that sends no ``USR2``) the checkpoint is saved and the task exits; SLURM
    requeues or ends the job. A node failure sends nothing: the requeued job (``--requeue``) resumes from the last
    checkpoint on disk.
+4. Rank 0 records this start's processes, host and wall time (``slurm.usage.UsageRecorder``: a heartbeat every
+   30 s, the end when the job returns or exits), the GPU-hours ``python evaluate --report`` shows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
@@ -148,9 +151,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(config))
 
     def __call__(self) -> dict[str, Any]:
-        from train import distributed
         from train.config import from_dict
-        from train.engine import Trainer
 
         cfg = from_dict(self.config)
         job_env = submitit.JobEnvironment()
@@ -174,6 +175,23 @@ class TrainJob(submitit.helpers.Checkpointable):
                 flush=True,
             )
         stop = StopOnSignal().install()
+        usage = contextlib.nullcontext()
+        if job_env.global_rank == 0:  # this start's processes × wall time, for `python evaluate --report`
+            import torch
+
+            from slurm.usage import UsageRecorder
+
+            device = "cuda" if torch.cuda.is_available() and cfg.dist.backend != "gloo" else "cpu"
+            processes = 1 if job_env.cluster == "debug" else dist_env.world_size
+            usage = UsageRecorder(cfg.run_dir, processes, job_env.num_nodes, str(job_env.job_id),
+                                  job_env.cluster, restarts, device)  # fmt: skip
+        with usage:
+            return self._train(cfg, stop, job_env.global_rank)
+
+    def _train(self, cfg: Any, stop: StopOnSignal, rank: int) -> dict[str, Any]:
+        from train import distributed
+        from train.engine import Trainer
+
         try:
             info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min)
             try:
@@ -183,7 +201,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             finally:
                 distributed.cleanup()
             if result["status"] == "interrupted":
-                self._after_interrupt(stop, job_env.global_rank, cfg.run_dir)
+                self._after_interrupt(stop, rank, cfg.run_dir)
             return result
         finally:
             stop.restore()

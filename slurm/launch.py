@@ -5,6 +5,13 @@
     python slurm/launch.py --arch vgg16 --recipe paper --gpus 16 --data /datasets/imagenet --run-dir /shared/runs/p16
     python slurm/launch.py --config demo --cluster local                 # the demo: 2 CPU processes, no SLURM
     python slurm/launch.py --config demo --cluster slurm --wait          # the same job through sbatch, followed
+    python slurm/launch.py --arch all --gpus 8 --data /datasets/imagenet --run-dir /shared/table   # a sweep:
+    python slurm/launch.py --arch vgg11_bn,vgg13_bn --recipe demo --cluster local --run-dir runs/demo-table
+
+A sweep (``--arch all`` or a comma list; ``slurm/sweep.py``) is one job per arch, each in
+``<run-dir>/<recipe>-<arch>``, requeued and resumed on its own; ``--init-from-a`` (``--recipe paper``) starts B–E
+from net A's ``best.pth`` once A's job has completed (``afterok``). ``python evaluate --report <run-dir>/*`` then
+evaluates and tabulates them.
 
 ``--gpus`` is the total; nodes = ceil(gpus / gpus-per-node) unless ``--nodes`` is given, the same number of
 tasks on every node (``--gpus 12 --gpus-per-node 8 data.batch_size=384`` runs 2 nodes × 6, and says so),
@@ -50,8 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
         "on this machine (local) or in this process (debug). Requeues itself at the time limit and resumes.",
         epilog="Options not given here come from the recipe's launch.* keys (train/config.py).",
     )
-    p.add_argument("--arch", help="model.arch [vgg16_bn]")
-    p.add_argument("--recipe", choices=["torchvision", "paper"], help="recipe family [torchvision]")
+    p.add_argument("--arch", help="model.arch [vgg16_bn]; a comma list or 'all': a sweep, one job per arch")
+    p.add_argument(
+        "--recipe",
+        choices=["torchvision", "paper", "demo"],
+        help="recipe family [torchvision]; demo: configs/demo.yaml with model.arch=--arch",
+    )
+    p.add_argument(
+        "--init-from-a",
+        action="store_true",
+        help="sweep, --recipe paper: B-E start from net A's best.pth (model.init_from), after A's job (afterok)",
+    )
     p.add_argument("--config", help="a recipe name or YAML path instead of --arch/--recipe (e.g. demo)")
     p.add_argument("--gpus", type=int, help="total GPUs = tasks [recipe's launch.gpus]")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node [8]")
@@ -102,6 +118,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     from slurm.submit import LaunchError, absolute_paths, dry_run, launch, make_plan
+    from slurm.sweep import recipe_name
 
     try:
         if args.config and (args.arch or args.recipe):
@@ -109,9 +126,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"--config {args.config} names the recipe file; --arch/--recipe choose one instead (give one of "
                 "them; to change the arch of a recipe file, add model.arch=...)"
             )
+        sweep = args.arch is not None and ("," in args.arch or args.arch.strip() == "all")
+        if sweep:
+            return _sweep(args)
+        if args.init_from_a:
+            raise ConfigError("--init-from-a is for a sweep (--arch all or a comma list with vgg11 and B-E)")
         flags = _overrides(args)
-        recipe = args.config or f"{args.recipe or 'torchvision'}/{args.arch or 'vgg16_bn'}"
-        cfg = absolute_paths(load_config(recipe, [*flags, *args.overrides]))
+        name, extra = recipe_name(args.recipe or "torchvision", args.arch or "vgg16_bn")
+        cfg = absolute_paths(load_config(args.config or name, [*flags, *([] if args.config else extra),
+                                                               *args.overrides]))  # fmt: skip
         plan = make_plan(cfg)
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -121,6 +144,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return launch(plan, wait=args.wait, force=args.force)
     except LaunchError as e:  # no sbatch; sbatch refused it (bad partition, ...); run_dir unwritable or busy
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """``--arch all`` / ``--arch a,b,...``: one job per arch (slurm/sweep.py). ConfigError for bad input."""
+    from slurm.submit import LaunchError
+    from slurm.sweep import dry_run_sweep, launch_sweep, parse_archs, plan_sweep
+
+    recipe = args.recipe or "torchvision"
+    archs = parse_archs(args.arch, recipe)
+    run_dir = args.run_dir or "runs"
+    flags = [f for f in _overrides(args) if not f.startswith("run_dir=")]
+    jobs = plan_sweep(archs, recipe, run_dir, flags, list(args.overrides), init_from_a=args.init_from_a)
+    if args.dry_run:
+        return dry_run_sweep(jobs)
+    try:
+        return launch_sweep(jobs, wait=args.wait, force=args.force)
+    except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -76,6 +76,9 @@ class Plan:
     folder: Path  # submitit's job folder, <run_dir>/slurm/%j
     notes: tuple[str, ...] = ()  # decisions worth saying ("12 GPUs run as 2 nodes × 6")
     warnings: tuple[str, ...] = ()  # risky but allowed (run folder on /tmp)
+    # sbatch --dependency (a sweep's B–E on net A: "afterok:<A's job id>"), with --kill-on-invalid-dep=yes so a
+    # job whose dependency can never be met (A failed or was cancelled) leaves the queue instead of pending forever
+    dependency: str | None = None
 
     @property
     def cluster(self) -> str:
@@ -264,6 +267,8 @@ def slurm_parameters(plan: Plan) -> dict[str, Any]:
         # after a node failure (it then resumes from the last checkpoint on disk).
         "additional_parameters": {"requeue": True},
     }
+    if plan.dependency:
+        params["additional_parameters"].update(dependency=plan.dependency, kill_on_invalid_dep="yes")
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(la, key)
         if value:
@@ -652,36 +657,42 @@ def _ctrl_c_raises():
         signal.signal(signal.SIGINT, previous)
 
 
-def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: bool = False) -> int:
-    """What ``python slurm/launch.py`` does after parsing: submit, print where everything is, and (local, debug,
-    or ``wait``) follow the job to its end. Returns the exit status.
-
-    Refused (LaunchError) while the run folder is busy: a SLURM job of it still queued or running (``--cluster
-    slurm``), or a training holding its lock. ``force`` skips both checks; the training's own lock still refuses
-    to run while another training holds the folder."""
-    from train.run import RunError, check_run_dir_free, make_run_dir
+def check_run_dir(plan: Plan, out: TextIO | None = None, force: bool = False) -> bool:
+    """The checks before anything is written into the run folder. False (and one line on ``out``) when the run has
+    nothing left to train: ``last.pth`` is at the last epoch. LaunchError (one line) while the folder is busy: a
+    SLURM job of it still queued or running (``--cluster slurm``), or a training holding its lock; ``force`` skips
+    those two (the training's own lock still refuses to run while another training holds the folder)."""
+    from train.run import RunError, check_run_dir_free
 
     out = out or sys.stdout
     cfg = plan.cfg
-    for w in plan.warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    for n in plan.notes:
-        print(f"note: {n}", file=out)
     try:
-        # the checks come before anything is written into the folder (config.yaml, wandb_id.txt)
         if not force and plan.cluster == "slurm":
             # first: once that job runs it also holds the lock below, and this says which job and how to end it
             refuse_active_slurm_jobs(cfg.run_dir)
         if not force:
             check_run_dir_free(cfg.run_dir)  # a training holds it now (this node, or any node on NFS)
-        done = finished_epoch(cfg)
-        if done is not None:  # a job would only start, load last.pth and say so: not worth a queue slot
-            print(
-                f"nothing to do: {cfg.run_dir}/last.pth is at epoch {done} of {cfg.sched.epochs}; nothing submitted "
-                f"(evaluate it: python evaluate --checkpoint {cfg.run_dir}/best.pth; train on: sched.epochs=N)",
-                file=out,
-            )
-            return 0
+    except RunError as e:
+        raise LaunchError(str(e)) from None
+    done = finished_epoch(cfg)
+    if done is not None:  # a job would only start, load last.pth and say so: not worth a queue slot
+        print(
+            f"nothing to do: {cfg.run_dir}/last.pth is at epoch {done} of {cfg.sched.epochs}; nothing submitted "
+            f"(evaluate it: python evaluate --checkpoint {cfg.run_dir}/best.pth; train on: sched.epochs=N)",
+            file=out,
+        )
+        return False
+    return True
+
+
+def start(plan: Plan, out: TextIO | None = None) -> submitit.Job:
+    """Submit the plan's job (after :func:`check_run_dir`) and print where everything is: job id, run folder, logs,
+    W&B run, and a warning when SLURM will never start it. LaunchError when it cannot be submitted."""
+    from train.run import RunError, make_run_dir
+
+    out = out or sys.stdout
+    cfg = plan.cfg
+    try:
         executor = make_executor(plan)  # (creates <run_dir>/slurm)
         make_run_dir(cfg.run_dir)  # writable? (the job writes config.yaml once it knows the run goes ahead)
     except RunError as e:
@@ -703,10 +714,10 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
     if plan.cluster != "debug":
         others = f"; rank N: {job.job_id}_N_log.out/.err" if plan.gpus > 1 else ""
         print(f"logs: {stdout} (rank 0; stderr: {stderr.name}{others})", file=out)
+    if plan.dependency:
+        print(f"dependency: {plan.dependency} (kill_on_invalid_dep=yes)", file=out)
     print(wandb_line, file=out)
     out.flush()
-    if plan.cluster == "debug":
-        return report(job, out)
     reason = never_starts(job.job_id) if plan.cluster == "slurm" else None
     if reason:
         where = f"partition {cfg.launch.partition}" if cfg.launch.partition else "the default partition"
@@ -716,6 +727,18 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
             f"asks too much, scancel {job.job_id} and launch fewer --gpus/--nodes, CPUs or --time",
             file=sys.stderr,
         )
+    return job
+
+
+def follow_to_end(plan: Plan, job: submitit.Job, wait: bool = False, out: TextIO | None = None) -> int:
+    """After :func:`start`: on SLURM without ``wait``, say how to follow and cancel and return 0; otherwise follow
+    rank 0's log to the job's end and report it (Ctrl-C on ``--cluster local``: the tasks save and stop).
+    Returns the exit status."""
+    out = out or sys.stdout
+    cfg = plan.cfg
+    if plan.cluster == "debug":
+        return report(job, out)
+    stdout, _ = log_paths(job)
     if plan.cluster == "slurm" and not wait:
         print(
             f"follow: tail -f {stdout}; cancel: scancel {job.job_id}. The job checkpoints and requeues itself at its "
@@ -739,6 +762,21 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
             return report(job, out, run_dir=cfg.run_dir)
         except KeyboardInterrupt:
             return _stop_local_job(job, cfg, out, tail)
+
+
+def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: bool = False) -> int:
+    """What ``python slurm/launch.py`` does after parsing: check the run folder (:func:`check_run_dir`), submit
+    and print where everything is (:func:`start`), and (local, debug, or ``wait``) follow the job to its end
+    (:func:`follow_to_end`). Returns the exit status; LaunchError (one line) while the run folder is busy."""
+    out = out or sys.stdout
+    for w in plan.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for n in plan.notes:
+        print(f"note: {n}", file=out)
+    if not check_run_dir(plan, out, force=force):
+        return 0
+    job = start(plan, out)
+    return follow_to_end(plan, job, wait=wait, out=out)
 
 
 def _stop_local_job(job: submitit.Job, cfg: Config, out: TextIO, tail: LogTail) -> int:
@@ -776,8 +814,10 @@ __all__ = [
     "Plan",
     "absolute_paths",
     "active_slurm_jobs",
+    "check_run_dir",
     "dry_run",
     "follow",
+    "follow_to_end",
     "launch",
     "log_paths",
     "make_executor",
@@ -790,6 +830,7 @@ __all__ = [
     "sbatch_script",
     "slurm_job_ids",
     "slurm_parameters",
+    "start",
     "submit",
     "wandb_run",
 ]

@@ -1,4 +1,5 @@
-"""What a run shows and leaves behind: console progress with ETA, JSON lines per epoch, the loss/error plot."""
+"""What a run shows and leaves behind: console progress with ETA, JSON lines per epoch, the loss/error plot; the
+learning curves of several runs on one plot (`python evaluate --report`)."""
 
 from __future__ import annotations
 
@@ -135,6 +136,42 @@ def plot_curves(
     for ax in (ax_loss, ax_err):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_runs(runs: list[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> Path | None:
+    """The learning curves of several runs on one plot: val top-1 error and train loss per epoch, one line per run
+    (``runs``: (label, metrics.jsonl records)). None when no run has a finished epoch."""
+    runs = [(label, epochs) for label, epochs in runs if epochs]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, epochs in runs:
+        x = [e["epoch"] for e in epochs]
+        (line,) = ax_err.plot(x, [e["val_top1_err"] for e in epochs], "o-", ms=3, label=f"{label} val top-1")
+        ax_err.plot(x, [e["val_top5_err"] for e in epochs], ":", color=line.get_color(), lw=1)
+        ax_loss.plot(
+            x, [e["train_loss"] for e in epochs], "o-", ms=3, color=line.get_color(), label=f"{label} train"
+        )
+        ax_loss.plot(
+            x, [e["val_loss"] for e in epochs], "--", color=line.get_color(), lw=1, label=f"{label} val"
+        )
+    ax_err.set(xlabel="epoch", ylabel="val error (%)", title="val top-1 (solid) / top-5 (dotted) error")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss: train (solid), val (dashed)")
+    for ax in (ax_err, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
