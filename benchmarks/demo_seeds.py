@@ -65,13 +65,19 @@ def cpu_details() -> dict:
 
 
 def recipe_digest() -> str:
-    """sha256 of the resolved demo recipe (configs/demo.yaml with its bases, as ``load_config`` gives it): the band
-    belongs to exactly this recipe; ``tests/test_demo.py`` checks that it still is the one in ``configs/``."""
+    """sha256 of the resolved demo recipe (configs/demo.yaml with its bases, as ``load_config`` gives it), without
+    its ``log`` section and ``run_dir`` (where and what it logs does not move the result; a new logging key must
+    not void the band): the band belongs to exactly this recipe; ``tests/test_demo.py`` checks that it still is
+    the one in ``configs/``."""
     import hashlib
 
-    from train.config import load_config, to_yaml
+    import yaml
 
-    return hashlib.sha256(to_yaml(load_config("demo")).encode()).hexdigest()
+    from train.config import load_config, to_dict
+
+    recipe = {k: v for k, v in to_dict(load_config("demo")).items() if k not in ("log", "run_dir")}
+    text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def run_seed(seed: int, data: Path, run_dir: Path, overrides: list[str], timeout_s: float) -> dict:
