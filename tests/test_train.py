@@ -131,6 +131,23 @@ def stop_at(monkeypatch, trainer: Trainer, step: int) -> None:
     monkeypatch.setattr(engine, "train_step", counted)
 
 
+def signalled_after_a_step(args: list[str], run_dir: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Start ``python -m train --config demo ARGS`` in a process group of its own, send ``sig`` to the group (as a
+    terminal's Ctrl-C or scancel does) once it has logged a step; its exit status and stderr."""
+    argv = [sys.executable, "-m", "train", "--config", "demo", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    steps = run_dir / "steps.jsonl"
+    deadline = time.monotonic() + 180
+    while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no step logged in 180 s"
+        time.sleep(0.1)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=180)
+    return proc.returncode, err
+
+
 @pytest.fixture(scope="module")
 def dali_full(tree: Path, tmp_path_factory) -> Path:
     """An uninterrupted DALI-CPU run (2 epochs of 14 steps): the reference of the DALI resume tests."""
@@ -178,18 +195,8 @@ def test_sigterm_on_dali_saves_its_pipeline_and_the_same_command_resumes_exactly
     Ctrl-C do, the latter with SIGINT) mid-epoch: exit status 143, last.pth with the pipeline's checkpoint; the same
     command ends with the uninterrupted run's weights."""
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "train", "--config", "demo", *dali(tree, run_dir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    steps = run_dir / "steps.jsonl"
-    deadline = time.monotonic() + 180
-    while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no step logged in 180 s"
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 143, err[-3000:]
+    code, err = signalled_after_a_step(dali(tree, run_dir), run_dir, signal.SIGTERM)
+    assert code == 143, err[-3000:]
     assert f"interrupted (SIGTERM): saved {run_dir}/last.pth" in err and "Traceback" not in err, err
     state = load_checkpoint_file(run_dir / "last.pth")
     assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < 14, (state["epoch"], state["batch_in_epoch"])
@@ -313,18 +320,8 @@ def test_ctrl_c_saves_last_pth_and_the_same_command_resumes(tree, tmp_path):
     """``python -m train`` in a terminal: Ctrl-C (SIGINT to the process group, DataLoader workers included) stops
     within a few steps with last.pth saved, exit status 130; the same command finishes the run."""
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "-m", "train", "--config", "demo", *overrides(tree, run_dir, "data.workers=2")]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    steps = run_dir / "steps.jsonl"
-    deadline = time.monotonic() + 180
-    while not (steps.is_file() and steps.read_text().strip()) and proc.poll() is None:
-        assert time.monotonic() < deadline, "no step logged in 180 s"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode == 130, err[-3000:]
+    code, err = signalled_after_a_step(overrides(tree, run_dir, "data.workers=2"), run_dir, signal.SIGINT)
+    assert code == 130, err[-3000:]
     assert f"interrupted (SIGINT): saved {run_dir}/last.pth" in err and "Traceback" not in err, err
     state = load_checkpoint_file(run_dir / "last.pth")
     assert 0 < state["step"] < 21  # 3 epochs of 7 steps

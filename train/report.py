@@ -133,9 +133,16 @@ def plot_curves(
             ax_err.plot(x, [e[key] for e in epochs], style, label=key.replace("_", " "))
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax_err.set(xlabel="epoch", ylabel="error (%)", title="top-1 / top-5 error")
-    for ax in (ax_loss, ax_err):
+    return _save_figure(fig, (ax_loss, ax_err), title, path, legend_size=8)
+
+
+def _save_figure(fig: Any, axes: tuple[Any, ...], title: str, path: Path, legend_size: int) -> Path:
+    """Grid and legend on ``axes``, ``title`` above; write ``fig`` to ``path`` atomically (a tmp file renamed)."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=legend_size)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -169,13 +176,4 @@ def plot_runs(runs: list[tuple[str, list[dict[str, Any]]]], path: Path, title: s
         )
     ax_err.set(xlabel="epoch", ylabel="val error (%)", title="val top-1 (solid) / top-5 (dotted) error")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss: train (solid), val (dashed)")
-    for ax in (ax_err, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save_figure(fig, (ax_err, ax_loss), title, path, legend_size=7)
