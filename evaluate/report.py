@@ -327,8 +327,12 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 
 def _verdict(row: RunRow) -> str:
+    """eval.json's verdict; a demo run's names the band it was judged by (its torchvision column is the ImageNet
+    row, for scale only)."""
     if row.verdict is None:
         return "–"
+    if row.verdict in ("PASS", "FAIL") and (row.reference or "").startswith("demo band"):
+        return f"{row.verdict} (demo band)"
     return row.verdict
 
 
@@ -382,14 +386,14 @@ def format_markdown(rows: list[RunRow], title: str) -> str:
 
 def format_console(rows: list[RunRow]) -> str:
     header = (f"{'arch':<10} {'state':<11} {'epochs':>7} {'top-1':>7} {'top-5':>7} {'tv top-1':>8} {'paper':>6} "
-              f"{'diff':>7} {'result':<12} {'best ep':>7} {'wall':>8} {'GPU-h':>8}  W&B")  # fmt: skip
+              f"{'diff':>7} {'result':<17} {'best ep':>7} {'wall':>8} {'GPU-h':>8}  W&B")  # fmt: skip
     lines = [header, "-" * len(header)]
     for r in rows:
         epochs = f"{r.epochs_done}/{r.epochs if r.epochs is not None else '?'}"
         lines.append(
             f"{r.arch:<10} {r.state:<11} {epochs:>7} {_num(r.top1_err):>7} {_num(r.top5_err):>7} "
             f"{_num(r.torchvision_top1_err):>8} {_num(r.paper_top1_err, '.1f'):>6} {_num(r.diff_top1, '+.2f'):>7} "
-            f"{_verdict(r):<12} {r.best_epoch if r.best_epoch is not None else '–':>7} "
+            f"{_verdict(r):<17} {r.best_epoch if r.best_epoch is not None else '–':>7} "
             f"{format_duration(r.wall_s) if r.wall_s is not None else '–':>8} "
             f"{_num(r.process_hours, '.3f'):>8}  {r.wandb_id or '–'}"
         )

@@ -396,3 +396,20 @@ def test_slurm_dependents_leave_the_queue_when_a_fails(slurm_env: SlurmCluster, 
         "B CANCELLED in sacct", lambda: slurm_env.sacct_states(ids["vgg13"])[-1:] == ["CANCELLED"]
     )
     assert not (run_dir / "paper-vgg13" / "usage").exists()  # B never started
+
+
+def test_a_demo_runs_verdict_names_the_band_it_was_judged_by():
+    """A demo run's PASS/FAIL is the demo band's, not torchvision's row shown beside it for scale: both tables say
+    so; a torchvision-recipe run's verdict stays as it is."""
+    from evaluate.report import RunRow, format_console, format_markdown
+
+    def row(arch: str, reference: str, verdict: str) -> RunRow:
+        return RunRow(run_dir=f"/r/{arch}", arch=arch, recipe="demo", state="done", progress="8/8 epochs",
+                      epochs_done=8, epochs=8, top1_err=48.5, top5_err=1.5, torchvision_top1_err=29.63,
+                      reference=reference, verdict=verdict)  # fmt: skip
+
+    rows = [row("vgg11_bn", "demo band, benchmarks/results/demo_seeds_cpu.json", "PASS"),
+            row("vgg13_bn", "torchvision's table", "FAIL")]  # fmt: skip
+    md, console = format_markdown(rows, "t"), format_console(rows)
+    for text in (md, console):
+        assert "PASS (demo band)" in text and "FAIL (demo band)" not in text and "FAIL" in text
