@@ -90,7 +90,8 @@ def steps_past(run_dir: Path, step: int) -> list[int]:
 
 
 def start_and_stop(cmd: list[str], run_dir: Path, past: int, timeout_s: float) -> float:
-    """Start ``cmd``; seconds until ``steps.jsonl`` has a step above ``past``; then SIGTERM it and wait."""
+    """Start ``cmd``; seconds until ``steps.jsonl`` has a step above ``past``; then SIGTERM it (as scancel does) and
+    wait for it to save and exit with 143. ``SystemExit`` with its stderr's tail otherwise."""
     seconds = None
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads it while the run goes on
         t0 = time.perf_counter()
@@ -106,10 +107,11 @@ def start_and_stop(cmd: list[str], run_dir: Path, past: int, timeout_s: float) -
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=300)
-        if seconds is None:
+        if seconds is None or proc.returncode != 128 + signal.SIGTERM:
             err.seek(0)
             tail = err.read().strip()[-1500:]
-            raise fail(f"{run_dir}: no training step past {past} (exit {proc.returncode}):\n{tail}", 1)
+            what = "no training step" if seconds is None else "did not stop on SIGTERM after a step"
+            raise fail(f"{run_dir}: {what} past {past} (exit {proc.returncode}):\n{tail}", 1)
     return seconds
 
 
@@ -118,23 +120,8 @@ def snapshot(cmd: list[str], run_dir: Path, at: int, keep: Path, timeout_s: floa
     from train.checkpoint import load_checkpoint_file
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    with tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err, text=True,
-                                start_new_session=True)  # fmt: skip
-        while (
-            proc.poll() is None and not steps_past(run_dir, at - 1) and time.perf_counter() - t0 < timeout_s
-        ):
-            time.sleep(0.02)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=300)
-        if proc.returncode != 128 + signal.SIGTERM:
-            err.seek(0)
-            tail = err.read().strip()[-1500:]
-            raise fail(
-                f"the snapshot run exited {proc.returncode} instead of stopping at batch {at}:\n{tail}", 1
-            )
+    t0 = time.perf_counter()
+    start_and_stop(cmd, run_dir, at - 1, timeout_s)
     state = load_checkpoint_file(run_dir / "last.pth")
     if state["epoch"] != 0 or state["batch_in_epoch"] <= 0:
         raise fail(

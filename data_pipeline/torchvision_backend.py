@@ -228,7 +228,6 @@ class TorchvisionLoader(Loader):
     def _log_samples(self, order: list[int], batch: int) -> None:
         """Append the images of train batch ``batch`` of this epoch to this rank's list (log.sample_ids)."""
         assert self.sample_log is not None
-        self.sample_log.mkdir(parents=True, exist_ok=True)
         root = Path(self.index.root)
         lines = [
             f"{Path(self.index.samples[i][0]).relative_to(root)}\n"
@@ -261,6 +260,8 @@ class TorchvisionLoader(Loader):
             return
         # log.sample_ids: this epoch's order on this rank (the sampler's, fixed by (seed, epoch)), batch by batch
         order = list(self.sampler) if self.sample_log is not None and self.sampler is not None else None
+        if order is not None:
+            self.sample_log.mkdir(parents=True, exist_ok=True)
         batch = start
         batches = iter(self._dl)
         while True:
