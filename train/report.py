@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from train.checkpoint import _atomically, atomic_write_text
+
 LOGGER_NAME = "train"
 
 
@@ -104,9 +106,7 @@ class JsonLines:
         """Keep the records with ``key <= limit`` (rows past a resumed checkpoint go); the file is replaced
         atomically, so a kill during it leaves the old rows or the new ones."""
         kept = [r for r in self.read() if r.get(key, 0) <= limit]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_curves(
@@ -145,11 +145,10 @@ def _save_figure(fig: Any, axes: tuple[Any, ...], title: str, path: Path, legend
         ax.legend(fontsize=legend_size)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return _atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_runs(runs: list[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> Path | None:
