@@ -308,24 +308,27 @@ def test_scaling_note_matches_models_and_model_code(repo):
 
 
 def test_resume_cost_smoke(tmp_path):
-    """benchmarks/resume_cost.py end to end on a tiny tree: both backends stopped mid-epoch, DALI's snapshot holds
-    its pipeline state, every variant timed to its first step, the ratios are those of the medians."""
+    """benchmarks/resume_cost.py end to end on a tiny tree, DALI only (the backend with a pipeline state; the
+    torchvision rows are the same start/stop code with another override, and half of this test's minute): stopped
+    mid-epoch, the snapshot holds its pipeline state, every variant timed to its first step, the ratio is that of
+    the medians; the DALI / torchvision ratios are left out rather than made up."""
     out, readme = tmp_path / "rc.json", tmp_path / "README.md"
-    proc = run_cli("benchmarks/resume_cost.py", "--smoke", "--workers", "1", "--data", str(tmp_path / "data"),
+    proc = run_cli("benchmarks/resume_cost.py", "--smoke", "--backends", "dali-cpu", "--workers", "1",
+                   "--data", str(tmp_path / "data"),
                    "--runs", str(tmp_path / "runs"), "--out", str(out), "--readme", str(readme), timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     s = result["setting"]
     assert result["smoke"] is True and (s["train_images"], s["batch"], s["steps_per_epoch"]) == (48, 4, 12)
     b = result["backends"]
-    assert set(b) == {"dali-cpu", "torchvision"}
-    assert set(b["dali-cpu"]["seconds"]) == {"fresh", "resume", "resume-no-state"}
-    assert set(b["torchvision"]["seconds"]) == {"fresh", "resume"}
-    for name, r in b.items():
-        assert 0 < r["snapshot"]["batch"] < 12 and r["snapshot"]["step"] == r["snapshot"]["batch"], name
-        assert all(len(xs) == 1 and xs[0] > 0 for xs in r["seconds"].values()), name
-        med = r["median_s"]
-        assert abs(r["ratios"]["resume_over_fresh"] - med["resume"] / med["fresh"]) < 1e-9
-    dali, tv = b["dali-cpu"]["snapshot"], b["torchvision"]["snapshot"]
-    assert dali["loader_state_bytes"] > 0 and tv["loader_state_bytes"] == 0
-    assert "### Resume cost" in readme.read_text() and "| dali-cpu |" in readme.read_text()
+    assert set(b) == {"dali-cpu"} and result["ratios"] == {}
+    r = b["dali-cpu"]
+    assert set(r["seconds"]) == {"fresh", "resume", "resume-no-state"}
+    assert 0 < r["snapshot"]["batch"] < 12 and r["snapshot"]["step"] == r["snapshot"]["batch"]
+    assert all(len(xs) == 1 and xs[0] > 0 for xs in r["seconds"].values())
+    med = r["median_s"]
+    assert abs(r["ratios"]["resume_over_fresh"] - med["resume"] / med["fresh"]) < 1e-9
+    assert r["snapshot"]["loader_state_bytes"] > 0
+    text = readme.read_text()
+    assert "### Resume cost" in text and "| dali-cpu |" in text and "| torchvision |" not in text
+    assert "DALI-CPU / torchvision" not in text and "bytes a rank" in text
