@@ -23,7 +23,7 @@ of 4) 0.46 s, dense Q=256 2.2 s (4.8×), dense Q={256,384,512} 9.8 s (21×), mul
 torchvision's VGG puts an ``AdaptiveAvgPool2d((7, 7))`` before the classifier; a model trained on crops whose
 feature map is f×f (f = crop / 32) therefore saw fc6 applied to pool(f×f → 7×7). That pooling is linear, so the
 equivalent convolution has an f×f kernel: fc6's 7×7 weights folded through the pooling matrix. At 224 (f = 7)
-the pooling is the identity and this is exactly the paper's conversion; at the demo's 64 px (f = 2) it is what
+the pooling is the identity and this is exactly the paper's conversion; at a 64 px crop (f = 2) it is what
 makes dense evaluation of a small-crop model correct. ``DenseVGG`` on an image of exactly the training crop
 gives the same scores as the original network (tests check it).
 """

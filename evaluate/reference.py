@@ -68,8 +68,8 @@ class DemoBand:
 
 
 DEMO_BAND = DemoBand(
-    low=39.0,
-    high=56.5,
+    low=17.5,
+    high=23.0,
     seeds=5,
     margin=3.0,
     val_images=200,
