@@ -400,6 +400,26 @@ def test_batch_not_divisible_by_world_size(tree, tmp_path):
     assert out.stderr.count("error: data.batch_size=9") == 1
 
 
+SLOW_RANK_0 = """import os, runpy, sys, time
+delay = float(sys.argv.pop(1))
+if os.environ["RANK"] == "0":
+    time.sleep(delay)  # rank 0 still importing, as on a loaded machine
+sys.argv[0] = "train"
+runpy.run_module("train", run_name="__main__")
+"""
+
+
+def test_a_config_error_is_printed_when_rank_1_gets_there_first(tree, tmp_path):
+    """Rank 1 reaching the error first must not get rank 0 (the one that prints it) killed by torchrun's agent
+    before it prints: seen in CI, where the user got torchrun's failure summary and no reason."""
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(SLOW_RANK_0)
+    out = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "5", "--config",
+                  "demo", *overrides(tree, tmp_path / "odd", "data.batch_size=9", "launch.gpus=1"))  # fmt: skip
+    assert out.returncode != 0
+    assert out.stderr.count("error: data.batch_size=9 (global) is not divisible by the world size 2") == 1, out.stderr
+
+
 def test_an_error_only_rank_1_hits_is_printed_by_rank_1(tree, tmp_path):
     """Under torchrun, an unreadable image in rank 1's val block stops rank 1 with its one-line error; rank 0,
     whose collective then fails, says so in one line instead of a gloo traceback."""

@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if detect()[0] == 0:  # under torchrun every rank gets here: say it once
             print(f"error: {e}", file=sys.stderr)
+        else:
+            _leave_the_word_to_rank_0()
         return 2
     if args.print_config:
         print(to_yaml(cfg), end="")
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, RunError, DistError, NonFiniteLoss) as e:
         if rank == 0:  # the same on every rank (agreed, or read from the same files): one line, from rank 0
             print(f"error: {e}", file=sys.stderr)
+        else:
+            _leave_the_word_to_rank_0()
         return 1
     except RuntimeError as e:
         if world_size > 1 and _lost_a_peer(e):  # another process failed first: its own error line is above
@@ -101,6 +105,22 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 128 + int(getattr(signal, result["signal"]))
     return 0 if result["status"] in ("done", "interrupted") else 1
+
+
+# Under torchrun, the first process to exit with an error makes the agent SIGTERM the others. An error every rank
+# hits alike is printed by rank 0 only, so a rank ≠ 0 that got there first (rank 0 still importing on a loaded
+# machine) would have rank 0 killed before it printed anything: the user would see torchrun's summary and no reason.
+# A rank ≠ 0 therefore waits for rank 0 to exit (the agent then stops it) before exiting itself. Under srun the
+# tasks end independently (no kill on a bad exit by default), so there is nothing to wait for.
+RANK_0_GRACE_S = 60.0
+
+
+def _leave_the_word_to_rank_0() -> None:
+    import os
+    import time
+
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        time.sleep(RANK_0_GRACE_S)
 
 
 def _lost_a_peer(e: RuntimeError) -> bool:
