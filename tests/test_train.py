@@ -417,7 +417,9 @@ def test_a_config_error_is_printed_when_rank_1_gets_there_first(tree, tmp_path):
     out = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "5", "--config",
                   "demo", *overrides(tree, tmp_path / "odd", "data.batch_size=9", "launch.gpus=1"))  # fmt: skip
     assert out.returncode != 0
-    assert out.stderr.count("error: data.batch_size=9 (global) is not divisible by the world size 2") == 1, out.stderr
+    assert out.stderr.count("error: data.batch_size=9 (global) is not divisible by the world size 2") == 1, (
+        out.stderr
+    )
 
 
 def test_an_error_only_rank_1_hits_is_printed_by_rank_1(tree, tmp_path):
