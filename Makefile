@@ -48,7 +48,7 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) runs data/demo .pytest_cache .ruff_cache *.egg-info

@@ -37,21 +37,3 @@ def small_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small_tree")
     make_demo_dataset(root, classes=4, train_per_class=14, val_per_class=5, seed=3, min_size=40, max_size=72)
     return root
-
-
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): most of a serial run's wall time
-# is spent waiting (process starts, SLURM scheduling, signal round trips), not computing. Each test file is one
-# group, so a module fixture (a reference training run) is built once. The files with tests on the one-node SLURM
-# cluster form one group: their jobs must not queue behind each other's on its 2 CPUs (a test that expects PENDING
-# for Dependency would see Resources). The two-node cluster lives in its own namespaces, so its file is a group
-# of its own and runs beside them.
-TWO_NODE_FILES = {"test_multinode.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    slurm_files = {item.path.name for item in items if item.get_closest_marker("slurm")} - TWO_NODE_FILES
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("slurm-1node" if name in slurm_files else name))

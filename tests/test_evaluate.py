@@ -468,8 +468,8 @@ PREDICT = ["--checkpoint", "{ours}", "--predict", "{image}"]
         ),
         (
             "scale < crop",
-            ["--checkpoint", "{ours}", "--protocol", "dense", "--scales", "32"],
-            "training crop 64",
+            ["--checkpoint", "{ours}", "--protocol", "dense", "--scales", "16"],
+            "training crop 32",
         ),
         ("model override", ["--checkpoint", "{ours}", "model.arch=vgg16"], "model comes from the checkpoint"),
         (

@@ -47,6 +47,7 @@ def overrides(tree: Path, run_dir: Path, *extra: str) -> list[str]:
         f"model.num_classes={CLASSES}",
         "model.classifier_width=64",
         "sched.epochs=2",
+        "sched.name=step",
         "sched.step_size=1",
         "sched.warmup_epochs=0",
         "optim.lr=0.01",

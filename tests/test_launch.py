@@ -45,7 +45,7 @@ def small(tree: Path, run_dir: Path, *extra: str) -> list[str]:
     return ["--config", "demo", "--gpus", "2", "--run-dir", str(run_dir), "--data", str(tree), "--time", "00:15:00",
             "data.backend=torchvision", "data.batch_size=8", "data.workers=0", "data.train_crop=32",
             "data.val_resize=36", "data.val_crop=32", "model.num_classes=4", "model.classifier_width=32",
-            "sched.epochs=2", "sched.step_size=1", "sched.warmup_epochs=0", "optim.lr=0.01", "train.print_every=2",
+            "sched.epochs=2", "sched.name=step", "sched.step_size=1", "sched.warmup_epochs=0", "optim.lr=0.01", "train.print_every=2",
             "train.deterministic=true", "log.wandb_mode=disabled", *extra]  # fmt: skip
 
 

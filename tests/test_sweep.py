@@ -40,7 +40,7 @@ ARCHS = ("vgg11_bn", "vgg13_bn")
 # The demo recipe shrunk to seconds per run on 2 cores (tests/test_launch.py's small(), one epoch).
 SMALL = ["--gpus", "2", "--time", "00:15:00", "data.backend=torchvision", "data.batch_size=8", "data.workers=0",
          "data.train_crop=32", "data.val_resize=36", "data.val_crop=32", "model.num_classes=4",
-         "model.classifier_width=32", "sched.epochs=1", "sched.step_size=1", "sched.warmup_epochs=0", "optim.lr=0.01",
+         "model.classifier_width=32", "sched.epochs=1", "sched.name=step", "sched.step_size=1", "sched.warmup_epochs=0", "optim.lr=0.01",
          "train.print_every=2", "train.deterministic=true"]  # fmt: skip
 
 
