@@ -69,8 +69,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shards, val_shard
 from data_pipeline.layout import DataError
-from data_pipeline.loader import CHECK_HINT, Loader, decode_error_reason, epoch_shards, val_shard
 from data_pipeline.transforms import TransformSpec, load_rgb
 
 __all__ = ["DaliLoader", "build_pipeline"]

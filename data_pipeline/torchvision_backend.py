@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
+from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, val_shard, worker_error_line
 from data_pipeline.layout import DataError
-from data_pipeline.loader import CHECK_HINT, Loader, decode_error_reason, val_shard, worker_error_line
 
 __all__ = ["DECODERS", "TorchvisionLoader", "decode"]
 
@@ -220,7 +220,7 @@ class TorchvisionLoader(Loader):
         )
         if self.workers > 0:
             start_forkserver_shielded()
-        if len(self._dl) != self.steps:  # the sharding math of data_pipeline.loader, checked against torch's
+        if len(self._dl) != self.steps:  # the sharding math of data_pipeline.base, checked against torch's
             raise AssertionError(f"DataLoader has {len(self._dl)} batches, expected {self.steps}")
         self._colour = torch.Generator(device=self.device)  # PCA colour shifts, drawn where they are used
         self.sample_log: Path | None = None  # log.sample_ids: folder of the per-rank, per-epoch image lists

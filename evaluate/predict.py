@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_pipeline.base import decode_error_reason
 from data_pipeline.layout import DataError, index_split
-from data_pipeline.loader import decode_error_reason
 from data_pipeline.transforms import TransformSpec
 from evaluate.imagenet_classes import NUM_CLASSES, imagenet_names
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from data_pipeline.base import decode_error_reason, val_shard, worker_error_line
 from data_pipeline.layout import DataError
-from data_pipeline.loader import decode_error_reason, val_shard, worker_error_line
 from data_pipeline.transforms import TransformSpec, open_rgb, resize_shorter
 from evaluate.core import Counts, precision_context, reduce_counts, topk_hits
 
