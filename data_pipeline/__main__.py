@@ -1,4 +1,4 @@
-r"""Data tools: the demo dataset, ImageNet val preparation, and a dataset check.
+r"""Data tools: the demo dataset, ImageNet val preparation, a dataset check, and packing into shards.
 
 Generate the demo dataset (a small JPEG tree in ImageNet's layout, see data_pipeline/demo.py):
 
@@ -20,10 +20,17 @@ Check a dataset root: class folders, counts against ILSVRC2012's, every image de
     python -m data_pipeline check /datasets/imagenet --workers 16
     python -m data_pipeline check data/demo
 
+Pack a tree into WebDataset tar shards + DALI index files + manifest.json, for shared filesystems
+(data_pipeline/shards.py; train shuffled at pack time with --seed, val in folder order; rerun to resume):
+
+    python -m data_pipeline pack /datasets/imagenet /datasets/imagenet-shards --shard-size 1GB
+    python -m data_pipeline pack data/demo data/demo-shards --shard-size 500KB --split train --seed 0
+
 Running demo or prepare-val again on a finished tree does nothing and says so. Exit status: demo: 0 done (or
 nothing to do), 1 the output directory holds something else (another demo tree, other files); prepare-val: 0
 done, 1 labels and folder disagree (one error line per problem); check: 0 the tree is sound, 1 problems (one a
-line; a missing ROOT is one); all: 2 bad arguments (prepare-val: including a VAL_DIR or label file that does not
+line; a missing ROOT is one); pack: 0 done (or nothing to do), 1 a bad tree or an OUT packed from other inputs
+or options; all: 2 bad arguments (prepare-val: including a VAL_DIR or label file that does not
 exist).
 """
 
@@ -113,6 +120,25 @@ def _parser() -> argparse.ArgumentParser:
         help="also require the full ILSVRC2012 sizes (1000 classes, 1,281,167 / 50,000 images, 50 val per class)",
     )
     check.add_argument("--all-notes", action="store_true", help="list every note (default: 10 per kind)")
+    pack = sub.add_parser(
+        "pack",
+        help="pack ROOT/{train,val} into WebDataset tar shards with DALI index files and a manifest",
+        description="Write OUT/{train,val}/shard-NNNNNN.{tar,idx} and OUT/manifest.json (see "
+        "data_pipeline/shards.py). Resumable: rerun skips shards that match the manifest.",
+    )
+    pack.add_argument("root", metavar="ROOT", help="dataset root holding train/ and val/")
+    pack.add_argument(
+        "out", metavar="OUT", help="output folder (created; empty, new, or an earlier pack of ROOT)"
+    )
+    # strings, checked in _pack: a bad value is one error line (argparse would add its usage text)
+    pack.add_argument(
+        "--shard-size",
+        metavar="SIZE",
+        default="1GB",
+        help="bytes per shard at most: 1GB, 500MB, 10KB (default 1GB)",
+    )
+    pack.add_argument("--split", metavar="SPLIT", default="both", help="train, val or both (default both)")
+    pack.add_argument("--seed", metavar="N", default="0", help="train shuffle seed (default 0)")
     return parser
 
 
@@ -216,6 +242,40 @@ def _check(args: argparse.Namespace) -> int:
     return 1
 
 
+def _pack(args: argparse.Namespace) -> int:
+    from data_pipeline.layout import DataError
+    from data_pipeline.shards import PackError, pack, parse_size
+
+    try:
+        shard_size = parse_size(args.shard_size)
+    except PackError as e:
+        return _error([str(e)], 2)
+    if args.split not in ("train", "val", "both"):
+        return _error([f"--split must be train, val or both, got {args.split!r}"], 2)
+    try:
+        seed = int(args.seed)
+    except ValueError:
+        seed = -1
+    if not 0 <= seed < 2**63:
+        return _error([f"--seed must be a whole number >= 0, got {args.seed!r}"], 2)
+    splits = ("train", "val") if args.split == "both" else (args.split,)
+    try:
+        s = pack(args.root, args.out, shard_size=shard_size, splits=splits, seed=seed)
+    except DataError as e:
+        return _error([str(e)], 1)
+    for split in splits:
+        done = f"{s.written[split]:,} shards written" + (
+            f" ({s.redone[split]:,} redone)" if s.redone[split] else ""
+        )
+        print(
+            f"{split}: {s.images[split]:,} images, {s.bytes[split] / 1e6:,.1f} MB in "
+            f"{s.written[split] + s.skipped[split]:,} shards: {done}, {s.skipped[split]:,} already complete"
+        )
+    nothing = not any(s.written.values())
+    print(f"manifest: {s.manifest}{'; nothing to do' if nothing else ''} ({s.seconds:.1f} s)", flush=True)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     params = {
         "classes": args.classes,
@@ -260,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         return _prepare_val(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "pack":
+        return _pack(args)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse only accepts the commands above
 
 
