@@ -57,8 +57,11 @@ failing batches are decoded again with PIL to find it.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,9 +71,11 @@ from nvidia.dali import __version__ as dali_version
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+from PIL import Image
 
 from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shards, val_shard
 from data_pipeline.layout import DataError
+from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex, parse_labels
 from data_pipeline.transforms import TransformSpec, load_rgb
 
 __all__ = ["DaliLoader", "build_pipeline"]
@@ -90,6 +95,8 @@ DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
 PREALLOCATE_WIDTH_HINT = 5980
 PREALLOCATE_HEIGHT_HINT = 6430
+
+CLS_WIDTH = 8  # bytes of a pack's .cls member handed out (labels up to 8 digits)
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
 
@@ -155,11 +162,17 @@ def build_pipeline(
     debug: bool = False,
     checkpointing: bool = False,
     checkpoint: bytes | None = None,
+    tars: list[str] | None = None,
+    tar_indices: list[str] | None = None,
 ) -> Any:
     """A DALI pipeline (not built) returning (images, labels) batches; see the module docstring.
 
     ``checkpointing=True`` lets ``pipe.checkpoint()`` (or the iterator's ``checkpoints()``) save the reader's
     position and the random operators' state; ``checkpoint`` (implies it) is such a state to resume from.
+
+    ``tars``/``tar_indices`` (instead of ``files``/``labels``): read a pack's samples with
+    ``fn.readers.webdataset``, in the order the index files list them; the label output is then each sample's
+    ``.cls`` member, its first ``CLS_WIDTH`` bytes zero-padded (``shard_reader.parse_labels`` reads them).
 
     ``debug=True`` adds two outputs for tests: the geometry, (resized height, resized width, crop top, crop left)
     for val and ``scale`` (for ``rrc``: the decoded window's height and width, then zeros), and the (3,) PCA
@@ -192,9 +205,7 @@ def build_pipeline(
         checkpoint=checkpoint,
     )
     def pipeline():  # type: ignore[no-untyped-def]
-        jpegs, label = fn.readers.file(
-            files=files,
-            labels=labels,
+        sharding = dict(
             shard_id=shard_id,
             num_shards=num_shards,
             pad_last_batch=True,
@@ -202,6 +213,17 @@ def build_pipeline(
             random_shuffle=False,
             name=READER,
         )
+        if tars is not None:
+            jpegs, cls = fn.readers.webdataset(
+                paths=tars,
+                index_paths=tar_indices,
+                ext=["jpg", "cls"],
+                missing_component_behavior="error",
+                **sharding,
+            )
+            label = fn.slice(cls, 0, CLS_WIDTH, axes=[0], out_of_bounds_policy="pad", fill_values=0)
+        else:
+            jpegs, label = fn.readers.file(files=files, labels=labels, **sharding)
         mirror: Any = 0
         shift: Any = None
         if split == "train" and spec.augment == "rrc":
@@ -295,6 +317,12 @@ class DaliLoader(Loader):
         )
         self._position = 0  # batches of the current train epoch handed out (the pass's start batch + yielded)
         self._shard_files: list[str] = []  # this rank's files from the pass's start batch on
+        # data.format=shards: the pack's split, this rank's sample ids from the pass's start batch on, and the
+        # folder of the index files written for each pass (the order DALI reads)
+        self._pack: ShardIndex | None = self.index if isinstance(self.index, ShardIndex) else None
+        self._shard_ids = np.empty(0, dtype=np.int64)
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._passes = 0
 
     # ------------------------------------------------------------------------------------------ resuming
 
@@ -319,6 +347,7 @@ class DaliLoader(Loader):
             "batch_size": self.batch_size,
             "seed": self.seed,
             "dataset_size": self.dataset_size,
+            "format": "shards" if self._pack is not None else "folder",
         }
 
     def _unusable(self, state: dict[str, Any] | None, start: int) -> str | None:
@@ -349,6 +378,36 @@ class DaliLoader(Loader):
 
     # -------------------------------------------------------------------------------------------- building
 
+    def _pack_lists(self) -> tuple[list[str], list[str]]:
+        """(tars, index files) for this pass of a pack: one (tar, index) pair per run of this rank's ids from one
+        shard, the index listing them in order (written under a private temporary folder)."""
+        pack = self._pack
+        assert pack is not None
+        if self.split == "val":
+            block = val_shard(len(pack), self.rank, self.world_size)
+            ids = self._shard_ids = np.arange(block.start, block.stop, dtype=np.int64)
+        else:
+            ids = pack.epoch_order(self.seed, self.epoch, self.world_size)[self.rank]
+            skip = self._start * self.batch_size
+            if self._restore is None:  # fast-forwarded (or from 0): the list starts at batch k
+                ids = ids[skip:]
+                skip = 0
+            self._shard_ids = ids[skip:]
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="vgg-pack-index-")
+        self._passes += 1
+        tars, indices = [], []
+        for n, (shard, run) in enumerate(pack.runs(ids)):
+            path = os.path.join(self._tmp.name, f"{self.split}-{self._passes}-{n:06d}.idx")
+            with open(path, "w") as f:
+                f.write(pack.index_text(run))
+            tars.append(pack.tar_paths[shard])
+            indices.append(path)
+        for old in os.listdir(self._tmp.name):  # the previous pass's, no longer read
+            if not old.startswith(f"{self.split}-{self._passes}-"):
+                os.unlink(os.path.join(self._tmp.name, old))
+        return tars, indices
+
     def _epoch_lists(self) -> tuple[list[str], list[int]]:
         samples = self.index.samples
         # val: this rank's block only, read as one shard (DALI's own sharding needs >= 1 image a rank)
@@ -376,15 +435,23 @@ class DaliLoader(Loader):
 
     def _build(self) -> None:
         self.close()
-        files, labels = self._epoch_lists()
+        pack = self._pack is not None
+        if pack:  # this rank's samples only, as one DALI shard
+            files, labels = [], []
+            tars, tar_indices = self._pack_lists()
+        else:
+            files, labels = self._epoch_lists()
+            tars = tar_indices = None
         pipe = build_pipeline(
             self.spec,
             files,
             labels,
+            tars=tars,
+            tar_indices=tar_indices,
             split=self.split,
             batch_size=self.batch_size,
-            shard_id=self.rank if self.split == "train" else 0,
-            num_shards=self.world_size if self.split == "train" else 1,
+            shard_id=self.rank if self.split == "train" and not pack else 0,
+            num_shards=self.world_size if self.split == "train" and not pack else 1,
             gpu=self.gpu,
             device_id=self._device_id,
             num_threads=self.workers,
@@ -417,7 +484,7 @@ class DaliLoader(Loader):
             self.epoch,
             self._start,
             ", restored from its checkpoint" if restored else "",
-            len(files),
+            len(self._shard_ids) if pack else len(files),
         )
         self._pipe, self._iter = pipe, it
         self._built_for = (self.epoch if self.split == "train" else 0, self._start, restored)
@@ -465,6 +532,8 @@ class DaliLoader(Loader):
                 continue
             if self.channels_last:
                 images = images.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last, no copy
+            if self._pack is not None:  # the .cls members' bytes
+                labels = self._pack_labels(labels, yielded)
             labels = labels.view(-1).to(torch.int64)
             if images.device != self.device:
                 images = images.to(self.device, non_blocking=True)
@@ -481,8 +550,24 @@ class DaliLoader(Loader):
         if self.split == "val":  # auto_reset rewound the iterator: reusable for the next epoch
             self._ready = True
 
+    def _pack_labels(self, cls: torch.Tensor, yielded: int) -> torch.Tensor:
+        """Labels of batch ``yielded`` (of this pass) from its .cls bytes; DataError naming a bad member."""
+        labels = parse_labels(cls)
+        bad = (labels < 0) | (labels >= len(self.classes))
+        if bool(bad.any()):
+            assert self._pack is not None
+            j = int(bad.nonzero()[0, 0])
+            i = int(self._shard_ids[yielded * self.batch_size + j])
+            _, label = self._pack.read(i, ShardFiles(self._pack.tar_paths))  # raises, naming the member
+            raise DataError(
+                f"{self._pack.member(i)}: DALI read label {int(labels[j])}, the tar holds {label}"
+            )
+        return labels
+
     def _error(self, e: RuntimeError, yielded: int) -> DataError:
         """One-line DataError naming the file DALI failed on."""
+        if self._pack is not None:
+            return self._pack_error(e, yielded)
         m = re.search(r"Failed to decode sample #?\d+ *: *(\S.*?)\s*$", str(e), re.M)
         if m:
             return DataError(f"cannot decode {m.group(1)} (DALI's decoder rejected it); {CHECK_HINT}")
@@ -496,4 +581,30 @@ class DaliLoader(Loader):
                 return DataError(f"cannot decode {path} ({decode_error_reason(pe)}); {CHECK_HINT}")
         return DataError(
             f"DALI failed in the {self.split} pipeline ({self.backend}) near batch {yielded + 1}: {_one_line(e)}"
+        )
+
+    def _pack_error(self, e: RuntimeError, yielded: int) -> DataError:
+        """One-line DataError naming the pack member DALI failed on: the samples of the failing batches are read
+        and decoded again with PIL to find it."""
+        pack = self._pack
+        assert pack is not None
+        b = self.batch_size
+        files = ShardFiles(pack.tar_paths)
+        try:
+            for i in self._shard_ids[max(0, (yielded - 1) * b) : (yielded + PREFETCH + 2) * b].tolist():
+                data, _ = pack.read(i, files)  # a cut member or a bad label raises here, named
+                try:
+                    with Image.open(io.BytesIO(data)) as img:
+                        img.convert("RGB")
+                except Exception as pe:
+                    return DataError(
+                        f"cannot decode {pack.member(i)} ({decode_error_reason(pe)}); {SHARD_CHECK_HINT}"
+                    )
+        except DataError as de:
+            return de
+        finally:
+            files.close()
+        return DataError(
+            f"DALI failed in the {self.split} pipeline ({self.backend}, {pack.root}) near batch {yielded + 1}: "
+            f"{_one_line(e)}"
         )

@@ -39,6 +39,12 @@ Sharding (``world_size`` processes, ``rank`` = the GLOBAL rank):
   ``fn.readers.file`` makes with ``shard_id=rank, num_shards=W``), every image exactly once over all ranks, no
   padding duplicates; the last batch may be partial and batch counts may differ by one between ranks.
 
+Source format (``data.format``): ``folder`` (default) reads ``ROOT/{train,val}/<wnid>/*.JPEG``; ``shards`` reads a
+pack made by ``python -m data_pipeline pack`` (``data_pipeline.shard_reader``: tar shards read by offset, in an
+epoch order of its own — shard order, then each shard's samples, permuted by (seed, epoch); the same
+``(N // W) // batch`` steps on every rank; val the same blocks of the same images as the folder). A format is a
+reader inside each backend: DALI's ``fn.readers.webdataset``, the torchvision backend's ``os.pread``.
+
 Per-process batch = ``data.batch_size // world_size``. Labels are indices into the sorted class folders
 (``data_pipeline.layout``: torchvision ImageFolder's order). Bad input (missing root, empty class folder,
 train/val class mismatch, an unreadable image) raises ``DataError`` with one line naming what is wrong.
@@ -63,6 +69,7 @@ from data_pipeline.base import (
     worker_error_line,
 )
 from data_pipeline.layout import DataError, SplitIndex, index_split
+from data_pipeline.shard_reader import MANIFEST, ShardIndex, is_pack, open_shards
 from data_pipeline.transforms import TransformSpec
 
 # CHECK_HINT, decode_error_reason, ...: defined in data_pipeline.base, re-exported for existing callers
@@ -81,8 +88,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _index(root: str, split: str) -> SplitIndex:
-    """Index the split; when the other split's folder exists too, its class folders must be the same."""
+def _index(root: str, split: str, fmt: str = "folder") -> SplitIndex | ShardIndex:
+    """Index the split; when the other split's folder exists too, its class folders must be the same. A pack
+    (``fmt="shards"``) has one class list for both splits (its manifest's)."""
+    if fmt == "shards":
+        return open_shards(root, split)
+    if fmt != "folder":
+        raise DataError(f"data.format={fmt!r} is not one of: folder, shards")
+    if is_pack(root):
+        raise DataError(f"{root} is a pack (it holds {MANIFEST}): set data.format=shards to read it")
     index = index_split(root, split)
     other = Path(root) / ("val" if split == "train" else "train")
     if other.is_dir():
@@ -141,7 +155,7 @@ def build_loader(
             f"data.batch_size={d.batch_size} (global) is not divisible by the world size {world_size}"
         )
     batch = d.batch_size // world_size
-    index = _index(d.root, split)
+    index = _index(d.root, split, getattr(d, "format", "folder"))
     if split == "train" and train_steps(len(index), world_size, batch) == 0:
         raise DataError(
             f"{index.root} has {len(index)} images: not one full batch of {batch} for each of {world_size} "
@@ -165,6 +179,8 @@ def build_loader(
 
         loader = TorchvisionLoader(**common, decoder=decoder)
         if split == "train" and getattr(cfg.log, "sample_ids", False):
+            if isinstance(index, ShardIndex):
+                raise DataError("log.sample_ids=true lists image files: it needs data.format=folder")
             loader.sample_log = Path(cfg.run_dir) / "samples"
     elif d.backend == "dali":
         if getattr(cfg.log, "sample_ids", False):

@@ -17,6 +17,11 @@ colour shifts from (seed, epoch, rank), so an epoch's batches are a function of 
 worker count. Val: the rank's contiguous block ``val_shard`` (no padding), in sorted order. Workers are
 persistent when ``workers > 0``. An image that does not decode raises ``DataError`` naming the file.
 
+A pack (``data.format=shards``, ``data_pipeline.shard_reader``): ``ShardImages`` reads sample i with one
+``os.pread`` from a tar each worker opens once and keeps open (descriptors are per process, never pickled), and
+decodes it from memory; train order is ``ShardEpochOrder`` (``ShardIndex.epoch_order``: N // W ids per rank, the
+order DALI's webdataset reader gets), val the same contiguous blocks as on folders.
+
 Mid-epoch resume, ``set_epoch(epoch, start_batch=k)``: the sampler drops the first ``k × batch`` indices of the
 rank's epoch order (``EpochIndices.start``), so those images are never read or decoded, and the colour-shift
 generator makes the ``k`` skipped batches' draws before the first batch. Batches k.. are bitwise those of an
@@ -26,6 +31,7 @@ uninterrupted pass (images, labels, colour shifts), whatever the worker count.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
@@ -43,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 
 from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, val_shard, worker_error_line
 from data_pipeline.layout import DataError
+from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex
 
 __all__ = ["DECODERS", "TorchvisionLoader", "decode"]
 
@@ -59,6 +66,18 @@ def decode(path: str, decoder: str = "pil") -> Any:
     from torchvision.io import ImageReadMode, decode_image, read_file
 
     return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
+def decode_bytes(data: bytes, decoder: str = "pil") -> Any:
+    """``decode`` of an encoded image held in memory (a pack's member)."""
+    if decoder == "pil":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 # The signals that stop a training run (train.engine.StopOnSignals, slurm.job.StopOnSignal). They reach every
@@ -138,13 +157,17 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        i, epoch = key if isinstance(key, tuple) else (key, 0)
+    def _load(self, i: int) -> tuple[Any, int]:
+        """(decoded RGB image, label) of sample ``i``."""
         path, label = self.samples[i]
         try:
-            image = decode(path, self.decoder)
+            return decode(path, self.decoder), label
         except Exception as e:  # PIL: OSError/UnidentifiedImageError; torchvision.io: RuntimeError
             raise DataError(f"cannot decode {path} ({decode_error_reason(e)}); {CHECK_HINT}") from None
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        image, label = self._load(i)
         if self.seed is None:
             return self.transform(image), label
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
@@ -154,6 +177,48 @@ class ImageFiles(Dataset):
                 return self.transform(image), label
         torch.manual_seed(sample_seed)  # a worker process: its global RNG serves only the transforms
         return self.transform(image), label
+
+
+class ShardImages(ImageFiles):
+    """``ImageFiles`` over a pack's split (``data.format=shards``): sample ``i`` is one ``os.pread`` of its
+    members from a tar this process keeps open (``shard_reader.ShardFiles``), decoded from memory."""
+
+    def __init__(
+        self, index: ShardIndex, transform: Any, decoder: str = "pil", seed: int | None = None
+    ) -> None:
+        super().__init__([], transform, decoder, seed)
+        self.index = index
+        self.files = ShardFiles(index.tar_paths)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _load(self, i: int) -> tuple[Any, int]:
+        data, label = self.index.read(i, self.files)
+        try:
+            return decode_bytes(data, self.decoder), label
+        except Exception as e:
+            raise DataError(
+                f"cannot decode {self.index.member(i)} ({decode_error_reason(e)}); {SHARD_CHECK_HINT}"
+            ) from None
+
+
+class ShardEpochOrder(Sampler):
+    """Rank ``rank``'s sample ids of a pack's train epoch (``ShardIndex.epoch_order``): ``N // world_size`` of
+    them, a function of (seed, epoch); ``set_epoch`` and ``epoch`` as ``DistributedSampler``'s."""
+
+    def __init__(self, index: ShardIndex, rank: int, world_size: int, seed: int) -> None:
+        self.index, self.rank, self.world_size, self.seed = index, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.index.epoch_order(self.seed, self.epoch, self.world_size)[self.rank].tolist())
+
+    def __len__(self) -> int:
+        return len(self.index) // self.world_size
 
 
 class EpochIndices(Sampler):
@@ -183,9 +248,18 @@ class TorchvisionLoader(Loader):
         self.decoder = decoder
         train = self.split == "train"
         transform = self.spec.train_transform() if train else self.spec.val_transform()
-        dataset = ImageFiles(self.index.samples, transform, decoder, seed=self.seed if train else None)
-        self.sampler: DistributedSampler | None = None
-        if train:
+        seed = self.seed if train else None
+        shards = isinstance(self.index, ShardIndex)
+        dataset = (
+            ShardImages(self.index, transform, decoder, seed)
+            if shards
+            else ImageFiles(self.index.samples, transform, decoder, seed)
+        )
+        self.sampler: DistributedSampler | ShardEpochOrder | None = None
+        if train and shards:
+            self.sampler = ShardEpochOrder(self.index, self.rank, self.world_size, self.seed)
+            sampler = EpochIndices(self.sampler)
+        elif train:
             self.sampler = DistributedSampler(
                 dataset,
                 num_replicas=self.world_size,

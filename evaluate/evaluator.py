@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from data_pipeline.layout import DataError, SplitIndex, index_split
+from data_pipeline.shard_reader import ShardIndex, is_pack, open_shards
 from data_pipeline.transforms import TransformSpec
 from evaluate.core import PRECISIONS, Counts, count_loader
 from evaluate.imagenet_classes import NUM_CLASSES, imagenet_wnids
@@ -134,6 +135,8 @@ def eval_config(loaded: LoadedModel, opts: EvalOptions, world_size: int) -> Conf
     tree = to_dict(with_overrides(base, opts.overrides, batch_split=False))  # the batch is set below
     if opts.data is not None:
         tree["data"]["root"] = opts.data
+    # The format follows the data: --data (or the stored root) pointing at a pack reads its shards
+    tree["data"]["format"] = "shards" if is_pack(tree["data"]["root"]) else "folder"
     if opts.backend is not None:
         tree["data"]["backend"] = opts.backend
     if opts.workers is not None:
@@ -283,11 +286,12 @@ def _compare_demo(cfg: Config, trained: Config, protocol: str, counts: Counts) -
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _check_classes(loaded: LoadedModel, val: SplitIndex) -> None:
+def _check_classes(loaded: LoadedModel, val: SplitIndex | ShardIndex) -> None:
     n = loaded.spec.num_classes
+    folders = "class folders" if isinstance(val, SplitIndex) else "classes in its manifest (a pack)"
     if len(val.classes) != n:
         raise EvalError(
-            f"{val.root} has {len(val.classes)} class folders but the checkpoint's model has {n} outputs"
+            f"{val.root} has {len(val.classes)} {folders} but the checkpoint's model has {n} outputs"
         )
     # The label order the weights expect: ours store their class folders; torchvision's index sorted ImageNet wnids.
     if loaded.classes is not None:
@@ -300,10 +304,10 @@ def _check_classes(loaded: LoadedModel, val: SplitIndex) -> None:
         extra = sorted(set(val.classes) - set(expected))
         missing = sorted(set(expected) - set(val.classes))
         what = (
-            f"{len(extra)} class folders are not {name} (e.g. {extra[0]!r}) and {len(missing)} have no folder "
+            f"{len(extra)} {folders} are not {name} (e.g. {extra[0]!r}) and {len(missing)} are missing "
             f"(e.g. {missing[0]!r})"
             if extra
-            else f"the class folders are in another order than the {name}"
+            else f"the {folders} are in another order than the {name}"
         )
         raise EvalError(f"{val.root}: {what}; labels would not match the model's outputs")
 
@@ -388,7 +392,16 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
     loaded = load_model(opts.checkpoint, arch=opts.arch)
     cfg = eval_config(loaded, opts, info.world_size)
     try:
-        val = index_split(cfg.data.root, "val")
+        if cfg.data.format == "shards" and opts.protocol != "1-crop":
+            raise EvalError(
+                f"--protocol {opts.protocol} reads image files: {cfg.data.root} is a pack, which only the "
+                "1-crop protocol reads; give --data the folder tree"
+            )
+        val = (
+            open_shards(cfg.data.root, "val")
+            if cfg.data.format == "shards"
+            else index_split(cfg.data.root, "val")
+        )
     except DataError as e:
         # the same tree and the same error on every rank: evaluate/__main__.py says it once
         e.every_rank = True  # type: ignore[attr-defined]
@@ -505,6 +518,7 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
         },
         "checkpoint": describe(loaded),
         "data_root": str(Path(cfg.data.root).resolve()),
+        "data_format": cfg.data.format,
         "backend": backend,
         "precision": opts.precision,
         "world_size": info.world_size,

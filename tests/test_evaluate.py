@@ -401,7 +401,7 @@ def test_checkpoint_refuses_val_folders_it_was_not_trained_on(demo, ours, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err == (
         f"error: {tmp_path / 'other' / 'val'}: 1 class folders are not trained classes (e.g. 'n99999999') and 1 "
-        f"have no folder (e.g. {classes[2]!r}); labels would not match the model's outputs"
+        f"are missing (e.g. {classes[2]!r}); labels would not match the model's outputs"
     )
 
 
@@ -419,7 +419,7 @@ def test_bare_imagenet_weights_refuse_folders_that_are_not_imagenet_wnids(tmp_pa
     renamed = [*wnids[:500], "n99000000", *wnids[501:]]
     with pytest.raises(
         EvalError,
-        match=rf"1 class folders are not ImageNet-1k wnids \(torchvision's weights index sorted wnids\) \(e.g. 'n99000000'\) and 1 have no folder \(e.g. '{wnids[500]}'\)",
+        match=rf"1 class folders are not ImageNet-1k wnids \(torchvision's weights index sorted wnids\) \(e.g. 'n99000000'\) and 1 are missing \(e.g. '{wnids[500]}'\)",
     ):
         _check_classes(loaded, SplitIndex(tmp_path, sorted(renamed), []))
 

@@ -42,6 +42,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = "data/imagenet"  # holds train/<wnid>/*.JPEG and val/<wnid>/*.JPEG
+    # folder: ROOT/{train,val}/<wnid>/*.JPEG | shards: ROOT is a pack (python -m data_pipeline pack): tar shards
+    # read by offset from their index files (data_pipeline.shard_reader)
+    format: str = "folder"
     backend: str = "dali"  # dali | torchvision
     # backend=dali: auto = GPU decoding (device="mixed") when the process's device is CUDA, else CPU-only; gpu =
     # insist on it (an error without CUDA, no fallback); cpu = CPU operators even on a GPU node (then copied over)
@@ -181,6 +184,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "recipe": ("torchvision", "paper", "demo"),
     "data.backend": ("dali", "torchvision"),
+    "data.format": ("folder", "shards"),
     "data.dali_device": ("auto", "gpu", "cpu"),
     "data.augment": ("rrc", "scale"),
     "data.interpolation": ("bilinear", "bicubic"),

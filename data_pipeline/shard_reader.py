@@ -1,0 +1,317 @@
+r"""Reading a pack (``python -m data_pipeline pack``, ``data_pipeline.shards``): ``data.format=shards``.
+
+    index = open_shards("/datasets/imagenet-shards", "train")   # manifest + index files, checked; DataError if bad
+    orders = index.epoch_order(seed=0, epoch=3, world_size=8)   # per-rank sample ids of epoch 3
+    jpeg, label = index.read(i, files)                          # one pread at the sample's offset
+
+A source format is a reader inside each backend (``dali_backend`` reads a pack with ``fn.readers.webdataset``,
+``torchvision_backend`` with ``os.pread``), both from this module's one sample table and one epoch order, so both
+backends visit the same images in the same order, as they do on folders.
+
+Why read by offset, not stream the tars: the pack's index files (DALI's wds2idx format) give every member's
+offset, so a sample is one positioned read in a tar kept open. The shared filesystem sees each shard opened
+once per reader (a few hundred files for ImageNet instead of 1.33 M opens an epoch), and the sharding stays exact:
+every rank reads exactly ``N // W`` samples and runs ``(N // W) // batch`` steps, validation reads each image
+once. Streaming a tar (the ``webdataset`` package, ``tarfile``) reads members in tar order only, so an epoch's
+order would be a shard order plus a shuffle buffer, and exactness per rank needs the same bookkeeping anyway;
+no new dependency either.
+
+Epoch order (train), a function of (seed, epoch), the same on every rank and in both backends:
+
+1. one ``torch.Generator`` seeded with ``seed + epoch`` (as ``DistributedSampler``) draws a permutation of the
+   shards, then one permutation of each shard's samples (in shard order);
+2. the shards in their permuted order, each's samples in their permuted order, make one sequence of N ids;
+3. rank r takes positions ``[r·n, (r+1)·n)`` of it, ``n = N // W`` (the last ``N mod W`` ids sit out the epoch).
+
+The pack's samples were shuffled across classes at pack time, so a shard is a random subset of the dataset and a
+batch drawn from one or two shards is a random batch; what stays fixed across epochs is which ~shard-sized group
+of images travels together (a batch's images always come from the same one or two shards). A rank's block is a
+run of whole shards (cut at its two ends), so each rank opens only ~``n / samples_per_shard + 2`` tars.
+
+Val: the pack keeps folder order, so rank r reads ids ``[N·r // W, N·(r+1) // W)`` (``base.val_shard``): the
+same images as the folder run's rank r, each exactly once.
+
+Labels: each sample's ``.cls`` member (ASCII digits) is read with it and checked against the manifest's class
+count. Errors (``DataError``, one line naming the shard and the member): no manifest, an incomplete pack, a
+missing shard or index file, an empty shard, an index line without ``.jpg`` or ``.cls``, a member past the end of
+its tar (cut mid-member), a shard whose size or sample count is not the manifest's, a label out of range.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.layout import DataError
+
+__all__ = [
+    "MANIFEST",
+    "SHARD_CHECK_HINT",
+    "ShardFiles",
+    "ShardIndex",
+    "is_pack",
+    "open_shards",
+    "parse_labels",
+]
+
+MANIFEST = "manifest.json"
+INDEX_VERSION = "v1.2"  # the pack writes wds2idx's v1.2 (with member names)
+PACK_HINT = "`python -m data_pipeline pack SRC OUT` again finishes or repairs it"
+SHARD_CHECK_HINT = "`python -m data_pipeline check PACK` checks every sample"
+
+
+def is_pack(root: str | os.PathLike) -> bool:
+    """Whether ``root`` holds a pack's manifest (what ``data.format=shards`` reads)."""
+    return (Path(root) / MANIFEST).is_file()
+
+
+def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """The pack's manifest; ``DataError`` (one line) when there is none or it is not one."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = (
+            "it holds train/ or val/ folders: data.format=folder reads those"
+            if (root / "train").is_dir() or (root / "val").is_dir()
+            else "make one with `python -m data_pipeline pack SRC OUT`"
+        )
+        raise DataError(f"data.format=shards but {root} has no {MANIFEST} ({hint})")
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["classes"], manifest["splits"]  # the keys a reader needs
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path} is not a pack manifest (python -m data_pipeline pack writes one)") from None
+    return manifest
+
+
+@dataclass
+class _Parsed:
+    """One shard's index: per sample (jpg offset, jpg size, cls offset, cls size)."""
+
+    rows: np.ndarray  # int64 (n, 4)
+
+
+def _parse_index(idx: Path, tar_name: str, split: str) -> np.ndarray:
+    """The (n, 4) table of one index file; DataError naming the shard and member for a bad one."""
+    where = f"{split}/{tar_name}"
+    try:
+        text = idx.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{split}/{idx.name}: missing index file of {where}; {PACK_HINT}") from None
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise DataError(f"{split}/{idx.name}: not a {INDEX_VERSION} index file (first line {lines[:1]})")
+    count = int(head[1])
+    if count == 0 or len(lines) == 1:
+        raise DataError(f"{where}: empty shard (its index lists no samples)")
+    if len(lines) - 1 != count:
+        raise DataError(f"{split}/{idx.name}: says {count} samples, lists {len(lines) - 1}")
+    rows = np.empty((count, 4), dtype=np.int64)
+    for n, line in enumerate(lines[1:]):
+        parts = line.split()
+        comps = {parts[j]: parts[j : j + 4] for j in range(0, len(parts) - 3, 4)}
+        if len(parts) % 4:
+            raise DataError(f"{split}/{idx.name} line {n + 2}: not '<ext> <offset> <size> <name>' fields")
+        name = parts[3] if len(parts) >= 4 else f"sample {n + 1}"
+        for ext in ("jpg", "cls"):
+            if ext not in comps:
+                stem = name.rsplit(".", 1)[0]
+                raise DataError(f"{where}: sample {stem} has no .{ext} member (index line {n + 2})")
+        try:
+            rows[n] = [int(comps["jpg"][1]), int(comps["jpg"][2]), int(comps["cls"][1]), int(comps["cls"][2])]
+        except ValueError:
+            raise DataError(f"{split}/{idx.name} line {n + 2}: offset or size is not a number") from None
+    return rows
+
+
+def member_names(index_path: str | os.PathLike) -> list[str]:
+    """The ``.jpg`` member names of a shard, in index order (for error messages; read when one is needed)."""
+    names = []
+    for line in Path(index_path).read_text().splitlines()[1:]:
+        parts = line.split()
+        names.append(next((parts[j + 3] for j in range(0, len(parts) - 3, 4) if parts[j] == "jpg"), "?"))
+    return names
+
+
+class ShardFiles:
+    """Open tar files, by shard id: each opened once (per process), kept open. ``opened`` counts the opens."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self._fds: dict[int, int] = {}
+        self.opened = 0
+
+    def fd(self, shard: int) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            self.opened += 1
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # handed to worker processes without the parent's descriptors
+        return {"paths": self.paths, "_fds": {}, "opened": 0}
+
+
+class ShardIndex:
+    """One split of a pack: quacks like ``layout.SplitIndex`` for the loaders (``root``, ``classes``, ``len``)
+    and adds the sample table (shard of each sample, offsets) and the epoch order (module docstring)."""
+
+    def __init__(
+        self, root: Path, split: str, classes: list[str], names: list[str], shard_rows: list[np.ndarray]
+    ) -> None:
+        self.root = root
+        self.split = split
+        self.classes = classes
+        self.names = names  # tar file names, manifest order
+        self.tar_paths = [str(root / split / n) for n in names]
+        self.index_paths = [str(root / split / (n[: -len(".tar")] + ".idx")) for n in names]
+        self.sizes = np.array([len(r) for r in shard_rows], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)])  # sample id of each shard's first sample
+        self.rows = np.concatenate(shard_rows) if shard_rows else np.empty((0, 4), np.int64)
+        self.shard_of = np.repeat(np.arange(len(names), dtype=np.int64), self.sizes)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        raise AttributeError("a pack has no per-image files: read samples with ShardIndex.read")
+
+    # ------------------------------------------------------------------------------------------ order
+
+    def epoch_sequence(self, seed: int, epoch: int) -> np.ndarray:
+        """All N sample ids in epoch ``epoch``'s order (module docstring, steps 1-2)."""
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        shard_perm = torch.randperm(len(self.names), generator=g).numpy()
+        within = [torch.randperm(int(n), generator=g).numpy() for n in self.sizes]
+        return np.concatenate([self.starts[s] + within[s] for s in shard_perm])
+
+    def epoch_order(self, seed: int, epoch: int, world_size: int) -> list[np.ndarray]:
+        """Per-rank sample ids of a train epoch: rank r's block of ``N // world_size`` ids (module docstring)."""
+        seq = self.epoch_sequence(seed, epoch)
+        n = len(self) // world_size
+        return [seq[r * n : (r + 1) * n] for r in range(world_size)]
+
+    def runs(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``ids`` cut into maximal runs from one shard: (shard, ids) in order (DALI's (tar, index) pairs)."""
+        if len(ids) == 0:
+            return []
+        cuts = np.flatnonzero(np.diff(self.shard_of[ids])) + 1
+        return [(int(self.shard_of[p[0]]), p) for p in np.split(ids, cuts)]
+
+    def index_text(self, ids: np.ndarray) -> str:
+        """A v1.1 index (no member names) listing samples ``ids`` (all from one shard) in this order."""
+        r = self.rows[ids]
+        body = "\n".join(f"jpg {a} {b} cls {c} {d}" for a, b, c, d in r.tolist())
+        return f"v1.1 {len(ids)}\n{body}\n"
+
+    # --------------------------------------------------------------------------------------- reading
+
+    def member(self, i: int) -> str:
+        """``split/shard-XXXXXX.tar: <member>.jpg`` of sample ``i`` (reads that shard's index again)."""
+        s = int(self.shard_of[i])
+        try:
+            name = member_names(self.index_paths[s])[i - int(self.starts[s])]
+        except (OSError, IndexError):
+            name = f"sample {i - int(self.starts[s]) + 1}"
+        return f"{self.split}/{self.names[s]}: {name}"
+
+    def read(self, i: int, files: ShardFiles) -> tuple[bytes, int]:
+        """(JPEG bytes, label) of sample ``i``: one pread covering its .jpg and .cls members."""
+        jpg_off, jpg_size, cls_off, cls_size = (int(x) for x in self.rows[i])
+        start, end = min(jpg_off, cls_off), max(jpg_off + jpg_size, cls_off + cls_size)
+        data = os.pread(files.fd(int(self.shard_of[i])), end - start, start)
+        if len(data) != end - start:
+            raise DataError(f"{self.member(i)} is cut short: the tar ends inside it; {PACK_HINT}")
+        jpg = data[jpg_off - start : jpg_off - start + jpg_size]
+        cls = data[cls_off - start : cls_off - start + cls_size]
+        text = cls.decode("ascii", "replace")
+        if not text.isdigit() or not 0 <= int(text) < len(self.classes):
+            raise DataError(
+                f"{self.member(i)}: its .cls holds {text[:20]!r}, not a label in [0, {len(self.classes)}) "
+                f"({len(self.classes)} classes in the manifest)"
+            )
+        return jpg, int(text)
+
+
+def open_shards(root: str | os.PathLike, split: str) -> ShardIndex:
+    """The ``split`` of the pack at ``root``, checked: manifest complete, every shard and index file present,
+    sizes and sample counts as the manifest says, every index line with a .jpg and a .cls member inside its tar.
+    Raises ``DataError`` (one line naming the shard and member) otherwise. Labels are checked as samples are read.
+    """
+    root = Path(root)
+    manifest = load_manifest(root)
+    classes = list(manifest["classes"])
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise DataError(
+            f"{root} holds no {split} split (packed with --split {', '.join(manifest['splits'])})"
+        )
+    shards = entry.get("shards") or []
+    planned = entry.get("planned_shards", len(shards))
+    if not entry.get("complete") or len(shards) != planned:
+        raise DataError(
+            f"{root / split}: the pack is incomplete ({len(shards)} of {planned} shards); {PACK_HINT}"
+        )
+    names, rows = [], []
+    for rec in shards:
+        tar = root / split / rec["name"]
+        where = f"{split}/{rec['name']}"
+        try:
+            size = tar.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"{where}: missing shard; {PACK_HINT}") from None
+        table = _parse_index(root / split / rec["index"], rec["name"], split)
+        ends = np.maximum(table[:, 0] + table[:, 1], table[:, 2] + table[:, 3])
+        past = np.flatnonzero(ends > size)
+        if len(past):
+            k = int(past[0])
+            name = member_names(root / split / rec["index"])[k]
+            raise DataError(
+                f"{where}: cut mid-member {name} (the tar ends at byte {size:,}, the member at {int(ends[k]):,}); "
+                f"{PACK_HINT}"
+            )
+        if size != rec["bytes"] or len(table) != rec["samples"]:
+            raise DataError(
+                f"{where}: {size:,} bytes and {len(table):,} samples, the manifest says {rec['bytes']:,} and "
+                f"{rec['samples']:,} (altered or from another pack); {PACK_HINT}"
+            )
+        names.append(rec["name"])
+        rows.append(table)
+    if not names:
+        raise DataError(f"{root / split}: the pack lists no shards")
+    index = ShardIndex(root, split, classes, names, rows)
+    if len(index) != entry.get("images", len(index)):
+        raise DataError(
+            f"{root / split}: {len(index):,} samples in the shards, the manifest says {entry['images']:,}"
+        )
+    return index
+
+
+def parse_labels(cls: torch.Tensor) -> torch.Tensor:
+    """Labels from a (B, L) uint8 batch of ``.cls`` members zero-padded to L (DALI's output): ASCII digits,
+    left-aligned. Returns int64 (B,); -1 where a row is not a number (the caller names the member)."""
+    cls = cls.to(torch.int64)
+    digit = (cls >= 48) & (cls <= 57)
+    pad = cls == 0
+    value = torch.zeros(cls.shape[0], dtype=torch.int64, device=cls.device)
+    for j in range(cls.shape[1]):
+        value = torch.where(digit[:, j], value * 10 + (cls[:, j] - 48), value)
+    ok = (digit | pad).all(1) & digit[:, 0] & ~(pad[:, :-1] & digit[:, 1:]).any(1)  # digits, then padding
+    return torch.where(ok, value, torch.full_like(value, -1))
