@@ -308,3 +308,19 @@ def test_no_manifest_and_incomplete_pack(trees, tmp_path):
     (out / "manifest.json").unlink()
     with pytest.raises(DataError, match=r"has no manifest\.json"):
         build_loader(shard_cfg(out, "torchvision"), "val")
+
+
+def test_a_bad_pack_stops_training_with_one_line(trees, tmp_path):
+    """python -m train on a pack with a missing index file: exit 1, one `error:` line naming it, no traceback."""
+    out = _damaged(trees, tmp_path)
+    (out / "train" / "shard-000001.idx").unlink()
+    proc = run_cli("-m", "train", "--config", "demo", f"data.root={out}", "data.format=shards",
+                   f"run_dir={tmp_path / 'run'}", "model.num_classes=5", "data.batch_size=8",
+                   "data.workers=0", "log.wandb_mode=disabled")  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == [
+        "error: train/shard-000001.idx: missing index file of train/shard-000001.tar; "
+        "`python -m data_pipeline pack SRC OUT` again finishes or repairs it"
+    ], proc.stderr[-2000:]
