@@ -271,7 +271,7 @@ def build_pipeline(
         out = fn.crop_mirror_normalize(
             images, mirror=mirror, mean=norm_mean, std=std, dtype=types.FLOAT, output_layout=layout
         )
-        if gpu:
+        if gpu and tars is None:  # a pack's .cls bytes stay on the CPU: parsed and checked there, no GPU sync
             label = label.gpu()
         if not debug:
             return out, label

@@ -56,6 +56,7 @@ __all__ = [
     "ShardFiles",
     "ShardIndex",
     "is_pack",
+    "load_manifest",
     "open_shards",
     "parse_labels",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 
 from data_pipeline.base import decode_error_reason
 from data_pipeline.layout import DataError, index_split
+from data_pipeline.shard_reader import is_pack, load_manifest
 from data_pipeline.transforms import TransformSpec
 from evaluate.imagenet_classes import NUM_CLASSES, imagenet_names
 
@@ -45,6 +46,8 @@ def class_names(num_classes: int, data_root: str | Path | None) -> tuple[list[st
             except (ValueError, KeyError, IndexError, TypeError) as e:
                 raise DataError(f"{index_file} is not in imagenet_class_index.json's format ({e})") from None
             source = str(index_file)
+        elif is_pack(root):
+            names, source = load_manifest(root)["classes"], f"{root}/manifest.json classes"
         else:
             names, source = index_split(root, "val").classes, f"{root}/val folder names"
         if len(names) != num_classes:

@@ -74,6 +74,17 @@ def test_train_the_demo_recipe_from_shards_and_evaluate_from_shards(trees, tmp_p
     assert from_shards["top1_err"] == pytest.approx(rows[-1]["val_top1_err"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (DALI device='mixed')")
+def test_dali_gpu_val_from_shards_is_its_folder_val(trees):
+    """nvJPEG from a pack: the same tensors as nvJPEG from the folder, on the device, labels included."""
+    root, out = trees
+    folder = collect(build_loader(make_cfg(root, "dali"), "val", device="cuda"))
+    shards = collect(build_loader(shard_cfg(out, "dali"), "val", device="cuda"))
+    assert shards[0].device.type == "cuda" and shards[1].device.type == "cuda"
+    assert folder[2] == shards[2] and torch.equal(folder[1], shards[1]) and torch.equal(folder[0], shards[0])
+
+
 def test_the_pack_has_several_shards(trees):
     _, out = trees
     train, val = open_shards(out, "train"), open_shards(out, "val")
