@@ -15,10 +15,13 @@ ground truth + meta.mat or from Kaggle's LOC_val_solution.csv; moves by default,
     python -m data_pipeline prepare-val /datasets/imagenet/val --labels LOC_val_solution.csv --dry-run
     python -m data_pipeline prepare-val /datasets/imagenet/val --labels LOC_val_solution.csv --link
 
-Check a dataset root: class folders, counts against ILSVRC2012's, every image decoded (data_pipeline/check.py):
+Check a dataset root: class folders, counts against ILSVRC2012's, every image decoded (data_pipeline/check.py);
+on a pack (a folder holding manifest.json): every shard's sha256, tar members against its index, every label
+and every image decoded:
 
     python -m data_pipeline check /datasets/imagenet --workers 16
     python -m data_pipeline check data/demo
+    python -m data_pipeline check /datasets/imagenet-shards --full
 
 Pack a tree into WebDataset tar shards + DALI index files + manifest.json, for shared filesystems
 (data_pipeline/shards.py; train shuffled at pack time with --seed, val in folder order; rerun to resume):
@@ -28,10 +31,10 @@ Pack a tree into WebDataset tar shards + DALI index files + manifest.json, for s
 
 Running demo or prepare-val again on a finished tree does nothing and says so. Exit status: demo: 0 done (or
 nothing to do), 1 the output directory holds something else (another demo tree, other files); prepare-val: 0
-done, 1 labels and folder disagree (one error line per problem); check: 0 the tree is sound, 1 problems (one a
-line; a missing ROOT is one); pack: 0 done (or nothing to do), 1 a bad tree or an OUT packed from other inputs
-or options; all: 2 bad arguments (prepare-val: including a VAL_DIR or label file that does not
-exist).
+done, 1 labels and folder disagree (one error line per problem); check: 0 the tree or pack is sound, 1
+problems (one a line; a missing ROOT is one); pack: 0 done (or nothing to do), 1 a bad tree or an OUT packed
+from other inputs or options; all: 2 bad arguments (prepare-val: including a VAL_DIR or label file that does
+not exist).
 """
 
 from __future__ import annotations
@@ -102,11 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--dry-run", action="store_true", help="print what would be done; change nothing")
     check = sub.add_parser(
         "check",
-        help="verify a dataset root: class folders, counts, every image decoded",
+        help="verify a dataset root or a pack: class folders, counts, every image decoded",
         description="Verify ROOT/{train,val}/<wnid>/: same class folders in both, no empty ones, every image "
-        "decoded with the DALI pipeline's decoder (CPU). Exit 0 when sound, else 1 with one problem a line.",
+        "decoded with the DALI pipeline's decoder (CPU). On a pack (ROOT holds manifest.json, made by pack): "
+        "what the shard reader refuses, every shard's sha256 against the manifest, its tar members against its "
+        "index, every sample's .jpg and .cls, every label in range, every image decoded. Exit 0 when sound, "
+        "else 1 with one problem a line.",
     )
-    check.add_argument("root", metavar="ROOT", help="dataset root holding train/ and val/")
+    check.add_argument(
+        "root", metavar="ROOT", help="dataset root holding train/ and val/, or a pack holding manifest.json"
+    )
     check.add_argument(
         "--workers",
         type=int,
@@ -200,16 +208,29 @@ def _prepare_val(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from collections import Counter, defaultdict
+    from pathlib import Path
 
-    from data_pipeline.check import FULL_CLASSES, FULL_COUNTS, check_root
+    from data_pipeline.check import FULL_CLASSES, FULL_COUNTS, MANIFEST, check_pack, check_root
 
     if args.workers is not None and args.workers < 1:
         return _error([f"--workers must be at least 1, got {args.workers}"], 2)
-    report = check_root(args.root, workers=args.workers, full=args.full)
-    print(f"root: {report.root.resolve()}")
+    check = check_pack if (Path(args.root) / MANIFEST).is_file() else check_root
+    report = check(args.root, workers=args.workers, full=args.full)
+    print(f"root: {report.root.resolve()}{f' (a pack: {MANIFEST})' if report.pack else ''}")
     for split in ("train", "val"):
-        if split in report.counts:
+        if split in report.counts and report.pack:
+            print(
+                f"{split}: {report.counts[split]:,} images in {len(report.classes[split]):,} classes, "
+                f"{report.shards[split]:,} shards"
+            )
+        elif split in report.counts:
             print(f"{split}: {report.counts[split]:,} images in {len(report.classes[split]):,} class folders")
+    if report.read_bytes or report.read_seconds:
+        rate = report.read_bytes / 1e6 / report.read_seconds if report.read_seconds else 0.0
+        print(
+            f"read {report.read_bytes / 1e6:,.1f} MB of tar (sha256 against the manifest, members against the "
+            f"index) in {report.read_seconds:.1f} s ({rate:,.0f} MB/s, {report.workers} threads)"
+        )
     if report.counts:
         full = f"{FULL_CLASSES:,} classes, {FULL_COUNTS['train']:,} train / {FULL_COUNTS['val']:,} val images"
         print(f"size: {'the full ILSVRC2012 set' if report.full else 'not the full ILSVRC2012 set'} ({full})")

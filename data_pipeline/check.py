@@ -1,8 +1,9 @@
-"""Verify an ImageNet root before training: folders, class lists, counts, and every image decoded.
+"""Verify an ImageNet root, or a pack of one, before training: folders, classes, counts, every image decoded.
 
     python -m data_pipeline check /datasets/imagenet                # exit 0: sound; 1: problems listed
     python -m data_pipeline check /datasets/imagenet --workers 16   # decoder threads (default: all cores)
     python -m data_pipeline check /datasets/imagenet --full         # also require the full ILSVRC2012 sizes
+    python -m data_pipeline check /datasets/imagenet-shards         # a pack: ROOT holds manifest.json
 
 What is a problem (one line each on stdout, exit status 1): a missing root, train/ or val/; a split without
 class folders; a class folder without images (ImageFolder refuses those); class folders that differ between
@@ -25,23 +26,41 @@ libjpeg-turbo) in a CPU-only pipeline (``device_id=None``), batch by batch, with
 that fails is decoded again file by file so each bad file is named with the decoder's own reason. On a GPU the
 training pipeline decodes with nvJPEG (``device="mixed"``); this check uses the CPU path on every machine.
 Files are read with the same number of Python threads (network filesystems need parallel reads).
+
+On a pack (``python -m data_pipeline pack``: ROOT holds manifest.json; ``check_pack``), what is a problem, one
+line each naming the shard, and the member where there is one: anything ``shard_reader.open_shards`` refuses,
+one line per split (no manifest, an incomplete pack, a missing shard or index file, an index line without .jpg
+or .cls, a tar cut mid-member, sizes or sample counts other than the manifest's; the samples of a refused
+split are not read); every shard read through (in ``--workers`` threads, progress with ETA on stderr): a size
+or sha256 other than the manifest's, a tar that ``tarfile`` cannot read to its end (a damaged header, cut
+mid-member), members of the tar that its index file does not list, index entries that are not in the tar, and
+members whose data offset or size in the index is not the tar's (a shard that ``open_shards``' line already
+names is not reported again); every sample its index lists, read as the loaders read it (``ShardIndex.read``):
+a .cls that is not a label in [0, number of manifest classes), and the .jpg looked at and decoded as a
+folder's image files are (problems and notes as above); a class of the manifest without samples in a split;
+with ``--full``, ILSVRC2012's sizes as for folders. Counts are per split the samples listed and per class the
+samples with that label (the manifest's one class list for both splits): for a pack of a tree, the folder
+check's counts of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
 import sys
+import tarfile
 import tempfile
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, TextIO, TypeVar
 
 from data_pipeline.layout import NestedDirCheck
 from data_pipeline.prepare import Progress
@@ -51,8 +70,10 @@ __all__ = [
     "FULL_COUNTS",
     "FULL_VAL_PER_CLASS",
     "IMG_EXTENSIONS",
+    "MANIFEST",
     "CheckReport",
     "Note",
+    "check_pack",
     "check_root",
     "decode_files",
 ]
@@ -61,6 +82,10 @@ FULL_CLASSES = 1000
 FULL_COUNTS = {"train": 1_281_167, "val": 50_000}
 FULL_VAL_PER_CLASS = 50
 SPLITS = ("train", "val")
+# shard_reader.MANIFEST, spelled out for the same reason (shard_reader imports torch): a pack's root holds it
+MANIFEST = "manifest.json"
+_T = TypeVar("_T")
+BLOCK = 512  # tar block size
 # torchvision.datasets.folder.IMG_EXTENSIONS, which ImageFolder and data_pipeline.layout use: a file without one of
 # these is skipped by the loaders. Spelled out so that `check` does not import torch (seconds); a test compares.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -90,17 +115,23 @@ class Note:
 
 @dataclass
 class CheckReport:
-    """Result of ``check_root``: sound when ``problems`` is empty."""
+    """Result of ``check_root`` or ``check_pack``: sound when ``problems`` is empty."""
 
     root: Path
-    classes: dict[str, list[str]] = field(default_factory=dict)  # split -> sorted class folders
-    counts: dict[str, int] = field(default_factory=dict)  # split -> image files
-    per_class: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> class -> image files
+    # split -> sorted class folders (a pack: the manifest's class list, the same for both splits)
+    classes: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # split -> image files (a pack: samples listed)
+    # split -> class -> image files (a pack: samples whose .cls holds the class's label)
+    per_class: dict[str, dict[str, int]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     decoded: int = 0  # images that decoded
     decode_seconds: float = 0.0
     workers: int = 0
+    pack: bool = False  # checked by check_pack
+    shards: dict[str, int] = field(default_factory=dict)  # a pack: split -> shards
+    read_bytes: int = 0  # a pack: tar bytes read for the sha256 and member checks
+    read_seconds: float = 0.0
 
     @property
     def sound(self) -> bool:
@@ -198,8 +229,9 @@ def _check_full(report: CheckReport) -> None:
             )
     for cls, n in report.per_class.get("val", {}).items():
         if n and n != FULL_VAL_PER_CLASS:
+            where = f"val class {cls}" if report.pack else f"val/{cls}/"
             report.problems.append(
-                f"--full: val/{cls}/ has {n} images, ILSVRC2012 has {FULL_VAL_PER_CLASS} per class"
+                f"--full: {where} has {n} images, ILSVRC2012 has {FULL_VAL_PER_CLASS} per class"
             )
 
 
@@ -208,9 +240,9 @@ def _check_full(report: CheckReport) -> None:
 
 @dataclass
 class _Read:
-    rel: str
+    rel: str  # names the image in problem lines and notes
     data: bytes | None = None  # None: not sent to the decoder (problem set)
-    problem: str = ""
+    problem: str = ""  # the whole problem line, naming the image
     note: Note | None = None
 
 
@@ -219,23 +251,29 @@ def _what_is(data: bytes) -> str | None:
 
 
 def _read(root: Path, rel: str) -> _Read:
-    """Read one file and look at its header (PIL reads the header only) for the notes."""
-    from PIL import Image, UnidentifiedImageError
-
+    """Read one file and look at its header (``_inspect``)."""
     try:
         data = (root / rel).read_bytes()
     except OSError as e:
         why = (
             "broken symbolic link" if (root / rel).is_symlink() and not (root / rel).exists() else e.strerror
         )
-        return _Read(rel, problem=f"cannot be read: {why}")
+        return _Read(rel, problem=f"{rel}: cannot be read: {why}")
+    return _inspect(rel, data)
+
+
+def _inspect(rel: str, data: bytes, what: str = "file") -> _Read:
+    """Look at an image's header (PIL reads the header only) for the problems before decoding and the notes.
+    ``rel`` names the image (a path below the root, or a pack's ``split/shard-XXXXXX.tar: KEY.jpg``)."""
+    from PIL import Image, UnidentifiedImageError
+
     if not data:
-        return _Read(rel, problem="empty file (0 bytes)")
+        return _Read(rel, problem=f"{rel}: empty {what} (0 bytes)")
     out = _Read(rel, data)
     fmt = _what_is(data)
     if fmt is None:
         out.data = None
-        out.problem = f"not an image: no known image header (starts with {data[:12]!r})"
+        out.problem = f"{rel}: not an image: no known image header (starts with {data[:12]!r})"
         return out
     if fmt == "GIF":  # not for DALI's decoder: it cannot decode GIF, and 2.4's CPU decoder may crash on one
         out.data = None
@@ -244,10 +282,12 @@ def _read(root: Path, rel: str) -> _Read:
                 img.load()
         except Exception as e:  # UnidentifiedImageError's message names the BytesIO object: not worth a line
             why = "PIL cannot identify it" if isinstance(e, UnidentifiedImageError) else f"PIL says {e}"
-            out.problem = f"GIF data that does not decode (truncated or corrupt): {why.splitlines()[0]}"
+            out.problem = (
+                f"{rel}: GIF data that does not decode (truncated or corrupt): {why.splitlines()[0]}"
+            )
         else:
             out.problem = (
-                "GIF data (PIL reads it, DALI cannot decode GIF: convert it to JPEG or use "
+                f"{rel}: GIF data (PIL reads it, DALI cannot decode GIF: convert it to JPEG or use "
                 "data.backend=torchvision)"
             )
         return out
@@ -353,15 +393,27 @@ def decode_files(
     by up to ``workers + 2`` batches, capped at ~2,048 files (~225 MB of ImageNet JPEGs) in memory.
     """
     root = Path(root)
+    return _decode_all(files, lambda rel: _read(root, rel), workers, batch_size, progress)
+
+
+def _decode_all(
+    items: Sequence[_T],
+    read: Callable[[_T], _Read],
+    workers: int,
+    batch_size: int = 0,
+    progress: Progress | None = None,
+) -> tuple[list[str], list[Note], int]:
+    """``decode_files`` for any images: ``read(item)`` (called in ``workers`` threads) gives each one's bytes,
+    or its problem line, and its note; the bytes are decoded batch by batch."""
     batch_size = batch_size or max(32, 4 * workers)
     ahead = min(workers + 2, max(2, 2048 // batch_size))
     problems: list[str] = []
     notes: list[Note] = []
     decoded = done = 0
-    batches = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
-    def read_batch(rels: list[str]) -> list[_Read]:
-        return [_read(root, r) for r in rels]
+    def read_batch(batch: Sequence[_T]) -> list[_Read]:
+        return [read(item) for item in batch]
 
     with (
         tempfile.TemporaryFile() as sink,
@@ -370,8 +422,8 @@ def decode_files(
         decoder = _Decoder(batch_size, workers, sink)
         pending: deque[Future] = deque()
         it = iter(batches)
-        for rels in it:
-            pending.append(pool.submit(read_batch, rels))
+        for batch in it:
+            pending.append(pool.submit(read_batch, batch))
             if len(pending) >= ahead:
                 break
         while pending:
@@ -382,7 +434,7 @@ def decode_files(
             good = []
             for r in reads:
                 if r.problem:
-                    problems.append(f"{r.rel}: {r.problem}")
+                    problems.append(r.problem)
                 else:
                     good.append((r.rel, r.data))
                     if r.note is not None:
@@ -409,6 +461,11 @@ def decode_files(
 # ------------------------------------------------------------------------------------------------- check
 
 
+def _cores() -> int:
+    """The cores this process may use (a SLURM allocation), not the whole node."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_root(
     root: str | os.PathLike,
     workers: int | None = None,
@@ -421,9 +478,7 @@ def check_root(
     if not root.is_dir():
         report.problems.append(f"data root {root} does not exist or is not a directory")
         return report
-    if workers is None:  # the cores this process may use (a SLURM allocation), not the whole node
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    report.workers = workers
+    report.workers = workers or _cores()
     images: list[str] = []
     for split in SPLITS:
         _scan_split(root, split, report, images)
@@ -439,4 +494,261 @@ def check_root(
         report.decode_seconds = time.perf_counter() - start
         report.problems += problems
         report.notes += notes
+    return report
+
+
+# -------------------------------------------------------------------------------------------------- packs
+
+
+class _Hashing:
+    """A file read through: sha256 and byte count of everything read (tarfile's stream mode reads every byte)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.sha.update(data)
+        self.n += len(data)
+        return data
+
+
+def _few(names: list[str], show: int = 3) -> str:
+    more = f", ... ({len(names) - show:,} more)" if len(names) > show else ""
+    return ", ".join(names[:show]) + more
+
+
+def _index_entries(path: Path, where: str) -> tuple[dict[str, tuple[int, int]], list[str]]:
+    """Every component of a shard's index file: member name -> (data offset, size); problem lines."""
+    from data_pipeline.shard_reader import INDEX_VERSION, PACK_HINT
+
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}, [f"{where}: missing index file; {PACK_HINT}"]
+    except (OSError, UnicodeDecodeError) as e:
+        return {}, [f"{where}: cannot be read: {getattr(e, 'strerror', None) or e}"]
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION:
+        return {}, [f"{where}: not a {INDEX_VERSION} index file (first line {lines[:1]})"]
+    entries: dict[str, tuple[int, int]] = {}
+    twice: list[str] = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if not parts or len(parts) % 4:
+            return {}, [f"{where} line {n}: not '<ext> <offset> <size> <name>' fields"]
+        for j in range(0, len(parts), 4):
+            try:
+                offset, size = int(parts[j + 1]), int(parts[j + 2])
+            except ValueError:
+                return {}, [f"{where} line {n}: offset or size is not a number"]
+            if parts[j + 3] in entries:
+                twice.append(parts[j + 3])
+            entries[parts[j + 3]] = (offset, size)
+    return entries, [f"{where}: lists {len(twice):,} member(s) twice: {_few(twice)}"] if twice else []
+
+
+def _scan_shard(root: Path, split: str, rec: dict) -> tuple[list[str], int]:
+    """Read one shard through: its size and sha256 against the manifest's record, its tar members (names, data
+    offsets, sizes) against its index file. Returns (problem lines, bytes read)."""
+    from data_pipeline.shard_reader import PACK_HINT
+
+    name = str(rec.get("name"))
+    where = f"{split}/{name}"
+    try:
+        f = open(root / split / name, "rb")  # noqa: SIM115 - closed below, after the tail is hashed
+    except FileNotFoundError:
+        return [f"{where}: missing shard; {PACK_HINT}"], 0
+    except OSError as e:
+        return [f"{where}: cannot be read: {e.strerror}"], 0
+    problems: list[str] = []
+    members: dict[str, tuple[int, int]] = {}
+    after = "in its first header"
+    readable = True
+    stream = _Hashing(f)
+    with f:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:
+                for m in tar:
+                    if m.isfile():
+                        members[m.name] = (m.offset_data, m.size)
+                    after = f"after member {m.name}"
+                # tarfile ends quietly at a block that is not a header: the end blocks are zeros
+                if os.pread(f.fileno(), BLOCK, tar.offset).strip(b"\0"):
+                    raise tarfile.ReadError(f"no tar header at byte {tar.offset:,}")
+        except (tarfile.TarError, EOFError) as e:
+            readable = False
+            problems.append(f"{where}: not a readable tar ({e}) {after}; {PACK_HINT}")
+        # the end blocks and anything after them: the sha256 covers the whole file
+        while stream.read(1 << 22):
+            pass
+    said = rec.get("bytes")
+    if stream.n != said:
+        said = f"{said:,}" if isinstance(said, int) else repr(said)
+        problems.append(
+            f"{where}: {stream.n:,} bytes, the manifest says {said} (truncated or altered); {PACK_HINT}"
+        )
+    elif stream.sha.hexdigest() != rec.get("sha256"):
+        problems.append(
+            f"{where}: sha256 differs from the manifest's: not the bytes that were packed (altered or damaged); "
+            f"{PACK_HINT}"
+        )
+    if not readable:  # the members after the damage are unknown: comparing would list them all
+        return problems, stream.n
+    idx = str(rec.get("index"))
+    listed, bad_index = _index_entries(root / split / idx, f"{split}/{idx}")
+    problems += bad_index
+    if bad_index:
+        return problems, stream.n
+    only_tar = [m for m in members if m not in listed]
+    only_index = [m for m in listed if m not in members]
+    moved = [m for m in listed if m in members and listed[m] != members[m]]
+    if only_tar:
+        problems.append(
+            f"{where}: {len(only_tar):,} member(s) that its index {idx} does not list: {_few(only_tar)}; {PACK_HINT}"
+        )
+    if only_index:
+        problems.append(
+            f"{where}: {len(only_index):,} member(s) that its index {idx} lists are not in the tar: "
+            f"{_few(only_index)}; {PACK_HINT}"
+        )
+    if moved:
+        shown = [
+            f"{m} (index: at byte {listed[m][0]:,}, {listed[m][1]:,} bytes; tar: at byte {members[m][0]:,}, "
+            f"{members[m][1]:,} bytes)"
+            for m in moved
+        ]
+        problems.append(
+            f"{where}: {len(moved):,} member(s) where its index {idx} gives another data offset or size than the "
+            f"tar: {_few(shown)}; {PACK_HINT}"
+        )
+    return problems, stream.n
+
+
+def _names_shard(message: str, where: str) -> bool:
+    """Whether a one-line ``DataError`` of ``open_shards`` is about ``where`` (it names the shard first)."""
+    return message.startswith(where) and message[len(where) : len(where) + 1] in (":", " ")
+
+
+def check_pack(
+    root: str | os.PathLike,
+    workers: int | None = None,
+    full: bool = False,
+    stream: TextIO | None = None,
+) -> CheckReport:
+    """Check a pack (``python -m data_pipeline pack``; see the module docstring): what ``open_shards`` refuses,
+    every shard's sha256 and tar members against the manifest and its index, every sample's label and image.
+    Progress goes to ``stream`` (stderr by default); problems and notes are in the returned report."""
+    from data_pipeline.layout import DataError
+    from data_pipeline.shard_reader import ShardFiles, load_manifest, member_names, open_shards
+
+    root = Path(root)
+    report = CheckReport(root, pack=True)
+    if not (root / MANIFEST).is_file():
+        report.problems.append(f"{root} has no {MANIFEST}: not a pack (check_root checks folder trees)")
+        return report
+    try:
+        manifest = load_manifest(root)
+    except DataError as e:
+        report.problems.append(str(e))
+        return report
+    report.workers = workers or _cores()
+    classes = [str(c) for c in manifest["classes"]]
+
+    # What the loaders refuse, one line per split (open_shards stops at the first problem of a split).
+    indexes, refused = {}, {}
+    for split in SPLITS:
+        try:
+            indexes[split] = open_shards(root, split)
+        except DataError as e:
+            refused[split] = str(e)
+            report.problems.append(str(e))
+
+    # Every shard read through, in parallel: sha256 and tar members. A shard that open_shards' line names is not
+    # reported again (a cut tar also differs in size and sha256 and ends inside a member).
+    shards = [
+        (split, rec)
+        for split in SPLITS
+        for rec in ((manifest["splits"].get(split) or {}).get("shards") or [])
+        if isinstance(rec, dict)
+    ]
+    total = sum(int(rec.get("bytes") or 0) for _, rec in shards)
+    progress = Progress("check: read MB", round(total / 1e6), stream=stream)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=report.workers, thread_name_prefix="check-shard") as pool:
+        futures = [pool.submit(_scan_shard, root, split, rec) for split, rec in shards]
+        for fut in as_completed(futures):
+            report.read_bytes += fut.result()[1]
+            progress.update(round(report.read_bytes / 1e6))
+    progress.close()
+    report.read_seconds = time.perf_counter() - start
+    for (split, rec), fut in zip(shards, futures, strict=True):
+        said = refused.get(split, "")
+        if not (
+            _names_shard(said, f"{split}/{rec.get('name')}")
+            or _names_shard(said, f"{split}/{rec.get('index')}")
+        ):
+            report.problems += fut.result()[0]
+
+    # Every sample the index lists, as the loaders read it (ShardIndex.read: label checked), then decoded.
+    items: list[tuple[str, int, str]] = []  # (split, sample id, "split/shard-XXXXXX.tar: KEY.jpg")
+    labels = {split: [0] * len(classes) for split in indexes}
+    for split, index in indexes.items():
+        report.classes[split] = classes
+        report.counts[split] = len(index)
+        report.shards[split] = len(index.names)
+        for s, name in enumerate(index.names):
+            first = int(index.starts[s])
+            members = member_names(index.index_paths[s])
+            items += [(split, first + k, f"{split}/{name}: {m}") for k, m in enumerate(members)]
+    # A ShardFiles per reading thread (its cache of open tars is not thread-safe), holding one tar open: samples
+    # come shard by shard, and workers x shards descriptors (16 x 150 for ImageNet in 1 GB shards) would pass
+    # the usual limit of 1,024 open files.
+    local = threading.local()
+    opened: list[ShardFiles] = []
+    lock = threading.Lock()
+
+    def read(item: tuple[str, int, str]) -> _Read:
+        split, i, name = item
+        index = indexes[split]
+        shard = (split, int(index.shard_of[i]))
+        if getattr(local, "shard", None) != shard:
+            if getattr(local, "files", None) is not None:
+                local.files.close()
+            local.files, local.shard = ShardFiles(index.tar_paths), shard
+            with lock:
+                opened.append(local.files)
+        try:
+            jpg, label = index.read(i, local.files)
+        except DataError as e:  # a label out of range (or a tar cut since open_shards looked)
+            return _Read(name, problem=str(e))
+        except OSError as e:
+            return _Read(name, problem=f"{name}: cannot be read: {e.strerror}")
+        with lock:
+            labels[split][label] += 1
+        return _inspect(name, jpg, what="member")
+
+    if items:
+        import nvidia.dali  # noqa: F401 - imported before the clock starts (about a second)
+
+        start = time.perf_counter()
+        progress = Progress("check: decoded", len(items), stream=stream)
+        try:
+            problems, notes, report.decoded = _decode_all(items, read, report.workers, progress=progress)
+        finally:
+            for files in opened:
+                files.close()
+        report.decode_seconds = time.perf_counter() - start
+        report.problems += problems
+        report.notes += notes
+    for split in indexes:
+        report.per_class[split] = dict(zip(classes, labels[split], strict=True))
+        empty = [c for c, n in report.per_class[split].items() if n == 0]
+        if empty:
+            report.problems.append(
+                f"{split}: no samples of class {_few(empty)} ({len(empty):,} of the manifest's {len(classes):,} "
+                "classes; ImageFolder refuses an empty class folder, so a pack of a sound tree has none)"
+            )
+    if full:
+        _check_full(report)
     return report
