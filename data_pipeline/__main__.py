@@ -284,13 +284,17 @@ def _pack(args: argparse.Namespace) -> int:
         s = pack(args.root, args.out, shard_size=shard_size, splits=splits, seed=seed)
     except DataError as e:
         return _error([str(e)], 1)
+
+    def shards(n: int) -> str:
+        return f"{n:,} shard{'' if n == 1 else 's'}"
+
     for split in splits:
-        done = f"{s.written[split]:,} shards written" + (
+        done = f"{shards(s.written[split])} written" + (
             f" ({s.redone[split]:,} redone)" if s.redone[split] else ""
         )
         print(
             f"{split}: {s.images[split]:,} images, {s.bytes[split] / 1e6:,.1f} MB in "
-            f"{s.written[split] + s.skipped[split]:,} shards: {done}, {s.skipped[split]:,} already complete"
+            f"{shards(s.written[split] + s.skipped[split])}: {done}, {s.skipped[split]:,} already complete"
         )
     nothing = not any(s.written.values())
     print(f"manifest: {s.manifest}{'; nothing to do' if nothing else ''} ({s.seconds:.1f} s)", flush=True)
