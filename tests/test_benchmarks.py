@@ -16,6 +16,9 @@ from tests.conftest import run_cli
 
 
 def test_loader_throughput_smoke(tmp_path):
+    """Every backend on the tree and on its pack, in one run: full epochs, consistent ratios, and the files each
+    loader opened (strace, where it runs): every image once an epoch from the folder, each shard at most once a
+    reader process from the pack, nothing more in the second epoch where the reader persists."""
     out, readme = tmp_path / "lt.json", tmp_path / "README.md"
     proc = run_cli(
         "benchmarks/loader_throughput.py",
@@ -34,23 +37,57 @@ def test_loader_throughput_smoke(tmp_path):
     m = result["machine"]
     assert m["torch"] and m["torchvision"] and m["nvidia_dali"] and m["pillow"] and m["cpu_model"]
     assert result["decode_only"]["ceiling"]["images_per_s"] > 0
+    pack = result["pack"]
+    assert pack["root"] == str(tmp_path / "data-pack") and pack["shard_size"] == "40KB"
+    assert pack["images"] == {"train": 24, "val": 12} and pack["reused"] is False
+    shards = pack["shards"]
+    assert shards["train"] >= 2 and shards["val"] >= 2  # several shards a split
+    variants = ("dali-cpu", "torchvision-pil", "torchvision-decode_image")
     for split in ("train", "val"):
         r = result["results"][split]
-        assert r["dali-cpu"]["backend"] == "dali-cpu"
-        assert r["torchvision-pil"]["backend"] == "torchvision"
+        assert r["dali-cpu"]["backend"] == r["shards"]["dali-cpu"]["backend"] == "dali-cpu"
+        assert r["torchvision-pil"]["backend"] == r["shards"]["torchvision-pil"]["backend"] == "torchvision"
         # every loader delivered one full epoch: train drops the partial batch, val keeps every image
         expected = {"train": (24 // 4) * 4, "val": 12}[split]
-        for name in ("dali-cpu", "torchvision-pil", "torchvision-decode_image"):
-            assert r[name]["images_per_s"] > 0 and r[name]["images_per_epoch"] == expected
+        for name in variants:
+            for row in (r[name], r["shards"][name]):
+                assert row["images_per_s"] > 0 and row["images_per_epoch"] == expected
+            ratio = r["shards"][name]["images_per_s"] / r[name]["images_per_s"]
+            assert abs(r["ratios"]["shards_over_folder"][name] - ratio) < 0.01 * ratio
         d, p = r["dali-cpu"]["images_per_s"], r["torchvision-pil"]["images_per_s"]
         assert abs(r["ratios"]["dali_over_pil_dataloader"] - d / p) < 0.01 * d / p
+        opened = result["files_opened"]
+        if "skipped" in opened:  # no usable strace here: said so, nothing counted
+            assert "strace" in opened["skipped"]
+            continue
+        assert opened["epochs"] == 2 and "strace" in opened["method"]
+        for name in variants:
+            folder = opened["subjects"][f"{split} {name}"]
+            packed = opened["subjects"][f"{split} {name} shards"]
+            assert folder["images_per_epoch"] == packed["images_per_epoch"] == [expected, expected]
+            assert folder["build"]["files"] == 0 and folder["build"]["directories"] > 0  # the folder walk
+            assert packed["build"]["files"] == 1 + shards[split]  # manifest.json and one .idx a shard
+            if name == "dali-cpu":  # DALI's file reader reads ahead, past an epoch's end too
+                assert folder["epoch_1"]["files"] >= folder["epoch_1"]["distinct_files"] == expected
+                assert folder["epoch_2"]["files"] > 0
+            else:  # the DataLoader: each image it delivers, once an epoch
+                for epoch in ("epoch_1", "epoch_2"):
+                    assert folder[epoch]["files"] == folder[epoch]["distinct_files"] == expected
+            assert packed["epoch_1"]["directories"] == packed["epoch_2"]["directories"] == 0
+            # each tar at most once: one worker, or one DALI reader
+            assert 1 <= packed["epoch_1"]["files"] <= shards[split]
+            # persistent: the worker keeps its tars open, DALI's val pipeline too; DALI's train pipeline is rebuilt
+            rebuilt = split == "train" and name == "dali-cpu"
+            assert packed["epoch_2"]["files"] == (packed["epoch_1"]["files"] if rebuilt else 0)
     text = readme.read_text()
     assert "| train |" in text and "| val |" in text and "smoke run" in text
-    # a second run reuses the generated tree and appends a second table
+    assert "| train | dali-cpu |" in text and "| val | torchvision-pil |" in text  # the folder-vs-pack rows
+    # a second run reuses the generated tree and its pack, and appends a second table
     proc = run_cli("benchmarks/loader_throughput.py", "--smoke", "--data", str(tmp_path / "data"),
                    "--out", str(out), "--readme", str(readme))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert readme.read_text().count("### Loader throughput") == 2
+    assert json.loads(out.read_text())["pack"]["reused"] is True
 
 
 # --------------------------------------------------------------------------- train/eval throughput (issue 7)
