@@ -520,31 +520,26 @@ def _few(names: list[str], show: int = 3) -> str:
 
 def _index_entries(path: Path, where: str) -> tuple[dict[str, tuple[int, int]], list[str]]:
     """Every component of a shard's index file: member name -> (data offset, size); problem lines."""
-    from data_pipeline.shard_reader import INDEX_VERSION, PACK_HINT
+    from data_pipeline.layout import DataError
+    from data_pipeline.shard_reader import PACK_HINT, index_lines
 
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except FileNotFoundError:
         return {}, [f"{where}: missing index file; {PACK_HINT}"]
     except (OSError, UnicodeDecodeError) as e:
         return {}, [f"{where}: cannot be read: {getattr(e, 'strerror', None) or e}"]
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION:
-        return {}, [f"{where}: not a {INDEX_VERSION} index file (first line {lines[:1]})"]
+    try:
+        lines = index_lines(text, where)
+    except DataError as e:
+        return {}, [str(e)]
     entries: dict[str, tuple[int, int]] = {}
     twice: list[str] = []
-    for n, line in enumerate(lines[1:], start=2):
-        parts = line.split()
-        if not parts or len(parts) % 4:
-            return {}, [f"{where} line {n}: not '<ext> <offset> <size> <name>' fields"]
-        for j in range(0, len(parts), 4):
-            try:
-                offset, size = int(parts[j + 1]), int(parts[j + 2])
-            except ValueError:
-                return {}, [f"{where} line {n}: offset or size is not a number"]
-            if parts[j + 3] in entries:
-                twice.append(parts[j + 3])
-            entries[parts[j + 3]] = (offset, size)
+    for comps in lines:
+        for _, offset, size, member in comps:
+            if member in entries:
+                twice.append(member)
+            entries[member] = (offset, size)
     return entries, [f"{where}: lists {len(twice):,} member(s) twice: {_few(twice)}"] if twice else []
 
 

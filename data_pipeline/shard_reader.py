@@ -90,54 +90,72 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def index_lines(text: str, where: str) -> list[list[tuple[str, int, int, str]]]:
+    """The sample lines of an index file's ``text``: per line its components, ``(ext, offset, size, member)``.
+    ``DataError`` naming ``where`` (``split/shard-XXXXXX.idx``) and the line for a bad header or line."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise DataError(f"{where}: not a {INDEX_VERSION} index file (first line {lines[:1]})")
+    out = []
+    for n, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if len(parts) % 4:
+            raise DataError(f"{where} line {n}: not '<ext> <offset> <size> <name>' fields")
+        try:
+            out.append(
+                [
+                    (parts[j], int(parts[j + 1]), int(parts[j + 2]), parts[j + 3])
+                    for j in range(0, len(parts), 4)
+                ]
+            )
+        except ValueError:
+            raise DataError(f"{where} line {n}: offset or size is not a number") from None
+    return out
+
+
 def _parse_index(idx: Path, tar_name: str, split: str) -> np.ndarray:
-    """The (n, 4) table of one index file; DataError naming the shard and member for a bad one."""
+    """The (n, 4) table (jpg offset, jpg size, cls offset, cls size) of one index file; DataError naming the
+    shard and member for a bad one."""
     where = f"{split}/{tar_name}"
     try:
         text = idx.read_text()
     except FileNotFoundError:
         raise DataError(f"{split}/{idx.name}: missing index file of {where}; {PACK_HINT}") from None
-    lines = text.splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        raise DataError(f"{split}/{idx.name}: not a {INDEX_VERSION} index file (first line {lines[:1]})")
-    count = int(head[1])
-    if count == 0 or len(lines) == 1:
-        raise DataError(f"{where}: empty shard (its index lists no samples)")
-    if len(lines) - 1 != count:
-        raise DataError(f"{split}/{idx.name}: says {count} samples, lists {len(lines) - 1}")
+    head = text.split("\n", 1)[0].split()
+    count = int(head[1]) if len(head) == 2 and head[0] == INDEX_VERSION and head[1].isdigit() else -1
     tokens = text.split()[2:]
-    if len(tokens) == 8 * count and set(tokens[0::8]) == {"jpg"} and set(tokens[4::8]) == {"cls"}:
+    if (
+        count > 0
+        and len(tokens) == 8 * count
+        and set(tokens[0::8]) == {"jpg"}
+        and set(tokens[4::8]) == {"cls"}
+    ):
         try:  # the pack's own layout, one "jpg <off> <size> <name> cls <off> <size> <name>" line a sample: fast
             cols = [np.fromiter(map(int, tokens[j::8]), dtype=np.int64, count=count) for j in (1, 2, 5, 6)]
             return np.stack(cols, axis=1)
         except ValueError:
             pass  # the line by line parse below names the bad line
+    lines = index_lines(text, f"{split}/{idx.name}")
+    if not lines or count == 0:
+        raise DataError(f"{where}: empty shard (its index lists no samples)")
+    if len(lines) != count:
+        raise DataError(f"{split}/{idx.name}: says {count} samples, lists {len(lines)}")
     rows = np.empty((count, 4), dtype=np.int64)
-    for n, line in enumerate(lines[1:]):
-        parts = line.split()
-        comps = {parts[j]: parts[j : j + 4] for j in range(0, len(parts) - 3, 4)}
-        if len(parts) % 4:
-            raise DataError(f"{split}/{idx.name} line {n + 2}: not '<ext> <offset> <size> <name>' fields")
-        name = parts[3] if len(parts) >= 4 else f"sample {n + 1}"
+    for n, comps in enumerate(lines):
+        by_ext = {ext: (offset, size) for ext, offset, size, _ in comps}
         for ext in ("jpg", "cls"):
-            if ext not in comps:
-                stem = name.rsplit(".", 1)[0]
+            if ext not in by_ext:
+                stem = comps[0][3].rsplit(".", 1)[0] if comps else f"sample {n + 1}"
                 raise DataError(f"{where}: sample {stem} has no .{ext} member (index line {n + 2})")
-        try:
-            rows[n] = [int(comps["jpg"][1]), int(comps["jpg"][2]), int(comps["cls"][1]), int(comps["cls"][2])]
-        except ValueError:
-            raise DataError(f"{split}/{idx.name} line {n + 2}: offset or size is not a number") from None
+        rows[n] = [*by_ext["jpg"], *by_ext["cls"]]
     return rows
 
 
 def member_names(index_path: str | os.PathLike) -> list[str]:
     """The ``.jpg`` member names of a shard, in index order (for error messages; read when one is needed)."""
-    names = []
-    for line in Path(index_path).read_text().splitlines()[1:]:
-        parts = line.split()
-        names.append(next((parts[j + 3] for j in range(0, len(parts) - 3, 4) if parts[j] == "jpg"), "?"))
-    return names
+    lines = index_lines(Path(index_path).read_text(), str(index_path))
+    return [next((name for ext, _, _, name in comps if ext == "jpg"), "?") for comps in lines]
 
 
 class ShardFiles:
