@@ -57,7 +57,6 @@ failing batches are decoded again with PIL to find it.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import re
@@ -71,12 +70,11 @@ from nvidia.dali import __version__ as dali_version
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from PIL import Image
 
 from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shards, val_shard
 from data_pipeline.layout import DataError
 from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex, parse_labels
-from data_pipeline.transforms import TransformSpec, load_rgb
+from data_pipeline.transforms import TransformSpec, load_rgb, open_rgb
 
 __all__ = ["DaliLoader", "build_pipeline"]
 
@@ -322,7 +320,6 @@ class DaliLoader(Loader):
         self._pack: ShardIndex | None = self.index if isinstance(self.index, ShardIndex) else None
         self._shard_ids = np.empty(0, dtype=np.int64)
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self._passes = 0
 
     # ------------------------------------------------------------------------------------------ resuming
 
@@ -395,17 +392,17 @@ class DaliLoader(Loader):
             self._shard_ids = ids[skip:]
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="vgg-pack-index-")
-        self._passes += 1
+        for old in os.listdir(
+            self._tmp.name
+        ):  # the previous pass's: its pipeline, closed, read them when built
+            os.unlink(os.path.join(self._tmp.name, old))
         tars, indices = [], []
         for n, (shard, run) in enumerate(pack.runs(ids)):
-            path = os.path.join(self._tmp.name, f"{self.split}-{self._passes}-{n:06d}.idx")
+            path = os.path.join(self._tmp.name, f"{n:06d}.idx")
             with open(path, "w") as f:
                 f.write(pack.index_text(run))
             tars.append(pack.tar_paths[shard])
             indices.append(path)
-        for old in os.listdir(self._tmp.name):  # the previous pass's, no longer read
-            if not old.startswith(f"{self.split}-{self._passes}-"):
-                os.unlink(os.path.join(self._tmp.name, old))
         return tars, indices
 
     def _epoch_lists(self) -> tuple[list[str], list[int]]:
@@ -594,8 +591,7 @@ class DaliLoader(Loader):
             for i in self._shard_ids[max(0, (yielded - 1) * b) : (yielded + PREFETCH + 2) * b].tolist():
                 data, _ = pack.read(i, files)  # a cut member or a bad label raises here, named
                 try:
-                    with Image.open(io.BytesIO(data)) as img:
-                        img.convert("RGB")
+                    open_rgb(data)
                 except Exception as pe:
                     return DataError(
                         f"cannot decode {pack.member(i)} ({decode_error_reason(pe)}); {SHARD_CHECK_HINT}"

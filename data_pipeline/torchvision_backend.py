@@ -31,7 +31,6 @@ uninterrupted pass (images, labels, colour shifts), whatever the worker count.
 from __future__ import annotations
 
 import functools
-import io
 import itertools
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker
@@ -50,34 +49,26 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, val_shard, worker_error_line
 from data_pipeline.layout import DataError
 from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex
+from data_pipeline.transforms import open_rgb
 
 __all__ = ["DECODERS", "TorchvisionLoader", "decode"]
 
 DECODERS = ("pil", "torchvision.io")
 
 
-def decode(path: str, decoder: str = "pil") -> Any:
-    """An RGB image from a file: a PIL image (``pil``) or a uint8 (3, H, W) tensor (``torchvision.io``)."""
+def decode(source: str | bytes, decoder: str = "pil") -> Any:
+    """An RGB image from a file, or from an encoded image in memory (a pack's member): a PIL image (``pil``) or a
+    uint8 (3, H, W) tensor (``torchvision.io``)."""
     if decoder == "pil":
-        from PIL import Image
-
-        with open(path, "rb") as f, Image.open(f) as img:
-            return img.convert("RGB")  # loads the pixels; a truncated file raises here
+        return open_rgb(source)  # loads the pixels; a truncated file raises here
     from torchvision.io import ImageReadMode, decode_image, read_file
 
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
-
-
-def decode_bytes(data: bytes, decoder: str = "pil") -> Any:
-    """``decode`` of an encoded image held in memory (a pack's member)."""
-    if decoder == "pil":
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB")
-    from torchvision.io import ImageReadMode, decode_image
-
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    data = (
+        torch.frombuffer(bytearray(source), dtype=torch.uint8)
+        if isinstance(source, bytes)
+        else read_file(source)
+    )
+    return decode_image(data, mode=ImageReadMode.RGB)
 
 
 # The signals that stop a training run (train.engine.StopOnSignals, slurm.job.StopOnSignal). They reach every
@@ -196,7 +187,7 @@ class ShardImages(ImageFiles):
     def _load(self, i: int) -> tuple[Any, int]:
         data, label = self.index.read(i, self.files)
         try:
-            return decode_bytes(data, self.decoder), label
+            return decode(data, self.decoder), label
         except Exception as e:
             raise DataError(
                 f"cannot decode {self.index.member(i)} ({decode_error_reason(e)}); {SHARD_CHECK_HINT}"

@@ -195,12 +195,15 @@ class TransformSpec:
 # ------------------------------------------------------------------------------ helpers (evaluate, backends)
 
 
-def open_rgb(path: str | Path) -> PILImage:
-    """Decode an image file to an RGB PIL image, as the torchvision backend does (PIL, libjpeg-turbo): greyscale
-    and CMYK JPEGs are converted to RGB, a PNG under a .JPEG name is read as PNG."""
+def open_rgb(path: str | Path | bytes) -> PILImage:
+    """Decode an image file (or an encoded image in memory: a pack's member) to an RGB PIL image, as the
+    torchvision backend does (PIL, libjpeg-turbo): greyscale and CMYK JPEGs are converted to RGB, a PNG under a
+    .JPEG name is read as PNG."""
+    import io
+
     from PIL import Image
 
-    with open(path, "rb") as f, Image.open(f) as img:
+    with io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb") as f, Image.open(f) as img:
         return img.convert("RGB")  # a loaded copy: valid after the file is closed
 
 
