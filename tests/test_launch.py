@@ -46,7 +46,7 @@ def small(tree: Path, run_dir: Path, *extra: str) -> list[str]:
             "data.backend=torchvision", "data.batch_size=8", "data.workers=0", "data.train_crop=32",
             "data.val_resize=36", "data.val_crop=32", "model.num_classes=4", "model.classifier_width=32",
             "sched.epochs=2", "sched.name=step", "sched.step_size=1", "sched.warmup_epochs=0", "optim.lr=0.01", "train.print_every=2",
-            "train.deterministic=true", "log.wandb_mode=disabled", *extra]  # fmt: skip
+            "train.deterministic=true", "log.wandb_mode=disabled", "dist.device=cpu", *extra]  # fmt: skip
 
 
 def clean_env() -> dict[str, str]:
@@ -132,6 +132,9 @@ def test_dry_run_shows_the_sbatch_script_and_submits_nothing(capsys, tmp_path, m
     }
     assert f"srun --unbuffered --output {run_dir}/slurm/%j/%j_%t_log.out" in script
     assert f"-m submitit.core._submit {run_dir}/slurm/%j" in script
+    # srun gets the CPUs too: SLURM 22.05-23.02 did not pass sbatch's --cpus-per-task on to srun
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert " --cpus-per-task=10 " in srun
     assert (
         "# plan: 1 node(s) × 8 GPU(s) = 8 task(s), one per GPU, on SLURM; global batch 256 = 8 × 32 per GPU"
         in out
