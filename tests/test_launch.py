@@ -371,6 +371,10 @@ def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
 
     text = log.read_text()
     assert text.count("this job is preempted") == 2  # timeout_min 15: neither counts as a timeout
+    # each start's rank line names the CPUs the task may run on and its threads (launch.cpus_per_gpu=1)
+    assert (
+        len(re.findall(r"^rank 0/2: host .*; CPUs [\d,-]+ \(\d+\), 1 intra-op thread\(s\)$", text, re.M)) == 3
+    )
     assert text.count("Requeued job") == 2 and "restart 1" in text and "restart 2" in text
     # each start resumed exactly where the previous one saved: same epoch, batch and step
     resumed = [
