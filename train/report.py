@@ -115,7 +115,10 @@ def plot_curves(
     """Loss (per logged step interval and per epoch) and top-1/top-5 error per epoch, as a PNG."""
     if not epochs and not steps:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the curves are a convenience: a machine without matplotlib trains without them
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
