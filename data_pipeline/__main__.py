@@ -28,6 +28,7 @@ Pack a tree into WebDataset tar shards + DALI index files + manifest.json, for s
 
     python -m data_pipeline pack /datasets/imagenet /datasets/imagenet-shards --shard-size 1GB
     python -m data_pipeline pack data/demo data/demo-shards --shard-size 500KB --split train --seed 0
+    python -m data_pipeline pack /datasets/imagenet /datasets/imagenet-shards --workers 16   # default: all cores
 
 Running demo or prepare-val again on a finished tree does nothing and says so. Exit status: demo: 0 done (or
 nothing to do), 1 the output directory holds something else (another demo tree, other files); prepare-val: 0
@@ -147,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     pack.add_argument("--split", metavar="SPLIT", default="both", help="train, val or both (default both)")
     pack.add_argument("--seed", metavar="N", default="0", help="train shuffle seed (default 0)")
+    pack.add_argument(
+        "--workers",
+        metavar="N",
+        default=None,
+        help="processes writing shards (default: the CPU cores this process may use; the shards are the same)",
+    )
     return parser
 
 
@@ -279,9 +286,17 @@ def _pack(args: argparse.Namespace) -> int:
         seed = -1
     if not 0 <= seed < 2**63:
         return _error([f"--seed must be a whole number >= 0, got {args.seed!r}"], 2)
+    workers = None
+    if args.workers is not None:
+        try:
+            workers = int(args.workers)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            return _error([f"--workers must be a whole number >= 1, got {args.workers!r}"], 2)
     splits = ("train", "val") if args.split == "both" else (args.split,)
     try:
-        s = pack(args.root, args.out, shard_size=shard_size, splits=splits, seed=seed)
+        s = pack(args.root, args.out, shard_size=shard_size, splits=splits, seed=seed, workers=workers)
     except DataError as e:
         return _error([str(e)], 1)
 
@@ -295,9 +310,13 @@ def _pack(args: argparse.Namespace) -> int:
         print(
             f"{split}: {s.images[split]:,} images, {s.bytes[split] / 1e6:,.1f} MB in "
             f"{shards(s.written[split] + s.skipped[split])}: {done}, {s.skipped[split]:,} already complete"
+            + (f" ({s.trusted[split]:,} trusted by size, mtime and ends)" if s.trusted[split] else "")
         )
     nothing = not any(s.written.values())
-    print(f"manifest: {s.manifest}{'; nothing to do' if nothing else ''} ({s.seconds:.1f} s)", flush=True)
+    print(
+        f"manifest: {s.manifest}{'; nothing to do' if nothing else ''} ({s.seconds:.1f} s, {s.workers} workers)",
+        flush=True,
+    )
     return 0
 
 
