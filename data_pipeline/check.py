@@ -29,8 +29,8 @@ with nvJPEG (``device="mixed"``); this check uses the CPU path on every machine.
 images on, the images are shared, ``CHUNK`` at a time, by ``--workers`` processes (each reading, looking at
 headers with PIL and decoding with a one-thread DALI pipeline: PIL's header parsing holds the GIL, which
 threads share); below it, this process reads with ``--workers`` threads and decodes with as many DALI
-threads. The processes come from a fork server (``multiprocessing``'s forkserver): a script that calls
-``check_root`` needs the ``if __name__ == "__main__":`` guard.
+threads. The processes are spawned (``_pool``): a script that calls ``check_root`` needs the
+``if __name__ == "__main__":`` guard.
 
 ``--quick`` (``quick=True``) decodes one image per class folder (the first without a problem) and only looks at
 the others: magic bytes, for a JPEG its frame header walked from the start marker by marker (width and height
@@ -432,11 +432,11 @@ def _quick_files(root: str, rels: Sequence[str]) -> list[tuple[str, str, Note | 
 
 
 def _pool(workers: int) -> ProcessPoolExecutor:
-    """Worker processes from a fork server that has imported this module: clean processes (never a fork of a
-    process running DALI's or torch's threads) that start in milliseconds once the server runs."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["data_pipeline.check"])
-    return ProcessPoolExecutor(workers, mp_context=ctx)
+    """Worker processes started fresh (spawn): never a fork of a process running DALI's or torch's threads, and
+    not multiprocessing's one forkserver, which the torchvision backend starts with stop signals blocked
+    (``torchvision_backend.start_forkserver_shielded``) and must stay its own. Each pays the import of this module
+    (and DALI's, to decode) once: under a second, earned back from ``PROCESS_MIN`` images on."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 def _in_chunks(
