@@ -261,7 +261,8 @@ def _check(args: argparse.Namespace) -> int:
         rate = report.decoded / report.decode_seconds if report.decode_seconds else 0.0
         print(
             f"decoded {report.decoded:,} images{' (one per class)' if report.quick else ''} with DALI's CPU "
-            f"decoder in {report.decode_seconds:.1f} s ({rate:,.0f} images/s, {how})"
+            f"decoder in {report.decode_seconds:.1f} s ({rate:,.0f} images/s, "
+            f"{f'{report.workers} threads' if report.quick else how})"
         )
     by_kind: dict[str, list] = defaultdict(list)
     for note in report.notes:
