@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -168,8 +169,9 @@ def node_local_storage(path: str | Path) -> str | None:
     return f"{best} ({fstype})" if fstype in NODE_LOCAL_FS else None
 
 
-def make_plan(cfg: Config) -> Plan:
-    """Decide the job layout for a validated config (``load_config`` already checked the batch divides)."""
+def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
+    """Decide the job layout for a validated config (``load_config`` already checked the batch divides).
+    ``given``: the config keys the user set (flags or key=value); what they chose is not reported as derived."""
     la = cfg.launch
     nodes, gpus = la.nodes, la.gpus
     notes: list[str] = []
@@ -179,14 +181,16 @@ def make_plan(cfg: Config) -> Plan:
         lower = max([g for g in fits if g < gpus], default=None)
         upper = min([g for g in fits if g > gpus], default=None)
         choices = " or ".join(f"--gpus {g}" for g in (lower, upper) if g is not None)
+        nodes_from = f"--nodes {nodes}" if "launch.nodes" in given else f"{nodes} node(s)"
         raise LaunchError(
-            f"--gpus {gpus} does not split evenly over {nodes} node(s) of up to {la.gpus_per_node} GPUs "
-            f"(SLURM starts the same number of tasks on every node): use {choices}, or choose --nodes"
+            f"--gpus {gpus} does not split evenly over {nodes_from} of up to {la.gpus_per_node} GPUs "
+            f"(SLURM starts the same number of tasks on every node): use {choices}, or "
+            f"{'another' if 'launch.nodes' in given else 'choose'} --nodes"
         )
     tasks = gpus // nodes
     if tasks > la.gpus_per_node:  # validate() already refuses this; kept for direct callers
         raise LaunchError(f"{gpus} GPUs do not fit on {nodes} node(s) × {la.gpus_per_node} GPUs")
-    if nodes > 1 and tasks < la.gpus_per_node:
+    if nodes > 1 and tasks < la.gpus_per_node and "launch.nodes" not in given:
         notes.append(
             f"{gpus} GPUs on {la.gpus_per_node}-GPU nodes: using {nodes} nodes × {tasks} GPUs each (one task per "
             f"GPU, the same count on every node); pass --nodes to choose another split"

@@ -141,7 +141,11 @@ def plan_sweep(
             cfg = absolute_paths(load_config(name, [*flags, *own, *user]))
         except ConfigError as e:
             raise ConfigError(f"{arch}: {e}") from None
-        jobs.append(SweepJob(arch, make_plan(cfg), after))
+        jobs.append(
+            SweepJob(
+                arch, make_plan(cfg, given={o.partition("=")[0].strip() for o in [*flags, *user]}), after
+            )
+        )
     if init_from_a and NET_A in archs:  # A first: the others' dependency needs its job id
         jobs.sort(key=lambda j: j.arch != NET_A)
     return jobs

@@ -169,8 +169,9 @@ def test_layout_one_task_per_gpu_and_even_split(capsys, tmp_path):
     ("args", "message"),
     [
         (("--gpus", "0"), "error: --gpus must be >= 1 (one task per GPU), got 0"),
-        (("--gpus", "12", "--gpus-per-node", "8"), "error: data.batch_size=256 (global) is not divisible by the "
-                                                   "launch.gpus 12"),
+        (("--gpus", "12", "--gpus-per-node", "8"), "error: --gpus 12 does not divide the global batch, "
+                                                   "data.batch_size=256 (the recipe's): use --gpus 8 or --gpus 16, or "
+                                                   "data.batch_size=252 or 264 (a multiple of 12;"),
         (("--gpus", "9", "data.batch_size=288"), "error: --gpus 9 does not split evenly over 2 node(s) of up to 8 "
                                                  "GPUs (SLURM starts the same number of tasks on every node): use "
                                                  "--gpus 8 or --gpus 10, or choose --nodes"),
