@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="submit even while a job of this run_dir is queued/running or a training holds its lock (the "
-        "training's lock still refuses to run two at once)",
+        help="submit without the checks on this host: a job of this run_dir queued/running or a training holding "
+        "its lock; the data root (train/, val/ or a pack's manifest), its class count against model.num_classes and "
+        "the run folder's last.pth (arch, recipe). For a login node that cannot see the data (the training's lock "
+        "still refuses to run two at once, and the job still checks the rest when it starts)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        return dry_run(plan)
+        return dry_run(plan, force=args.force)
     try:
         return launch(plan, wait=args.wait, force=args.force)
     except LaunchError as e:  # no sbatch; sbatch refused it (bad partition, ...); run_dir unwritable or busy
@@ -200,7 +202,7 @@ def _sweep(args: argparse.Namespace) -> int:
     flags = [f for f in _overrides(args) if not f.startswith("run_dir=")]
     jobs = plan_sweep(archs, recipe, run_dir, flags, list(args.overrides), init_from_a=args.init_from_a)
     if args.dry_run:
-        return dry_run_sweep(jobs)
+        return dry_run_sweep(jobs, force=args.force)
     try:
         return launch_sweep(jobs, wait=args.wait, force=args.force)
     except LaunchError as e:
