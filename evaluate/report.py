@@ -7,8 +7,9 @@ For each run folder (``<run-dir>/<recipe>-<arch>``, as ``slurm/launch.py --arch 
 
 - its state: **done** (``last.pth`` at the config's last epoch), **training** (a training holds the folder's lock,
   its SLURM job is running, or its usage record's heartbeat is recent), **queued** (its SLURM job is pending, with
-  squeue's reason), **stopped** (trained part of the way, nothing running) or **not started**; runs not done are
-  listed with their progress, never skipped;
+  squeue's reason), **failed** (its newest SLURM job ended FAILED, CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, ...:
+  sacct's state, the error line of its traceback or log, and rank 0's log path), **stopped** (trained part of the
+  way, nothing running) or **not started**; runs not done are listed with their progress, never skipped;
 - for a done run, ``best.pth`` evaluated into ``<run>/eval.json`` unless that file is current: same checkpoint
   (its sha256 is stored in eval.json) and protocol. Protocol: 1-crop for the torchvision and demo recipes
   (torchvision's row), dense at one test scale for the paper recipe (the paper's Table 3 row). Exact counts, as
@@ -57,8 +58,8 @@ class RunRow:
     run_dir: str
     arch: str
     recipe: str
-    state: str  # done | training | queued | stopped | not started
-    progress: str  # "8/8 epochs", "3/8 epochs (training, job 1234)"
+    state: str  # done | training | queued | failed | stopped | not started
+    progress: str  # "8/8 epochs", "3/8 epochs (training, job 1234)", "0/8 epochs (SLURM job 12 FAILED: ...)"
     epochs_done: int
     epochs: int | None
     best_epoch: int | None = None
@@ -216,9 +217,76 @@ def _state(run: Path, cfg, epochs_done: int, last_epoch: int | None) -> tuple[st
     usage = read_usage(run)
     if usage is not None and usage.running:  # another node's training (its lock may not be visible here)
         return "training", f"{of} (training: usage heartbeat under 90 s old)"
+    failed = failed_job(run)
+    if failed:
+        job_id, slurm_state, error, log_path = failed
+        return "failed", f"{of} (SLURM job {job_id} {slurm_state}: {error}; log: {log_path})"
     if cfg is None and last_epoch is None and not epochs_done:
         return "not started", "0 epochs (no config.yaml yet)"
     return "stopped", f"{of} (stopped: nothing runs; the same launch command resumes it)"
+
+
+# sacct states of a job that ended without finishing its work (COMPLETED, and the states of a live job, are not)
+FAILED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                           "PREEMPTED", "REVOKED", "TIMEOUT"})  # fmt: skip
+
+
+def _sacct_state(job_id: str) -> str | None:
+    """sacct's state of a job (``CANCELLED by 0`` → ``CANCELLED``); None without sacct or an answer."""
+    if shutil.which("sacct") is None:
+        return None
+    try:
+        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = [ln.split()[0] for ln in proc.stdout.splitlines() if ln.strip()]
+    return lines[-1] if proc.returncode == 0 and lines else None
+
+
+def _error_line(folder: Path, job_id: str) -> str:
+    """The line that says why a job failed: the exception at the end of rank 0's traceback (submitit's result
+    file), else the last line of rank 0's stderr that says error (SLURM's own ``slurmstepd: error: ...``), else
+    its last line."""
+    import pickle
+
+    result = folder / f"{job_id}_0_result.pkl"
+    try:
+        with result.open("rb") as f:
+            outcome, payload = pickle.load(f)  # submitit's ("error", traceback text) for a failed task
+        if outcome == "error" and isinstance(payload, str) and payload.strip():
+            return payload.strip().splitlines()[-1].strip()
+    except Exception:  # no result file (killed, cancelled, out of memory), or one being written
+        pass
+    err = folder / f"{job_id}_0_log.err"
+    try:
+        lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines()[-200:] if ln.strip()]
+    except OSError:
+        return "no error line (no log)"
+    said = [ln for ln in lines if "error" in ln.lower()]
+    return (said or lines or ["no error line in the log"])[-1]
+
+
+def failed_job(run: Path) -> tuple[str, str, str, str] | None:
+    """(job id, SLURM state, error line, rank 0's stderr log) when the run's newest SLURM job ended without
+    finishing the run (sacct: FAILED, CANCELLED, TIMEOUT, NODE_FAIL, OUT_OF_MEMORY, ...; or, without sacct, its
+    result file holds an error), else None."""
+    from slurm.submit import slurm_job_ids
+
+    ids = slurm_job_ids(run)
+    if not ids:
+        return None
+    job_id = ids[-1]
+    folder = run / "slurm" / job_id
+    state = _sacct_state(job_id)
+    if state is None:  # no accounting here: the task's own result says whether it failed
+        error = _error_line(folder, job_id)
+        if not (folder / f"{job_id}_0_result.pkl").is_file() or "error" not in error.lower():
+            return None
+        state = "FAILED (sacct did not answer)"
+    elif state not in FAILED_STATES:
+        return None
+    return job_id, state, _error_line(folder, job_id), str(folder / f"{job_id}_0_log.err")
 
 
 def _arch_recipe(run: Path, cfg) -> tuple[str, str]:

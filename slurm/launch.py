@@ -47,7 +47,8 @@ if not __package__:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
 
-from train.config import ConfigError, load_config
+from train.config import Config, ConfigError, load_config
+from train.flags import foreign_option, unknown_arch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force",
         action="store_true",
-        help="submit even while a job of this run_dir is queued/running or a training holds its lock (the "
-        "training's lock still refuses to run two at once)",
+        help="submit without the checks on this host: a job of this run_dir queued/running or a training holding "
+        "its lock; the data root (train/, val/ or a pack's manifest), its class count against model.num_classes and "
+        "the run folder's last.pth (arch, recipe). For a login node that cannot see the data (the training's lock "
+        "still refuses to run two at once, and the job still checks the rest when it starts)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
@@ -115,12 +118,51 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _typed(args: argparse.Namespace, flag: str | None, key: str, value: object) -> str:
+    """How the user gave ``key``: ``--flag V``, ``key=V``, or ``key=V (the recipe's)``."""
+    if flag and getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None:
+        return f"{flag} {value}"
+    if any(o.partition("=")[0].strip() == key for o in args.overrides):
+        return f"{key}={value}"
+    return f"{key}={value} (the recipe's)"
+
+
+def _check_batch_split(cfg: Config, args: argparse.Namespace) -> None:
+    """ConfigError naming what the user typed when the global batch does not split over the GPUs, with the
+    nearest GPU counts that divide it and the nearest batches that split over these GPUs."""
+    batch, gpus = cfg.data.batch_size, cfg.launch.gpus
+    if batch % gpus == 0:
+        return
+    divisors = [g for g in range(1, batch + 1) if batch % g == 0]
+    fewer, more = max(g for g in divisors if g < gpus), min((g for g in divisors if g > gpus), default=None)
+    use_gpus = " or ".join(f"--gpus {g}" for g in (fewer, more) if g is not None)
+    batches = " or ".join(str(b) for b in (batch // gpus * gpus, batch // gpus * gpus + gpus) if b > 0)
+    raise ConfigError(
+        f"{_typed(args, '--gpus', 'launch.gpus', gpus)} does not divide the global batch, "
+        f"{_typed(args, None, 'data.batch_size', batch)}: "
+        f"use {use_gpus}, or data.batch_size={batches} (a multiple of {gpus}; the lr stays the recipe's unless "
+        "optim.lr_scaling=linear)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    foreign = foreign_option(
+        argv, parser, "launch"
+    )  # --epochs, --output-dir, ...: name what to write instead
+    if foreign:
+        print(f"error: {foreign}", file=sys.stderr)
+        return 2
+    args = parser.parse_intermixed_args(argv)
     from slurm.submit import LaunchError, absolute_paths, dry_run, launch, make_plan
     from slurm.sweep import recipe_name
 
     try:
+        for arch in [] if args.arch is None or args.arch.strip() == "all" else args.arch.split(","):
+            wrong = arch.strip() and unknown_arch(arch.strip(), also="all, ")
+            if wrong:
+                raise ConfigError(wrong)
         if args.config and (args.arch or args.recipe):
             raise ConfigError(
                 f"--config {args.config} names the recipe file; --arch/--recipe choose one instead (give one of "
@@ -133,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--init-from-a is for a sweep (--arch all or a comma list with vgg11 and B-E)")
         flags = _overrides(args)
         name, extra = recipe_name(args.recipe or "torchvision", args.arch or "vgg16_bn")
-        cfg = absolute_paths(load_config(args.config or name, [*flags, *([] if args.config else extra),
-                                                               *args.overrides]))  # fmt: skip
-        plan = make_plan(cfg)
+        overrides = [*flags, *([] if args.config else extra), *args.overrides]
+        cfg = absolute_paths(load_config(args.config or name, overrides, batch_split=False))
+        _check_batch_split(cfg, args)
+        plan = make_plan(cfg, given={o.partition("=")[0].strip() for o in overrides})
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        return dry_run(plan)
+        return dry_run(plan, force=args.force)
     try:
         return launch(plan, wait=args.wait, force=args.force)
     except LaunchError as e:  # no sbatch; sbatch refused it (bad partition, ...); run_dir unwritable or busy
@@ -159,7 +202,7 @@ def _sweep(args: argparse.Namespace) -> int:
     flags = [f for f in _overrides(args) if not f.startswith("run_dir=")]
     jobs = plan_sweep(archs, recipe, run_dir, flags, list(args.overrides), init_from_a=args.init_from_a)
     if args.dry_run:
-        return dry_run_sweep(jobs)
+        return dry_run_sweep(jobs, force=args.force)
     try:
         return launch_sweep(jobs, wait=args.wait, force=args.force)
     except LaunchError as e:

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -168,8 +169,9 @@ def node_local_storage(path: str | Path) -> str | None:
     return f"{best} ({fstype})" if fstype in NODE_LOCAL_FS else None
 
 
-def make_plan(cfg: Config) -> Plan:
-    """Decide the job layout for a validated config (``load_config`` already checked the batch divides)."""
+def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
+    """Decide the job layout for a validated config (``load_config`` already checked the batch divides).
+    ``given``: the config keys the user set (flags or key=value); what they chose is not reported as derived."""
     la = cfg.launch
     nodes, gpus = la.nodes, la.gpus
     notes: list[str] = []
@@ -179,14 +181,16 @@ def make_plan(cfg: Config) -> Plan:
         lower = max([g for g in fits if g < gpus], default=None)
         upper = min([g for g in fits if g > gpus], default=None)
         choices = " or ".join(f"--gpus {g}" for g in (lower, upper) if g is not None)
+        nodes_from = f"--nodes {nodes}" if "launch.nodes" in given else f"{nodes} node(s)"
         raise LaunchError(
-            f"--gpus {gpus} does not split evenly over {nodes} node(s) of up to {la.gpus_per_node} GPUs "
-            f"(SLURM starts the same number of tasks on every node): use {choices}, or choose --nodes"
+            f"--gpus {gpus} does not split evenly over {nodes_from} of up to {la.gpus_per_node} GPUs "
+            f"(SLURM starts the same number of tasks on every node): use {choices}, or "
+            f"{'another' if 'launch.nodes' in given else 'choose'} --nodes"
         )
     tasks = gpus // nodes
     if tasks > la.gpus_per_node:  # validate() already refuses this; kept for direct callers
         raise LaunchError(f"{gpus} GPUs do not fit on {nodes} node(s) × {la.gpus_per_node} GPUs")
-    if nodes > 1 and tasks < la.gpus_per_node:
+    if nodes > 1 and tasks < la.gpus_per_node and "launch.nodes" not in given:
         notes.append(
             f"{gpus} GPUs on {la.gpus_per_node}-GPU nodes: using {nodes} nodes × {tasks} GPUs each (one task per "
             f"GPU, the same count on every node); pass --nodes to choose another split"
@@ -215,10 +219,6 @@ def make_plan(cfg: Config) -> Plan:
             warnings.append(
                 f"run folder {cfg.run_dir} is on node-local storage ({where}): other nodes cannot write "
                 f"checkpoints or logs there and submitit cannot read results back; use shared storage (--run-dir)"
-            )
-        if not Path(cfg.data.root).is_dir():
-            warnings.append(
-                f"data root {cfg.data.root} does not exist here: it must exist on the compute nodes"
             )
     elif not Path(cfg.data.root).is_dir():
         raise LaunchError(
@@ -294,16 +294,21 @@ def sbatch_script(plan: Plan) -> str:
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
+def require_slurm_clients() -> None:
+    """LaunchError (one line) when sbatch or srun is not on PATH: this is not a SLURM submit host."""
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        missing = "sbatch" if shutil.which("sbatch") is None else "srun"
+        raise LaunchError(
+            f"{missing} not found on PATH: this machine is not a SLURM submit host; run the same job here "
+            f"with --cluster local, or see the sbatch script with --dry-run"
+        )
+
+
 def make_executor(plan: Plan) -> submitit.Executor:
     """The submitit executor for ``launch.cluster``, configured for this plan."""
     la = plan.cfg.launch
     if plan.cluster == "slurm":
-        if shutil.which("sbatch") is None or shutil.which("srun") is None:
-            missing = "sbatch" if shutil.which("sbatch") is None else "srun"
-            raise LaunchError(
-                f"{missing} not found on PATH: this machine is not a SLURM submit host; run the same job here "
-                f"with --cluster local, or see the sbatch script with --dry-run"
-            )
+        require_slurm_clients()
         executor: submitit.Executor = submitit.SlurmExecutor(plan.folder, max_num_timeout=la.max_num_timeout)
         executor.update_parameters(**slurm_parameters(plan))
     elif plan.cluster == "local":
@@ -536,11 +541,15 @@ def wandb_run(cfg: Config) -> str:
 # ------------------------------------------------------------------------------------------ console
 
 
-def dry_run(plan: Plan, out: TextIO | None = None) -> int:
-    """Print the resolved config, the plan and the sbatch script submitit would submit; submit nothing."""
+def dry_run(plan: Plan, out: TextIO | None = None, force: bool = False) -> int:
+    """Print the resolved config, the plan and the sbatch script submitit would submit; submit nothing. A reason
+    the launch would refuse (:func:`presubmit_problem`; not with ``force``) is a warning here."""
     out = out or sys.stdout
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
+    problem = None if force else presubmit_problem(plan.cfg)
+    if problem:
+        print(f"warning: the launch would refuse this: {problem}", file=sys.stderr)
     print(
         f"# resolved config (written to {plan.cfg.run_dir}/config.yaml by the job once it starts training)",
         file=out,
@@ -660,15 +669,101 @@ def _ctrl_c_raises():
         signal.signal(signal.SIGINT, previous)
 
 
+def data_problem(cfg: Config) -> str | None:
+    """What makes ``data.root`` unusable for this config, in one line naming the fix, or None. Cheap at ImageNet
+    scale: the class folders of ``train/`` and ``val/`` are listed (one directory each) and one class folder of
+    each is looked into, never the 1.28 M files; a pack (``data.format=shards``) is judged by its manifest."""
+    from data_pipeline.layout import DataError
+    from data_pipeline.shard_reader import MANIFEST, is_pack, load_manifest
+
+    root, want = Path(cfg.data.root), cfg.model.num_classes
+    if not root.is_dir():
+        return (
+            f"data root {root} does not exist on this host: check --data (on a login node that cannot see the "
+            "data, --force submits without the checks)"
+        )
+    if cfg.data.format == "shards":
+        try:
+            manifest = load_manifest(root)
+        except DataError as e:
+            return str(e)
+        for split in ("train", "val"):
+            entry = manifest["splits"].get(split) or {}
+            shards, planned = entry.get("shards") or [], entry.get("planned_shards")
+            if not entry or not entry.get("complete") or (planned is not None and len(shards) != planned):
+                what = "holds no" if not entry else "has an incomplete"
+                return (
+                    f"pack {root} {what} {split} split: `python -m data_pipeline pack SRC {root}` finishes it"
+                )
+        classes = len(manifest["classes"])
+        where = f"pack {root} has {classes} classes ({MANIFEST})"
+    else:
+        if is_pack(root):
+            return f"{root} is a pack (it holds {MANIFEST}): set data.format=shards to read it"
+        found: dict[str, list[str]] = {}
+        for split in ("train", "val"):
+            folder = root / split
+            if not folder.is_dir():
+                hint = (
+                    " (give the folder that holds train/ and val/)" if root.name in ("train", "val") else ""
+                )
+                return f"{folder} is missing: expected {root}/{split}/<class>/<image>{hint}"
+            with os.scandir(folder) as entries:
+                found[split] = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+            if not found[split]:
+                return f"{folder} has no class folders: expected {folder}/<class>/<image>"
+            first = folder / found[split][0]
+            with os.scandir(first) as entries:
+                if next((e for e in entries if not e.name.startswith(".")), None) is None:
+                    return f"class folder {first} is empty"
+        if found["train"] != found["val"]:
+            only_train = sorted(set(found["train"]) - set(found["val"]))
+            only_val = sorted(set(found["val"]) - set(found["train"]))
+            return (
+                f"train/ and val/ class folders differ under {root}: {len(only_train)} only in train "
+                f"{only_train[:3]}, {len(only_val)} only in val {only_val[:3]}"
+            )
+        classes = len(found["train"])
+        where = f"{root} has {classes} class folders in train/ and val/"
+    if classes != want:
+        return f"{where} but model.num_classes={want}: set model.num_classes={classes}, or check --data"
+    return None
+
+
+def checkpoint_problem(cfg: Config) -> str | None:
+    """Why the job could not resume from its run folder's checkpoint (``last.pth``, or ``ckpt.resume``'s file),
+    in one line, or None: the training's own check (``train.checkpoint.check_resumable``), run here first."""
+    from train.checkpoint import CheckpointError, check_resumable, load_checkpoint_file
+
+    if cfg.ckpt.resume == "never":
+        return None
+    path = Path(cfg.run_dir) / "last.pth" if cfg.ckpt.resume == "auto" else Path(cfg.ckpt.resume)
+    if cfg.ckpt.resume == "auto" and not path.is_file():
+        return None
+    try:
+        check_resumable(load_checkpoint_file(path, mmap=True), cfg, path)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def presubmit_problem(cfg: Config) -> str | None:
+    """The first reason the job would fail as soon as it starts (data root, class count, checkpoint), or None."""
+    return data_problem(cfg) or checkpoint_problem(cfg)
+
+
 def check_run_dir(plan: Plan, out: TextIO | None = None, force: bool = False) -> bool:
     """The checks before anything is written into the run folder. False (and one line on ``out``) when the run has
     nothing left to train: ``last.pth`` is at the last epoch. LaunchError (one line) while the folder is busy: a
-    SLURM job of it still queued or running (``--cluster slurm``), or a training holding its lock; ``force`` skips
-    those two (the training's own lock still refuses to run while another training holds the folder)."""
+    SLURM job of it still queued or running (``--cluster slurm``), a training holding its lock, or a reason the job
+    would fail as soon as it starts (:func:`presubmit_problem`: data root, class count, checkpoint); ``force``
+    skips those (the training's own lock still refuses to run while another training holds the folder)."""
     from train.run import RunError, check_run_dir_free
 
     out = out or sys.stdout
     cfg = plan.cfg
+    if plan.cluster == "slurm":
+        require_slurm_clients()  # first: nothing else matters on a host that cannot submit
     try:
         if not force and plan.cluster == "slurm":
             # first: once that job runs it also holds the lock below, and this says which job and how to end it
@@ -677,6 +772,9 @@ def check_run_dir(plan: Plan, out: TextIO | None = None, force: bool = False) ->
             check_run_dir_free(cfg.run_dir)  # a training holds it now (this node, or any node on NFS)
     except RunError as e:
         raise LaunchError(str(e)) from None
+    problem = None if force else presubmit_problem(cfg)
+    if problem:  # the job would fail as soon as it starts, after its queue wait: submit nothing
+        raise LaunchError(problem)
     done = finished_epoch(cfg)
     if done is not None:  # a job would only start, load last.pth and say so: not worth a queue slot
         print(
@@ -818,6 +916,8 @@ __all__ = [
     "absolute_paths",
     "active_slurm_jobs",
     "check_run_dir",
+    "checkpoint_problem",
+    "data_problem",
     "dry_run",
     "follow",
     "follow_to_end",
@@ -828,8 +928,10 @@ __all__ = [
     "memory_per_node",
     "node_local_storage",
     "parse_time_min",
+    "presubmit_problem",
     "refuse_active_slurm_jobs",
     "report",
+    "require_slurm_clients",
     "sbatch_script",
     "slurm_job_ids",
     "slurm_parameters",

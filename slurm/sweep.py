@@ -39,6 +39,7 @@ from slurm.submit import (
     check_run_dir,
     follow_to_end,
     make_plan,
+    presubmit_problem,
     sbatch_script,
     start,
 )
@@ -141,7 +142,11 @@ def plan_sweep(
             cfg = absolute_paths(load_config(name, [*flags, *own, *user]))
         except ConfigError as e:
             raise ConfigError(f"{arch}: {e}") from None
-        jobs.append(SweepJob(arch, make_plan(cfg), after))
+        jobs.append(
+            SweepJob(
+                arch, make_plan(cfg, given={o.partition("=")[0].strip() for o in [*flags, *user]}), after
+            )
+        )
     if init_from_a and NET_A in archs:  # A first: the others' dependency needs its job id
         jobs.sort(key=lambda j: j.arch != NET_A)
     return jobs
@@ -151,14 +156,18 @@ def _sbatch_lines(plan: Plan) -> list[str]:
     return [line for line in sbatch_script(plan).splitlines() if line.startswith("#SBATCH")]
 
 
-def dry_run_sweep(jobs: list[SweepJob], out: TextIO | None = None) -> int:
-    """Every job of the sweep: arch, run folder, plan, dependency, sbatch lines; submits nothing."""
+def dry_run_sweep(jobs: list[SweepJob], out: TextIO | None = None, force: bool = False) -> int:
+    """Every job of the sweep: arch, run folder, plan, dependency, sbatch lines; submits nothing. A reason the
+    launch would refuse a job (``presubmit_problem``; not with ``force``) is a warning here."""
     out = out or sys.stdout
     first = jobs[0].plan
     print(f"# sweep: {len(jobs)} job(s), one per arch, recipe {first.cfg.recipe}, cluster {first.cluster}, "
           f"W&B group {first.cfg.log.group!r} (dry run: nothing submitted)", file=out)  # fmt: skip
     for w in dict.fromkeys(w for j in jobs for w in j.plan.warnings):
         print(f"warning: {w}", file=sys.stderr)
+    problems = {} if force else {j.arch: presubmit_problem(j.plan.cfg) for j in jobs}
+    for problem in dict.fromkeys(p for p in problems.values() if p):  # the same data root: said once
+        print(f"warning: the launch would refuse this: {problem}", file=sys.stderr)
     for j in jobs:
         c = j.plan.cfg
         print(f"\n## {j.arch}: run folder {c.run_dir}", file=out)

@@ -43,3 +43,15 @@ def small_tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small_tree")
     make_demo_dataset(root, classes=4, train_per_class=14, val_per_class=5, seed=3, min_size=40, max_size=72)
     return root
+
+
+@pytest.fixture(scope="session")
+def imagenet_layout(tmp_path_factory) -> Path:
+    """ImageNet's folder layout without its images: train/ and val/ with 1,000 class folders each, one (empty)
+    file in the first of each, as much as the launcher's checks before submitting look at (dry runs)."""
+    root = tmp_path_factory.mktemp("imagenet_layout")
+    for split in ("train", "val"):
+        for i in range(1000):
+            (root / split / f"n{i:08d}").mkdir(parents=True)
+        (root / split / "n00000000" / "x.JPEG").touch()
+    return root

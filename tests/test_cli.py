@@ -64,5 +64,5 @@ def test_launch_dry_run_plan():
     assert "#SBATCH --nodes=2\n" in out.stdout and "#SBATCH --ntasks-per-node=8\n" in out.stdout
     out = run_cli("slurm/launch.py", "--arch", "vgg16_bn", "--gpus", "12", "--dry-run")
     assert out.returncode == 2 and out.stderr.strip().startswith(
-        "error: data.batch_size=256 (global) is not divisible"
+        "error: --gpus 12 does not divide the global batch, data.batch_size=256 (the recipe's)"
     )

@@ -101,13 +101,13 @@ def sbatch_lines(text: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------- plan and dry run
 
 
-def test_dry_run_shows_the_sbatch_script_and_submits_nothing(capsys, tmp_path, monkeypatch):
+def test_dry_run_shows_the_sbatch_script_and_submits_nothing(capsys, imagenet_layout, monkeypatch):
     # no SLURM client on PATH: a dry run still renders submitit's script (and never calls sbatch)
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
     run_dir = Path("/shared/runs/v16")  # not node-local (no warning); a dry run creates nothing
     code, out, err = main_output(capsys, "--arch", "vgg16_bn", "--gpus", "8", "--partition", "gpu", "--account",
                                  "vision", "--qos", "high", "--constraint", "a100", "--time", "24:00:00",
-                                 "--run-dir", str(run_dir), "--data", str(tmp_path), "--dry-run")  # fmt: skip
+                                 "--run-dir", str(run_dir), "--data", str(imagenet_layout), "--dry-run")  # fmt: skip
     assert code == 0, err
     script = out.split("# sbatch script submitit would submit")[1].split("\n", 1)[1]
     assert script.startswith("#!/bin/bash")
@@ -172,8 +172,9 @@ def test_layout_one_task_per_gpu_and_even_split(capsys, tmp_path):
     ("args", "message"),
     [
         (("--gpus", "0"), "error: --gpus must be >= 1 (one task per GPU), got 0"),
-        (("--gpus", "12", "--gpus-per-node", "8"), "error: data.batch_size=256 (global) is not divisible by the "
-                                                   "launch.gpus 12"),
+        (("--gpus", "12", "--gpus-per-node", "8"), "error: --gpus 12 does not divide the global batch, "
+                                                   "data.batch_size=256 (the recipe's): use --gpus 8 or --gpus 16, or "
+                                                   "data.batch_size=252 or 264 (a multiple of 12;"),
         (("--gpus", "9", "data.batch_size=288"), "error: --gpus 9 does not split evenly over 2 node(s) of up to 8 "
                                                  "GPUs (SLURM starts the same number of tasks on every node): use "
                                                  "--gpus 8 or --gpus 10, or choose --nodes"),
@@ -213,9 +214,9 @@ def test_no_sbatch_suggests_cluster_local(tmp_path, tree):
     assert not (tmp_path / "r").exists()
 
 
-def test_run_folder_on_tmp_is_a_warning(capsys, tmp_path):
+def test_run_folder_on_tmp_is_a_warning(capsys, imagenet_layout):
     code, out, err = main_output(capsys, "--arch", "vgg16", "--gpus", "8", "--run-dir", "/tmp/vgg-run",
-                                 "--data", str(tmp_path), "--dry-run")  # fmt: skip
+                                 "--data", str(imagenet_layout), "--dry-run")  # fmt: skip
     assert code == 0 and "#SBATCH --nodes=1" in out
     assert err.strip() == (
         "warning: run folder /tmp/vgg-run is on node-local storage (/tmp): other nodes cannot write checkpoints or "
@@ -223,7 +224,7 @@ def test_run_folder_on_tmp_is_a_warning(capsys, tmp_path):
     )
     # local and debug runs stay on this machine: /tmp is fine there
     code, out, err = main_output(capsys, "--arch", "vgg16", "--gpus", "8", "--run-dir", "/tmp/vgg-run",
-                                 "--data", str(tmp_path), "--cluster", "local", "--dry-run")  # fmt: skip
+                                 "--data", str(imagenet_layout), "--cluster", "local", "--dry-run")  # fmt: skip
     assert code == 0 and err == "" and "# --cluster local: no sbatch script" in out
 
 

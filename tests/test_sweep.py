@@ -114,7 +114,7 @@ def test_paper_sweep_b_to_e_wait_for_net_a(capsys, tmp_path, how):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--arch", "vgg11,vgg99"), "error: --arch 'vgg99' is not an architecture; valid: all, vgg11,"),
+        (("--arch", "vgg11,resnet50"), "error: --arch 'resnet50' is not an architecture; valid: all, vgg11,"),
         (("--arch", "vgg11,vgg11"), "error: --arch names vgg11 twice: each arch is one run"),
         (("--arch", "vgg11,vgg13", "run_dir=/x"), "error: run_dir=... names one run folder; a sweep puts each run"),
         (("--arch", "vgg11,vgg13", "--init-from-a"), "error: --init-from-a is the paper's §3.1 (B–E from net A): "

@@ -6,6 +6,7 @@
                                                                  # slurm/launch.py --config demo --cluster local:
                                                                  # 2 processes)
     python -m train --config paper/vgg16 data.root=/datasets/imagenet optim.lr=0.02
+    python -m train --arch vgg16 --recipe paper --data /datasets/imagenet --run-dir runs/p16   # the launcher's flags
 
     torchrun --nproc_per_node=8 -m train --config vgg16_bn data.root=/datasets/imagenet   # one node, 8 GPUs
 
@@ -23,10 +24,12 @@ best.pth, checkpoints/epoch_NNN.pth, .lock, wandb_id.txt, wandb/ (offline runs: 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 
 from train.config import ConfigError, available_recipes, load_config, to_yaml
+from train.flags import foreign_option, unknown_arch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,23 +40,61 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Keys: see README.md (model.arch, data.root, data.backend, data.batch_size (global), optim.lr, "
         "optim.weight_decay, sched.epochs, run_dir, seed, log.wandb_mode, ...).",
     )
-    p.add_argument("--config", default="vgg16_bn", help="recipe name (see --list) or YAML path [vgg16_bn]")
+    p.add_argument("--config", help="recipe name (see --list) or YAML path [vgg16_bn]")
+    p.add_argument(
+        "--arch", help="model.arch: the recipe configs/<recipe>/<arch>.yaml, as slurm/launch.py's --arch"
+    )
+    p.add_argument(
+        "--recipe",
+        choices=["torchvision", "paper", "demo"],
+        help="recipe family with --arch [torchvision]; demo: configs/demo.yaml with model.arch=--arch",
+    )
+    p.add_argument("--data", help="data.root: ImageNet root with train/ and val/")
+    p.add_argument("--run-dir", help="run_dir: config, checkpoints, logs")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=0.02")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     return p
 
 
+def _recipe_and_overrides(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """The recipe file and overrides the flags stand for (as slurm/launch.py reads --arch/--recipe/--data/--run-dir:
+    flags first, so a key=value given too wins)."""
+    if args.config and (args.arch or args.recipe):
+        raise ConfigError(
+            f"--config {args.config} names the recipe file; --arch/--recipe choose one instead (give one of them; "
+            "to change the arch of a recipe file, add model.arch=...)"
+        )
+    flags = [f"{key}={json.dumps(value)}" for key, value in (("data.root", args.data), ("run_dir", args.run_dir))
+             if value is not None]  # fmt: skip
+    if args.config:
+        return args.config, [*flags, *args.overrides]
+    arch, recipe = args.arch or "vgg16_bn", args.recipe or "torchvision"
+    wrong = unknown_arch(arch)
+    if wrong:
+        raise ConfigError(wrong)
+    if recipe == "demo":
+        return "demo", [f"model.arch={arch}", *flags, *args.overrides]
+    return f"{recipe}/{arch}", [*flags, *args.overrides]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    foreign = foreign_option(argv, parser, "train")  # --epochs, --output-dir, ...: name what to write instead
+    if foreign:
+        print(f"error: {foreign}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     if args.list:
         print("\n".join(available_recipes()))
         return 0
     from train.distributed import detect
 
     try:
+        config, overrides = _recipe_and_overrides(args)
         # the world size is known before any process group exists: check the global batch divides now
-        cfg = load_config(args.config, args.overrides, world_size=None if args.print_config else detect()[2])
+        cfg = load_config(config, overrides, world_size=None if args.print_config else detect()[2])
     except ConfigError as e:
         if detect()[0] == 0:  # under torchrun every rank gets here: say it once
             print(f"error: {e}", file=sys.stderr)

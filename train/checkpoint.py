@@ -14,16 +14,20 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from train.config import Config
 
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "atomic_save",
     "atomic_write_text",
+    "check_resumable",
     "extract_state_dict",
     "load_checkpoint_file",
     "load_state_dict_file",
@@ -33,6 +37,9 @@ __all__ = [
 
 # Added by DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`), possibly both, either order.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Config keys a resumed run must share with its checkpoint: another recipe, model, global batch or optimizer is
+# another run, whose optimizer state and schedule would not fit.
+RESUME_MUST_MATCH = ("recipe", "model", "data.batch_size", "optim.name")
 # Keys listed in an error message before "...".
 _MAX_KEYS_SHOWN = 5
 
@@ -87,9 +94,10 @@ def _weights_only_reason(message: str) -> str:
     return match.group(1).strip() if match else "it holds Python objects other than tensors and containers"
 
 
-def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
+def load_checkpoint_file(path: str | os.PathLike[str], mmap: bool = False) -> Any:
     """``torch.load(path, map_location='cpu', weights_only=True)`` with one-line CheckpointErrors for a missing,
-    truncated or corrupt file, or a pickle that holds more than tensors and containers."""
+    truncated or corrupt file, or a pickle that holds more than tensors and containers. ``mmap``: tensors are
+    mapped, not read (what a look at the config and epoch costs: the pickled structure only)."""
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
@@ -98,7 +106,7 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         with warnings.catch_warnings():
             # Plain pickles (protocol 4) warn before being refused; the refusal below says it in one line.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except MemoryError:
         raise
     except OSError as e:
@@ -113,6 +121,27 @@ def load_checkpoint_file(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(
             f"{path} ({size:,} bytes) is truncated, corrupt or not a PyTorch checkpoint ({_first_line(e)})"
         ) from e
+
+
+def check_resumable(state: Any, cfg: Config, path: str | os.PathLike[str]) -> list[str]:
+    """CheckpointError (one line) when a run of ``cfg`` cannot resume from ``state`` (the checkpoint loaded from
+    ``path``): not a training checkpoint of this project, or trained with another recipe, model section (arch,
+    widths, init), global batch or optimizer (RESUME_MUST_MATCH). Returns the other config keys that differ: the
+    run goes on with their new values. The training's resume and the launcher's check before submitting."""
+    from train.config import all_keys, from_dict, get
+
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (no 'model'/'config')")
+    saved = from_dict(state["config"])  # an older checkpoint's missing keys take their defaults
+    differ = [k for k in all_keys(cfg) if get(saved, k) != get(cfg, k)]
+    bad = [k for k in differ if any(k == m or k.startswith(m + ".") for m in RESUME_MUST_MATCH)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with {k}={get(saved, k)!r}, this run has "
+            f"{get(cfg, k)!r} (start this run in another run_dir)"
+        )
+    return differ
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:

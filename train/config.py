@@ -220,6 +220,11 @@ def resolve_config_path(name: str | Path) -> Path:
     for candidate in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / DEFAULT_FAMILY / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
+    from train.flags import did_you_mean
+
+    hint = did_you_mean(str(name), available_recipes())
+    if hint:
+        raise ConfigError(f"unknown config {str(name)!r} (did you mean {hint}?)")
     known = ", ".join(available_recipes())
     raise ConfigError(f"unknown config {str(name)!r}: give a YAML path or one of: {known}")
 
@@ -319,10 +324,12 @@ def load_config(
     config: str | Path | None = None,
     overrides: Sequence[str] = (),
     world_size: int | None = None,
+    batch_split: bool = True,
 ) -> Config:
     """Load a recipe (name or YAML path), apply ``key=value`` overrides, resolve derived values and validate.
 
-    ``world_size``, when known (inside a job), is checked against the global batch.
+    ``world_size``, when known (inside a job), is checked against the global batch; ``batch_split=False`` leaves
+    that check to the caller (the launcher, whose message names the flag the user typed).
     """
     layers: list[tuple[str, DictConfig]] = []
     if config is not None:
@@ -330,7 +337,7 @@ def load_config(
         layers += [(str(path), layer) for layer in _read_yaml(path)]
     if overrides:
         layers.append(("command line", _parse_overrides(overrides)))
-    return _merged(OmegaConf.structured(Config), layers, world_size)
+    return _merged(OmegaConf.structured(Config), layers, world_size, batch_split)
 
 
 def with_overrides(
@@ -516,7 +523,7 @@ def validate(cfg: Config, world_size: int | None = None, batch_split: bool = Tru
             len(d.mean) == 3 and len(d.std) == 3 and all(x > 0 for x in d.std),
             "data.mean and data.std must have 3 entries each (RGB), std positive",
         ),
-        (m.arch in ARCHS, f"model.arch={m.arch!r} is not one of: {', '.join(ARCHS)}"),
+        (m.arch in ARCHS, f"model.arch={m.arch!r} is not one of: {', '.join(ARCHS)}{_arch_hint(m.arch)}"),
         (m.num_classes >= 2, f"model.num_classes must be >= 2, got {m.num_classes}"),
         (0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}"),
         (m.classifier_width > 0, f"model.classifier_width must be positive, got {m.classifier_width}"),
@@ -606,6 +613,15 @@ def validate(cfg: Config, world_size: int | None = None, batch_split: bool = Tru
             f"data.batch_size={d.batch_size} (global) is not divisible by the {what} {divisor}; "
             f"choose a multiple of {divisor} (and scale optim.lr with it, or set optim.lr_scaling=linear)"
         )
+
+
+def _arch_hint(arch: str) -> str:
+    """`` (did you mean vgg16_bn?)`` for a misspelt model.arch, else ''."""
+    from train.flags import did_you_mean
+    from train.models import ARCHS
+
+    hint = None if arch in ARCHS else did_you_mean(arch, list(ARCHS))
+    return f" (did you mean {hint}?)" if hint else ""
 
 
 # ----------------------------------------------------------------------------------------- utilities

@@ -39,14 +39,11 @@ from torch.nn.parallel import DistributedDataParallel
 from data_pipeline.layout import DataError
 from evaluate.core import count_loader, reduce_counts, topk_hits
 from train import distributed
-from train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint_file, unwrap
-from train.config import Config, all_keys, from_dict, get, to_dict, validate
+from train.checkpoint import CheckpointManager, check_resumable, load_checkpoint_file, unwrap
+from train.config import Config, to_dict, validate
 from train.optim import Schedule, build_optimizer
 from train.report import ETA, JsonLines, format_duration, max_memory_gb, plot_curves, setup_logging
 from train.run import RunError, agreed, claim_run_dir, write_run_config
-
-# Config keys a resumed run must share with its checkpoint (others, e.g. sched.epochs, may change and are logged).
-RESUME_MUST_MATCH = ("recipe", "model", "data.batch_size", "optim.name")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -283,19 +280,7 @@ class Trainer:
                 self.steps_log.truncate("step", 0)
             return None
         state = load_checkpoint_file(path)
-        if not isinstance(state, dict) or "model" not in state or "config" not in state:
-            raise CheckpointError(
-                f"{path} is not a training checkpoint of this project (no 'model'/'config')"
-            )
-        saved = from_dict(state["config"])  # an older checkpoint's missing keys take their defaults
-        differ = [k for k in all_keys(self.cfg) if get(saved, k) != get(self.cfg, k)]
-        bad = [k for k in differ if any(k == m or k.startswith(m + ".") for m in RESUME_MUST_MATCH)]
-        if bad:
-            k = bad[0]
-            raise CheckpointError(
-                f"cannot resume from {path}: it was trained with {k}={get(saved, k)!r}, this run has "
-                f"{get(self.cfg, k)!r} (start this run in another run_dir)"
-            )
+        differ = check_resumable(state, self.cfg, path)  # the launcher's check before submitting, too
         if differ:
             self.log.warning("resuming with changed config keys: %s", ", ".join(differ))
         unwrap(self.model).load_state_dict(state["model"])

@@ -1,0 +1,269 @@
+"""A new user's first run: mistakes answered with the fix (one ``error:`` line naming what to type instead).
+
+    .venv/bin/python -m pytest tests/test_first_run.py -q
+
+In-process calls of the launcher's and the trainer's ``main`` (dry runs and bad input submit nothing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.__main__ as train_cli
+from data_pipeline.shards import pack
+from evaluate.report import build_row, format_console
+from slurm import launch
+from slurm.submit import checkpoint_problem, data_problem
+from tests.slurm_cluster import SlurmCluster
+from train.config import Config, load_config, to_dict
+from train.models import build_model_from_config
+
+
+def run_main(capsys, main, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ------------------------------------------------------------------------------- mistakes answered with the fix
+
+BOTH = [
+    (("--arch", "vgg16bn"), "--arch 'vgg16bn' is not an architecture (did you mean vgg16_bn?)"),
+    (("--arch", "VGG19-BN"), "--arch 'VGG19-BN' is not an architecture (did you mean vgg19_bn?)"),
+    (("--epochs", "10"), "--epochs is not an option here: write sched.epochs=10 (config keys are key=value "
+                         "arguments)"),
+    (("--lr=0.02",), "--lr is not an option here: write optim.lr=0.02 (config keys are key=value arguments)"),
+    (("--batch-size", "64"), "--batch-size is not an option here: write data.batch_size=64 (config keys are "
+                             "key=value arguments; the global batch, summed over all GPUs; torchvision's "
+                             "--batch-size is per GPU)"),
+    (("--resume", "/r/x.pth"), "--resume is not an option here: a run resumes from <run_dir>/last.pth by itself; "
+                               "to start from another checkpoint write ckpt.resume=/r/x.pth (config keys are "
+                               "key=value arguments)"),
+    (("--output-dir", "/r"), "--output-dir is not an option here: write --run-dir /r"),
+    (("--output_dir", "/r"), "--output_dir is not an option here: write --run-dir /r"),
+    (("--model", "vgg11"), "--model is not an option here: write --arch vgg11"),
+    (("--data-path", "/d"), "--data-path is not an option here: write --data /d"),
+    (("--wd", "5e-4"), "--wd is not an option here: write optim.weight_decay=5e-4 (config keys are key=value "
+                       "arguments)"),
+    (("--weight-decay", "5e-4"), "--weight-decay is not an option here: write optim.weight_decay=5e-4"),
+    (("--momentum", "0.8"), "--momentum is not an option here: write optim.momentum=0.8"),
+    (("-j", "4"), "-j is not an option here: write data.workers=4 (config keys are key=value arguments; per "
+                  "process)"),
+    (("--workers", "4"), "--workers is not an option here: write data.workers=4"),
+    (("--amp",), "--amp is not an option here: write train.precision=fp16 (or bf16)"),
+    (("--run_dir", "/r"), "unknown option --run_dir (did you mean --run-dir?)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["launch", "train"])
+@pytest.mark.parametrize(("args", "message"), BOTH, ids=[" ".join(a) for a, _ in BOTH])
+def test_familiar_flags_and_typos_name_what_to_write(capsys, tmp_path, command, args, message):
+    main = launch.main if command == "launch" else train_cli.main
+    extra = ("--dry-run",) if command == "launch" else ("--print-config",)
+    code, out, err = run_main(capsys, main, *args, "--data", str(tmp_path), *extra)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("launch", ("--gpu", "4"), "--gpu is not an option here: write --gpus 4 (the total over all nodes)"),
+        ("launch", ("--ngpus", "8"), "--ngpus is not an option here: write --gpus-per-node 8 (and --gpus for the "
+                                     "total)"),
+        ("launch", ("--timeout", "60"), "--timeout is not an option here: write --time 60"),
+        ("launch", ("--partiton", "gpu"), "unknown option --partiton (did you mean --partition?)"),
+        ("launch", ("--arch", "vgg11,vgg16bn"), "--arch 'vgg16bn' is not an architecture (did you mean vgg16_bn?)"),
+        ("train", ("--gpus", "8"), "--gpus is an option of python slurm/launch.py; python -m train runs in this "
+                                   "process, or one process per GPU under torchrun: torchrun --nproc_per_node=N"),
+        ("train", ("--config", "vgg16bn"), "unknown config 'vgg16bn' (did you mean vgg16_bn?)"),
+        ("train", ("--config", "paper/vgg16bn"), "unknown config 'paper/vgg16bn' (did you mean paper/vgg16_bn?)"),
+        ("train", ("model.arch=vgg13bn",), "model.arch='vgg13bn' is not one of: vgg11, "),
+    ],
+    ids=["gpu", "ngpus", "timeout", "partiton", "sweep-arch", "train-gpus", "config", "paper-config", "model.arch"],
+)  # fmt: skip
+def test_command_specific_mistakes(capsys, tmp_path, command, args, message):
+    main = launch.main if command == "launch" else train_cli.main
+    extra = ("--dry-run",) if command == "launch" else ("--print-config",)
+    code, out, err = run_main(capsys, main, *args, "--data", str(tmp_path), *extra)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    if "model.arch" in message:
+        assert err.rstrip().endswith("(did you mean vgg13_bn?)")
+
+
+def test_train_takes_the_launchers_flags(capsys, tmp_path):
+    code, out, err = run_main(capsys, train_cli.main, "--arch", "vgg13", "--recipe", "paper", "--data",
+                              str(tmp_path), "--run-dir", str(tmp_path / "r"), "--print-config")  # fmt: skip
+    assert code == 0, err
+    assert f"run_dir: {tmp_path / 'r'}\n" in out and "recipe: paper\n" in out and "arch: vgg13," in out
+    assert f"  root: {tmp_path}\n" in out
+    code, out, err = run_main(capsys, train_cli.main, "--arch", "vgg11", "--recipe", "demo", "--print-config")
+    assert code == 0 and "recipe: demo\n" in out and "arch: vgg11," in out
+    code, out, err = run_main(capsys, train_cli.main, "--config", "demo", "--arch", "vgg11", "--print-config")
+    assert code == 2 and err.startswith(
+        "error: --config demo names the recipe file; --arch/--recipe choose one"
+    )
+
+
+def test_batch_split_names_the_flag_typed_and_what_divides(capsys, tmp_path):
+    common = ("--run-dir", str(tmp_path / "r"), "--data", str(tmp_path), "--dry-run")
+    code, _, err = run_main(capsys, launch.main, "--gpus", "12", *common)
+    assert code == 2 and err == (
+        "error: --gpus 12 does not divide the global batch, data.batch_size=256 (the recipe's): use --gpus 8 or "
+        "--gpus 16, or data.batch_size=252 or 264 (a multiple of 12; the lr stays the recipe's unless "
+        "optim.lr_scaling=linear)\n"
+    )
+    code, _, err = run_main(capsys, launch.main, "launch.gpus=6", "data.batch_size=100", *common)
+    assert code == 2 and err.startswith(
+        "error: launch.gpus=6 does not divide the global batch, data.batch_size=100: use --gpus 5 or --gpus 10, or "
+        "data.batch_size=96 or 102 (a multiple of 6;"
+    )
+
+
+def test_nodes_given_are_not_reported_as_chosen(capsys, tmp_path):
+    common = ("--gpus", "12", "data.batch_size=384", "--run-dir", str(tmp_path / "r"), "--data", str(tmp_path),
+              "--dry-run")  # fmt: skip
+    code, out, _ = run_main(capsys, launch.main, *common)
+    assert code == 0 and "# note: 12 GPUs on 8-GPU nodes: using 2 nodes × 6 GPUs each" in out
+    code, out, _ = run_main(capsys, launch.main, *common, "--nodes", "2")
+    assert code == 0 and "# note:" not in out and "#SBATCH --nodes=2\n" in out
+    code, out, err = run_main(capsys, launch.main, *common, "--nodes", "5")
+    assert code == 2 and err.startswith(
+        "error: --gpus 12 does not split evenly over --nodes 5 of up to 8 GPUs (SLURM starts the same number of "
+        "tasks on every node): use --gpus 10 or --gpus 15, or another --nodes"
+    )
+
+
+# ------------------------------------------------------------------------------- nothing submitted that must fail
+
+
+def _tree(root: Path, train: list[str], val: list[str], empty: bool = False) -> Path:
+    """Class folders (no decoding happens before submitting: a file stands for an image)."""
+    for split, classes in (("train", train), ("val", val)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            if not empty:
+                (root / split / c / "a.JPEG").touch()
+    return root
+
+
+def _cfg(root: Path, *overrides: str) -> Config:
+    return load_config("demo", [f"data.root={json.dumps(str(root))}", *overrides])
+
+
+def test_data_problems_are_found_before_submitting(tmp_path, small_tree):
+    four = ["n01", "n02", "n03", "n04"]
+    ok = _tree(tmp_path / "ok", four, four)
+    assert data_problem(_cfg(ok, "model.num_classes=4")) is None
+    assert data_problem(_cfg(tmp_path / "nope")) == (
+        f"data root {tmp_path / 'nope'} does not exist on this host: check --data (on a login node that cannot see "
+        "the data, --force submits without the checks)"
+    )
+    assert data_problem(_cfg(ok)) == (
+        f"{ok} has 4 class folders in train/ and val/ but model.num_classes=10: set model.num_classes=4, or check "
+        "--data"
+    )
+    assert data_problem(_cfg(ok / "train", "model.num_classes=4")) == (
+        f"{ok}/train/train is missing: expected {ok}/train/train/<class>/<image> (give the folder that holds train/ "
+        "and val/)"
+    )
+    no_val = _tree(tmp_path / "no_val", four, [])
+    assert data_problem(_cfg(no_val, "model.num_classes=4")) == (
+        f"{no_val}/val is missing: expected {no_val}/val/<class>/<image>"
+    )
+    differ = _tree(tmp_path / "differ", four, [*four[:3], "n99"])
+    assert data_problem(_cfg(differ, "model.num_classes=4")) == (
+        f"train/ and val/ class folders differ under {differ}: 1 only in train ['n04'], 1 only in val ['n99']"
+    )
+    empty = _tree(tmp_path / "empty", four, four, empty=True)
+    assert data_problem(_cfg(empty, "model.num_classes=4")) == f"class folder {empty}/train/n01 is empty"
+    # a pack (python -m data_pipeline pack): judged by its manifest, not by listing its shards
+    pack_dir = tmp_path / "pack"
+    pack(small_tree, pack_dir, stream=io.StringIO())
+    assert data_problem(_cfg(pack_dir, "data.format=shards", "model.num_classes=4")) is None
+    assert data_problem(_cfg(pack_dir, "data.format=shards")) == (
+        f"pack {pack_dir} has 4 classes (manifest.json) but model.num_classes=10: set model.num_classes=4, or check "
+        "--data"
+    )
+    assert data_problem(_cfg(pack_dir, "model.num_classes=4")) == (
+        f"{pack_dir} is a pack (it holds manifest.json): set data.format=shards to read it"
+    )
+    assert data_problem(_cfg(ok, "data.format=shards", "model.num_classes=4")).startswith(
+        f"data.format=shards but {ok} has no manifest.json"
+    )
+
+
+def test_a_checkpoint_of_another_arch_is_refused_before_submitting(capsys, tmp_path, small_tree):
+    """The launcher runs the training's own resume check (train.checkpoint.check_resumable) on last.pth."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    theirs = _cfg(small_tree, "model.num_classes=4", "model.classifier_width=32", "model.arch=vgg11_bn")
+    model = build_model_from_config(theirs.model)
+    torch.save({"model": model.state_dict(), "config": to_dict(theirs), "epoch": 1}, run_dir / "last.pth")
+    args = ("--config", "demo", "--cluster", "local", "--data", str(small_tree), "--run-dir", str(run_dir),
+            "model.num_classes=4", "model.classifier_width=32")  # fmt: skip
+    code, out, err = run_main(capsys, launch.main, *args, "model.arch=vgg13_bn")
+    assert code == 2 and "submitted" not in out
+    assert err == (
+        f"error: cannot resume from {run_dir}/last.pth: it was trained with model.arch='vgg11_bn', this run has "
+        "'vgg13_bn' (start this run in another run_dir)\n"
+    )
+    assert sorted(p.name for p in run_dir.iterdir()) == ["last.pth"]  # nothing written, no job folder
+    # the dry run says so as a warning, and shows the rest
+    code, out, err = run_main(capsys, launch.main, *args, "model.arch=vgg13_bn", "--dry-run")
+    assert code == 0 and "# plan:" in out
+    assert err.startswith("warning: the launch would refuse this: cannot resume from ")
+    assert checkpoint_problem(_cfg(small_tree, "model.num_classes=4", "model.classifier_width=32",
+                                   "model.arch=vgg11_bn", f"run_dir={run_dir}")) is None  # fmt: skip
+
+
+@pytest.mark.slurm
+def test_slurm_missing_data_root_submits_nothing_and_a_job_that_fails_anyway_is_reported_failed(
+    capsys, slurm_env: SlurmCluster, tmp_path
+):
+    """On the local SLURM cluster: a launch whose data root does not exist exits 2 with one line and no job reaches
+    SLURM (squeue and sacct know no job of its name); ``--force`` submits it, the job fails on the data root, and
+    ``python evaluate --report`` lists the run as failed with SLURM's state, the error line and the log path."""
+    name = f"nodata{os.getpid()}"  # the cluster is shared with other test sessions: look for this job name
+    run_dir, missing = tmp_path / name, tmp_path / "no-such-data"
+    args = ("--config", "demo", "--cluster", "slurm", "--partition", slurm_env.partition, "--gpus", "1",
+            "--data", str(missing), "--run-dir", str(run_dir), "--time", "00:15:00", "log.wandb_mode=disabled",
+            "data.workers=0", "launch.cpus_per_gpu=1")  # fmt: skip
+    code, out, err = run_main(capsys, launch.main, *args)
+    assert code == 2 and out == ""
+    *warnings, error = (
+        err.splitlines()
+    )  # (the warning: a /tmp run folder, shared here, not on a real cluster)
+    assert all(w.startswith(f"warning: run folder {run_dir} is on node-local storage") for w in warnings), err
+    assert error == (
+        f"error: data root {missing} does not exist on this host: check --data (on a login node that cannot see the "
+        "data, --force submits without the checks)"
+    )
+    job_name = f"vgg-{name}"
+    assert slurm_env.run("squeue", "-h", "-n", job_name, "-o", "%i").stdout.strip() == ""
+    sacct = ("sacct", "-a", "-n", "-X", "-P", "-S", "2020-01-01", "--name", job_name, "-o", "JobID")
+    assert slurm_env.run(*sacct).stdout.strip() == ""
+    assert not run_dir.exists()
+
+    code, out, err = run_main(capsys, launch.main, *args, "--force")
+    assert code == 0, err
+    job_id = re.search(r"^submitted job (\d+) to SLURM", out, re.M)[1]
+    slurm_env.wait_for(
+        "the job to fail", lambda: slurm_env.sacct_states(job_id)[-1:] == ["FAILED"], timeout=180
+    )
+    row = build_row(run_dir)
+    log_path = run_dir / "slurm" / job_id / f"{job_id}_0_log.err"
+    assert row.state == "failed"
+    assert row.progress == (
+        f"0/? epochs (SLURM job {job_id} FAILED: data_pipeline.layout.DataError: data root {str(missing)!r} does "
+        f"not exist (expected {missing}/train/<wnid>/*.JPEG); log: {log_path})"
+    )
+    assert f"{row.arch}: failed, {row.progress}" in format_console([row])
