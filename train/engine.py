@@ -291,7 +291,7 @@ class Trainer:
             self.log.warning(
                 "%s has no GradScaler state (trained with train.precision=%s): fp16 starts with a fresh loss scale",
                 path,
-                get(saved, "train.precision"),
+                state["config"].get("train", {}).get("precision", "fp32"),
             )
         else:
             self.scaler.load_state_dict(state["scaler"])
