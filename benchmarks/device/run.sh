@@ -6,10 +6,10 @@
 #   bash benchmarks/device/run.sh            # first call, ~6 min on a GPU: no DALI needed
 #   bash benchmarks/device/run.sh dali       # second call, only if time is left: needs the DALI kit (wheels.py)
 #
-# Before the first call, here (a machine that reaches PyPI), the one wheel the project needs that the device
-# lacks (omegaconf 2.4.0, pure Python, ~0.2 MB; `.whl/` is git-ignored):
+# Before the first call, here (a machine that reaches PyPI), the two pure-Python wheels the device lacks that
+# this call needs (omegaconf for train.config, submitit for slurm/ and its tests; `.whl/` is git-ignored):
 #
-#   python -m pip download --no-deps --only-binary=:all: -d .whl/first omegaconf==2.4.0
+#   python -m pip download --no-deps --only-binary=:all: -d .whl/first omegaconf==2.4.0 submitit==1.5.4
 #
 # then the device tool's run with carry [".whl/first"], command `bash benchmarks/device/run.sh`, timeout_s 570
 # (the caps below add up to 515 s; a typical first call takes ~6 min).
@@ -67,7 +67,7 @@ part() {
 }
 
 # The wheels carried for this call (omegaconf; and, after wheels.py's install, DALI's kit).
-if ! $PY -c "import omegaconf" 2>/dev/null && ls .whl/first/*.whl >/dev/null 2>&1; then
+if ls .whl/first/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/first/*.whl >>"$LOG" 2>&1
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
