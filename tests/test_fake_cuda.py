@@ -8,14 +8,14 @@ dense, multi-crop, dense+multi-crop, one and several test scales, bf16 autocast 
 checkpoint's load through the real loaders (real JPEGs decoded on the host, moved to the device by the project's
 own code) and every image's forward pass and top-k count, up to the first host read of a device value (the
 counts' ``.tolist()`` in ``evaluate.core.reduce_counts``: a fake tensor has no value, so the run stops there
-with ``DataDependentOutputException``); every recipe's model moved to the device as the trainer moves it; and the
-training step's forward and loss as ``train.engine.train_step`` runs them.
+with ``DataDependentOutputException``); every recipe's model moved to the device (its parameters and buffers); and
+the training step's forward and loss as ``train.engine.train_step`` runs them, in bf16 with channels_last.
 
 What a fake device cannot show: numbers (tests/test_gpu.py on a real GPU) and the backward pass (autograd's
 engine asks the CUDA driver for a context). What the harness tells torch: that bf16 autocast is available on
 CUDA (``torch.autocast("cuda")`` would otherwise turn itself off; with it, convs and matmuls run in bf16 on the
 fake tensors as on a GPU); that ``train.distributed.setup``'s device is ``cuda:0`` (on this machine it picks the
-CPU; that choice is the lead's tests'). Host-side pieces run on real tensors, as they do on a GPU machine:
+CPU; its choice for 0, 1 and 8 visible GPUs is tested in tests/test_optim_dist.py). Host-side pieces run on real tensors, as they do on a GPU machine:
 torch's DataLoader iteration (batches are made on the host: a fake tensor has no pixels), the checkpoint's
 ``torch.load``, and the torchvision loader's colour-shift generator (train batches only) is made on the CPU.
 """
