@@ -17,7 +17,7 @@ try:
     import submitit  # noqa: F401
 except ImportError:
     # the lent GPU machine (benchmarks/device/run.sh) has no submitit: the SLURM tests import it (and slurm/)
-    collect_ignore = ["test_launch.py", "test_multinode.py", "test_slurm_cluster.py"]
+    collect_ignore = ["test_first_run.py", "test_launch.py", "test_multinode.py", "test_slurm_cluster.py"]
 
 
 def run_cli(

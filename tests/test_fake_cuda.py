@@ -8,15 +8,16 @@ dense, multi-crop, dense+multi-crop, one and several test scales, bf16 autocast 
 checkpoint's load through the real loaders (real JPEGs decoded on the host, moved to the device by the project's
 own code) and every image's forward pass and top-k count, up to the first host read of a device value (the
 counts' ``.tolist()`` in ``evaluate.core.reduce_counts``: a fake tensor has no value, so the run stops there
-with ``DataDependentOutputException``); every recipe's model moved to the device as the trainer moves it; and the
-training step's forward and loss as ``train.engine.train_step`` runs them.
+with ``DataDependentOutputException``); every recipe's model moved to the device (its parameters and buffers); and
+the training step's forward and loss as ``train.engine.train_step`` runs them, in bf16 with channels_last.
 
-What a fake device cannot show: numbers (tests/test_gpu.py on a real GPU), the backward pass (autograd's engine
-asks the CUDA driver for a context), and bf16 autocast itself (``torch.autocast("cuda")`` turns itself off
-without CUDA, with a warning; the code path around it runs). Two host-side pieces run as real tensors, as they
-do on a GPU machine: torch's DataLoader iteration (batches are made on the host; a fake tensor there has no
-pixels) and the checkpoint's ``torch.load``. ``train.distributed.setup`` is given ``cuda:0`` as its device: on
-this machine it picks the CPU (its own choice of device is tested in tests/test_optim_dist.py).
+What a fake device cannot show: numbers (tests/test_gpu.py on a real GPU) and the backward pass (autograd's
+engine asks the CUDA driver for a context). What the harness tells torch: that bf16 autocast is available on
+CUDA (``torch.autocast("cuda")`` would otherwise turn itself off; with it, convs and matmuls run in bf16 on the
+fake tensors as on a GPU); that ``train.distributed.setup``'s device is ``cuda:0`` (on this machine it picks the
+CPU; its choice for 0, 1 and 8 visible GPUs is tested in tests/test_optim_dist.py). Host-side pieces run on real tensors, as they do on a GPU machine:
+torch's DataLoader iteration (batches are made on the host: a fake tensor has no pixels), the checkpoint's
+``torch.load``, and the torchvision loader's colour-shift generator (train batches only) is made on the CPU.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTensorMode]:
         "Generator",
         lambda device="cpu": generator("cpu" if torch.device(device).type == "cuda" else device),
     )
+    # torch.autocast("cuda") turns itself off where CUDA is unavailable; told it is there, it casts the fake
+    # tensors as it would on a GPU (bf16 convs and matmuls, fp32 where the code asks)
+    monkeypatch.setattr(torch.cuda.amp.common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     with _FakeMode(allow_non_fake_inputs=True) as mode:
         yield mode
 
@@ -193,3 +198,6 @@ def test_every_recipe_model_and_forward_on_fake_cuda(recipe, monkeypatch):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.optim.label_smoothing)
         assert _on(CUDA, logits, loss) and logits.shape == (2, cfg.model.num_classes)
+        assert (
+            logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+        )  # autocast ran; the loss in fp32
