@@ -203,9 +203,11 @@ class Trainer:
             from train.init import init_from_checkpoint
 
             init_from_checkpoint(model, cfg.model.init_from, self.log)
-        model.to(self.device)
-        if cfg.train.channels_last:
-            model.to(memory_format=torch.channels_last)
+        # one move: device and memory format together (a fake CUDA device, tests/test_fake_cuda.py, runs one .to)
+        model.to(
+            self.device,
+            memory_format=torch.channels_last if cfg.train.channels_last else torch.preserve_format,
+        )
         self.model = model
         torch.manual_seed(cfg.seed + 1000 * dist_info.rank)
         random.seed(cfg.seed + dist_info.rank)
