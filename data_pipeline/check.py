@@ -44,7 +44,7 @@ On a pack (``python -m data_pipeline pack``: ROOT holds manifest.json; ``check_p
 line each naming the shard, and the member where there is one: anything ``shard_reader.open_shards`` refuses,
 one line per split (no manifest, an incomplete pack, a missing shard or index file, an index line without .jpg
 or .cls, a tar cut mid-member, sizes or sample counts other than the manifest's; the samples of a refused
-split are not read); every shard read through (in ``--workers`` threads, progress with ETA on stderr): a size
+split are not read); every shard read through (``--workers`` at once, progress with ETA on stderr): a size
 or sha256 other than the manifest's, a tar that ``tarfile`` cannot read to its end (a damaged header, cut
 mid-member), members of the tar that its index file does not list, index entries that are not in the tar, and
 members whose data offset or size in the index is not the tar's (a shard that ``open_shards``' line already

@@ -75,6 +75,10 @@ def decode(source: str | bytes, decoder: str = "pil") -> Any:
 # process, not only the training one: a terminal's Ctrl-C the whole process group, SLURM's scancel / requeue
 # (SIGTERM) and its --signal (USR2, before the time limit) every process of the job step.
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2})
+# What the forkserver imports before it forks any worker, so that each DataLoader worker starts with torch and
+# this module imported instead of importing them itself. multiprocessing's default preload is ``__main__``, which
+# it skips under ``python -m`` (no main path): there every worker paid the whole torch import (issue 28).
+FORKSERVER_PRELOAD = ["torch", "torchvision", "data_pipeline.torchvision_backend"]
 
 
 def start_forkserver_shielded() -> None:
@@ -83,7 +87,9 @@ def start_forkserver_shielded() -> None:
     fails the next batch, and a dead forkserver the next loader, before the training process has stopped
     cleanly and saved; the training process alone acts on the signals and shuts its workers down itself.
     A signal that comes meanwhile is delivered to this process when the mask is restored. No-op once the
-    forkserver runs (one started elsewhere first is not shielded: this project starts none)."""
+    forkserver runs (one started elsewhere first is not shielded: this project starts none). The forkserver
+    imports ``FORKSERVER_PRELOAD`` once, before its first worker."""
+    multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # read when the server starts, not after
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         # The resource tracker first: its start unblocks SIGINT and SIGTERM here (it ignores both itself), and a
@@ -304,7 +310,7 @@ class TorchvisionLoader(Loader):
             persistent_workers=self.workers > 0,
             # Not fork: a forked worker inherits whatever the parent holds, and a DALI pipeline (or any object
             # owning threads) garbage-collected in the child deadlocks it. forkserver workers start from a
-            # clean process (the server imports torch once; workers are persistent, so this is paid per loader).
+            # clean process (the server imports torch once, FORKSERVER_PRELOAD; workers are persistent).
             multiprocessing_context="forkserver" if self.workers > 0 else None,
             prefetch_factor=prefetch_factor if self.workers > 0 else None,
             generator=generator,
