@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 import train.__main__ as train_cli
 from data_pipeline.shards import pack
+from evaluate.__main__ import main as evaluate_main
 from evaluate.report import build_row, format_console
 from slurm import launch
 from slurm.submit import checkpoint_problem, data_problem
@@ -267,3 +269,66 @@ def test_slurm_missing_data_root_submits_nothing_and_a_job_that_fails_anyway_is_
         f"not exist (expected {missing}/train/<wnid>/*.JPEG); log: {log_path})"
     )
     assert f"{row.arch}: failed, {row.progress}" in format_console([row])
+
+
+# ------------------------------------------------------------------------------------- released weights by name
+
+VGG11_FILE = (
+    "vgg11-8a719046.pth"  # torchvision's file name for VGG11_Weights.IMAGENET1K_V1 (sha256 prefix in it)
+)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch.hub cache (TORCH_HOME) and no way out: every https request goes to a closed local port, a
+    real connection refusal, so nothing is downloaded here even where the machine has internet."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_released_weights_by_name_offline_name_the_url_and_the_cache_path(capsys, offline_hub):
+    code, out, err = run_main(capsys, evaluate_main, "--weights", "VGG16_BN_Weights.IMAGENET1K_V1")
+    url = "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"
+    assert code == 2 and out == ""
+    assert re.fullmatch(
+        rf"error: cannot download {re.escape(url)} \(.+\); offline, put that file at "
+        rf"{re.escape(str(offline_hub / 'vgg16_bn-6c64b313.pth'))} \(torch.hub's cache: \$TORCH_HOME/hub/checkpoints\) "
+        r"and run this again\n",
+        err,
+    ), err
+    # the arch's default weights, and the URL itself (--checkpoint URL too: not mangled to https:/...)
+    for args in (("--arch", "vgg16_bn", "--weights", "DEFAULT"), ("--weights", url), ("--checkpoint", url)):
+        code, _, err = run_main(capsys, evaluate_main, *args)
+        assert code == 2 and err.startswith(f"error: cannot download {url} (") and err.count("\n") == 1, err
+    assert [p.name for p in offline_hub.iterdir()] == []  # no partial download left behind
+    code, _, err = run_main(capsys, evaluate_main, "--weights", "VGG16BN_Weights.IMAGENET1K_V1")
+    assert code == 2 and err == (
+        "error: --weights VGG16BN_Weights.IMAGENET1K_V1: not one of torchvision's weights (did you mean "
+        "VGG16_BN_Weights.IMAGENET1K_V1?)\n"
+    )
+
+
+def test_released_weights_load_from_torch_hubs_cache(capsys, offline_hub, small_tree):
+    """A real vgg11 weight file (zeros: the numbers are not the point) under torchvision's file name in the cache:
+    loaded from there with no network. torch.hub verifies the sha256 prefix in the name only when it downloads, so
+    a cached file is used as it is; ours is not torchvision's release, and a warning says so."""
+    with torch.device("meta"):
+        shapes = torchvision.models.vgg11().state_dict()
+    offline_hub.mkdir(parents=True)
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, offline_hub / VGG11_FILE)
+    image = next((small_tree / "val").rglob("*.JPEG"))
+    code, out, err = run_main(capsys, evaluate_main, "--weights", "VGG11_Weights.IMAGENET1K_V1", "--predict",
+                              str(image))  # fmt: skip
+    assert code == 0, err
+    assert out.startswith(f"{image}:") and "tench" in out  # ImageNet's class names: a 1000-class vgg11 ran
+    assert re.fullmatch(
+        rf"warning: {re.escape(str(offline_hub / VGG11_FILE))}: sha256 [0-9a-f]{{12}}\.\.\. does not start with "
+        r"8a719046 as torchvision's file name says: not the released file \(torch.hub checks the hash only when it "
+        r"downloads\), so its numbers are not the release's; delete it to download the released one\n",
+        err,
+    ), err
+    assert sorted(p.name for p in offline_hub.iterdir()) == [VGG11_FILE]
