@@ -332,3 +332,80 @@ def test_released_weights_load_from_torch_hubs_cache(capsys, offline_hub, small_
         err,
     ), err
     assert sorted(p.name for p in offline_hub.iterdir()) == [VGG11_FILE]
+
+
+# ------------------------------------------------------------------------------------------------------- plots
+
+
+def _epoch(n: int, top1: float) -> dict[str, float]:
+    return {"epoch": n, "train_loss": 2.0 / n, "val_loss": 2.2 / n, "train_top1_err": top1 - 5,
+            "val_top1_err": top1, "train_top5_err": top1 / 4, "val_top5_err": top1 / 3}  # fmt: skip
+
+
+def _visible(line) -> bool:
+    """A line shows something: a marker, or a line style over two or more points."""
+    return line.get_marker() not in (None, "None", "", " ") or (
+        len(line.get_xdata()) > 1 and line.get_linestyle() not in ("None", "", " ")
+    )
+
+
+def test_curves_one_colour_per_series_best_epoch_marked_single_points_visible():
+    import matplotlib.pyplot as plt
+
+    from train.report import curves_figure
+
+    epochs = [_epoch(1, 60.0), _epoch(2, 40.0), _epoch(3, 40.0), _epoch(4, 45.0)]
+    steps = [{"epoch_float": 0.5, "loss": 2.5}, {"epoch_float": 1.0, "loss": 2.1}]
+    fig, (ax_loss, ax_err) = curves_figure(epochs, steps)
+    colours: dict[str, set] = {"train": set(), "val": set()}
+    for ax in (ax_loss, ax_err):
+        for line in ax.get_lines():
+            series = line.get_label().split()[0]
+            if series in colours:
+                colours[series].add(line.get_color())
+    assert len(colours["train"]) == 1 and len(colours["val"]) == 1 and colours["train"] != colours["val"]
+    (best,) = [ln for ln in ax_err.get_lines() if ln.get_label().startswith("best")]
+    assert (list(best.get_xdata()), list(best.get_ydata())) == ([2], [40.0])  # the earliest of equal errors
+    assert best.get_label() == "best: epoch 2, val top-1 40.00 %"
+    assert all(any(ln.get_xdata()[0] == 2 for ln in ax.get_lines() if list(ln.get_xdata()) == [2, 2])
+               for ax in (ax_loss, ax_err))  # the best epoch ruled on both panels  # fmt: skip
+    plt.close(fig)
+    # a 1-epoch run (one step logged): every series still shows its point
+    fig, axes = curves_figure([_epoch(1, 70.0)], [{"epoch_float": 1.0, "loss": 2.3}])
+    lines = [ln for ax in axes for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
+    assert len(lines) == 1 + 2 + 4 + 1 and all(_visible(ln) for ln in lines)
+    assert axes[0].get_xlim() == (0.0, 2.0)
+    plt.close(fig)
+
+
+def test_report_one_name_per_run_in_the_table_and_the_plot(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from evaluate.report import RunRow, format_console, format_markdown, run_names
+    from train.report import runs_figure
+
+    runs = [
+        tmp_path / "a" / "demo-vgg11_bn",
+        tmp_path / "b" / "demo-vgg11_bn",
+        tmp_path / "a" / "demo-vgg13_bn",
+    ]
+    names = run_names(runs)
+    assert names == ["a/demo-vgg11_bn", "b/demo-vgg11_bn", "demo-vgg13_bn"]
+    rows = [RunRow(run_dir=str(r), arch=r.name[5:], recipe="demo", state="stopped", progress="1/3 epochs",
+                   epochs_done=1, epochs=3, name=n, curve=[_epoch(1, 50.0 + i)])
+            for i, (r, n) in enumerate(zip(runs, names, strict=True))]  # fmt: skip
+    md, console = format_markdown(rows, "t"), format_console(rows)
+    for n, r in zip(names, rows, strict=True):
+        assert f"| {n} | {r.arch} | demo | stopped |" in md and f"- **{n}**" in md
+        assert console.count(f"{n} ") >= 1 and f"{n}: stopped, 1/3 epochs" in console
+    fig, (ax_err, ax_loss) = runs_figure([(r.label, r.curve) for r in rows])
+    for ax in (ax_err, ax_loss):
+        labelled = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        assert [ln.get_label() for ln in labelled] == names  # one entry per run, its table name
+        # one colour per run across panels
+        assert [ln.get_color() for ln in labelled] == ["C0", "C1", "C2"]
+    singles = [ln for ax in (ax_err, ax_loss) for ln in ax.get_lines()]
+    assert all(_visible(ln) for ln in singles)  # 1-epoch runs: every point shows
+    stars = [ln for ln in ax_err.get_lines() if ln.get_marker() == "*"]
+    assert [(ln.get_color(), list(ln.get_xdata())) for ln in stars] == [("C0", [1]), ("C1", [1]), ("C2", [1])]
+    plt.close(fig)
