@@ -80,6 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="time limit per job, [D-]HH:MM:SS [72:00:00]; requeued jobs continue")
     p.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 64G (sbatch --mem = this × GPUs per node)")
     p.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task [10]")
+    p.add_argument(
+        "--setup",
+        action="append",
+        metavar="LINE",
+        help="launch.setup: a shell line the sbatch script runs before srun, e.g. 'module load cuda/12.4' or "
+        "'source /shared/env/bin/activate' (repeatable)",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="OPT[=VALUE]",
+        help="launch.sbatch_args: another #SBATCH option, e.g. exclusive, reservation=r1, gres=gpu:a100:8 (repeatable)",
+    )
+    p.add_argument(
+        "--srun",
+        action="append",
+        metavar="=--OPT[=VALUE]",
+        help="launch.srun_args: another srun option, e.g. --srun=--cpu-bind=cores (repeatable)",
+    )
+    p.add_argument(
+        "--container-image",
+        help="launch.container_image: run the tasks in this image (pyxis/enroot: srun --container-image); "
+        "name its interpreter with --python, and mount shared paths with --srun=--container-mounts=...",
+    )
+    p.add_argument(
+        "--python",
+        help="launch.python: the interpreter the tasks run [this one]; it must exist on every node",
+    )
     p.add_argument("--data", help="data.root: ImageNet root with train/ and val/")
     p.add_argument("--run-dir", help="run_dir: config, checkpoints, logs (on storage shared by all nodes)")
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="where to run [recipe's; slurm]")
@@ -111,10 +139,17 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for flag, key in [("partition", "launch.partition"), ("account", "launch.account"), ("qos", "launch.qos"),
                       ("constraint", "launch.constraint"), ("time", "launch.time"),
                       ("mem_per_gpu", "launch.mem_per_gpu"), ("cluster", "launch.cluster"),
-                      ("data", "data.root"), ("run_dir", "run_dir")]:  # fmt: skip
+                      ("data", "data.root"), ("run_dir", "run_dir"), ("container_image", "launch.container_image"),
+                      ("python", "launch.python"), ("setup", "launch.setup"), ("srun", "launch.srun_args")]:  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
             out.append(f"{key}={json.dumps(value)}")
+    if args.sbatch:
+        options = {}
+        for item in args.sbatch:  # exclusive | reservation=r1 | --gres=gpu:a100:8
+            name, sep, value = item.lstrip("-").partition("=")
+            options[name.replace("-", "_")] = value if sep else True
+        out.append(f"launch.sbatch_args={json.dumps(options)}")
     return out
 
 

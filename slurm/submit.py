@@ -214,6 +214,14 @@ def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
             f"{cfg.data.batch_size} stays the same"
         )
     if cfg.launch.cluster == "slurm":
+        python = cfg.launch.python or sys.executable
+        # its folder, not the file: a venv's bin/python links to the system interpreter wherever the venv is
+        where = node_local_storage(os.path.dirname(python)) if os.path.isabs(python) else None
+        if where:  # the tasks run this path on every node: it must be there
+            raise LaunchError(
+                f"the job's interpreter {python} is on node-local storage ({where}): the compute nodes cannot run "
+                f"it; install the environment on storage every node sees, or name one with --python"
+            )
         where = node_local_storage(cfg.run_dir)
         if where:
             warnings.append(
@@ -225,6 +233,7 @@ def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
             f"data root {cfg.data.root!r} does not exist (expected train/<wnid>/*.JPEG and val/...; "
             f"`python -m data_pipeline demo {cfg.data.root}` makes the demo dataset)"
         )
+    extra_sbatch_options(cfg)  # refused now, not while the script is rendered
     timeout_min = parse_time_min(la.time)
     if cfg.launch.cluster != "debug" and timeout_min * 60 <= la.signal_delay_s:
         raise LaunchError(
@@ -276,6 +285,46 @@ def slurm_parameters(plan: Plan) -> dict[str, Any]:
     return params
 
 
+# sbatch options the launcher sets itself: launch.sbatch_args may not set them (the flag that does is named)
+MANAGED_SBATCH = {"nodes": "--nodes", "ntasks_per_node": "--gpus", "gpus_per_node": "--gpus", "time": "--time",
+                  "cpus_per_task": "--cpus-per-gpu", "mem": "--mem-per-gpu", "partition": "--partition",
+                  "account": "--account", "qos": "--qos", "constraint": "--constraint", "signal": "launch.signal_delay_s",
+                  "job_name": "--run-dir", "output": "--run-dir", "error": "--run-dir", "requeue": None,
+                  "dependency": None, "open_mode": None}  # fmt: skip
+
+
+def extra_sbatch_options(cfg: Config) -> dict[str, Any]:
+    """``launch.sbatch_args`` as submitit's ``additional_parameters``; LaunchError (one line) for an option the
+    launcher sets itself (naming the flag that does)."""
+    extra = {str(k).replace("-", "_").lstrip("_"): v for k, v in cfg.launch.sbatch_args.items()}
+    for key in extra:
+        if key in MANAGED_SBATCH:
+            flag = MANAGED_SBATCH[key]
+            how = f"use {flag}" if flag else "the launcher sets it"
+            raise LaunchError(
+                f"launch.sbatch_args.{key}: the launcher sets #SBATCH --{key.replace('_', '-')}; {how}"
+            )
+    return extra
+
+
+def site_parameters(plan: Plan, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (:func:`slurm_parameters`) with the site's options added: ``launch.setup`` (shell lines before
+    srun: submitit's ``setup``), ``launch.sbatch_args`` (more ``#SBATCH`` lines), ``launch.srun_args`` and
+    ``launch.container_image`` (pyxis: ``srun --container-image=IMAGE``), after any srun options of ``params``.
+    LaunchError (one line) for an sbatch option the launcher sets itself."""
+    la = plan.cfg.launch
+    out = dict(params)
+    extra_sbatch = extra_sbatch_options(plan.cfg)
+    if extra_sbatch:
+        out["additional_parameters"] = {**params.get("additional_parameters", {}), **extra_sbatch}
+    if la.setup:
+        out["setup"] = [*params.get("setup", []), *la.setup]
+    srun = [*la.srun_args, *([f"--container-image={la.container_image}"] if la.container_image else [])]
+    if srun:
+        out["srun_args"] = [*params.get("srun_args", []), *srun]
+    return out
+
+
 class _PlanOnlySlurmExecutor(SlurmExecutor):
     """submitit's SlurmExecutor without its ``srun`` check, used only to render the sbatch script (dry run)."""
 
@@ -286,8 +335,9 @@ class _PlanOnlySlurmExecutor(SlurmExecutor):
 
 def sbatch_script(plan: Plan) -> str:
     """The sbatch script submitit would submit for this plan (rendered by submitit itself; nothing runs)."""
-    executor = _PlanOnlySlurmExecutor(plan.folder, max_num_timeout=plan.cfg.launch.max_num_timeout)
-    executor.update_parameters(**slurm_parameters(plan))
+    la = plan.cfg.launch
+    executor = _PlanOnlySlurmExecutor(plan.folder, max_num_timeout=la.max_num_timeout, python=la.python)
+    executor.update_parameters(**site_parameters(plan, slurm_parameters(plan)))
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
@@ -306,8 +356,10 @@ def make_executor(plan: Plan) -> submitit.Executor:
     la = plan.cfg.launch
     if plan.cluster == "slurm":
         require_slurm_clients()
-        executor: submitit.Executor = submitit.SlurmExecutor(plan.folder, max_num_timeout=la.max_num_timeout)
-        executor.update_parameters(**slurm_parameters(plan))
+        executor: submitit.Executor = submitit.SlurmExecutor(
+            plan.folder, max_num_timeout=la.max_num_timeout, python=la.python
+        )
+        executor.update_parameters(**site_parameters(plan, slurm_parameters(plan)))
     elif plan.cluster == "local":
         executor = submitit.LocalExecutor(plan.folder, max_num_timeout=la.max_num_timeout)
         executor.update_parameters(
@@ -930,6 +982,7 @@ __all__ = [
     "report",
     "require_slurm_clients",
     "sbatch_script",
+    "site_parameters",
     "slurm_job_ids",
     "slurm_parameters",
     "start",

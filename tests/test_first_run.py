@@ -409,3 +409,51 @@ def test_report_one_name_per_run_in_the_table_and_the_plot(tmp_path):
     stars = [ln for ln in ax_err.get_lines() if ln.get_marker() == "*"]
     assert [(ln.get_color(), list(ln.get_xdata())) for ln in stars] == [("C0", [1]), ("C1", [1]), ("C2", [1])]
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ what real sites need around the job
+
+
+def test_setup_lines_sbatch_and_srun_options_and_a_container_in_the_sbatch_script(capsys, imagenet_layout):
+    common = ("--arch", "vgg16_bn", "--gpus", "8", "--run-dir", "/shared/runs/v16", "--data", str(imagenet_layout),
+              "--dry-run")  # fmt: skip
+    code, out, err = run_main(capsys, launch.main, *common, "--setup", "module load cuda/12.4", "--setup",
+                              "source /shared/env/bin/activate", "--sbatch", "exclusive", "--sbatch",
+                              "reservation=r1", "--sbatch=--gres=gpu:a100:8", "--srun=--cpu-bind=cores",
+                              "--container-image", "nvcr.io/nvidia/pytorch:24.10-py3", "--python", "python3",
+                              "launch.sbatch_args.comment=first")  # fmt: skip
+    assert code == 0, err
+    script = out.split("# sbatch script submitit would submit")[1]
+    for line in ("#SBATCH --exclusive\n", "#SBATCH --reservation=r1\n", "#SBATCH --gres=gpu:a100:8\n",
+                 "#SBATCH --comment=first\n", "#SBATCH --nodes=1\n"):  # fmt: skip
+        assert line in script
+    assert "# setup\nmodule load cuda/12.4\nsource /shared/env/bin/activate\n" in script
+    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    assert srun.endswith(
+        " --cpu-bind=cores --container-image=nvcr.io/nvidia/pytorch:24.10-py3 python3 -u -m submitit.core._submit "
+        "/shared/runs/v16/slurm/%j"
+    )
+    # the resolved config holds them as launch.* keys
+    assert "setup: [module load cuda/12.4, source /shared/env/bin/activate]" in out
+    assert "container_image: nvcr.io/nvidia/pytorch:24.10-py3" in out
+    code, out, err = run_main(capsys, launch.main, *common, "--sbatch", "time=10")
+    assert (
+        code == 2 and err == "error: launch.sbatch_args.time: the launcher sets #SBATCH --time; use --time\n"
+    )
+
+
+def test_an_interpreter_on_node_local_storage_is_refused_for_slurm(capsys, imagenet_layout):
+    common = ("--arch", "vgg16_bn", "--gpus", "8", "--run-dir", "/shared/runs/v16", "--data", str(imagenet_layout),
+              "--dry-run", "--python", "/tmp/env/bin/python")  # fmt: skip
+    code, out, err = run_main(capsys, launch.main, *common)
+    assert (
+        code == 2
+        and out == ""
+        and err
+        == (
+            "error: the job's interpreter /tmp/env/bin/python is on node-local storage (/tmp): the compute nodes cannot "
+            "run it; install the environment on storage every node sees, or name one with --python\n"
+        )
+    )
+    code, out, err = run_main(capsys, launch.main, *common, "--cluster", "local")  # this machine: fine
+    assert code == 0, err
