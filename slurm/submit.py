@@ -222,12 +222,6 @@ def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
                 f"the job's interpreter {python} is on node-local storage ({where}): the compute nodes cannot run "
                 f"it; install the environment on storage every node sees, or name one with --python"
             )
-        where = node_local_storage(cfg.run_dir)
-        if where:
-            warnings.append(
-                f"run folder {cfg.run_dir} is on node-local storage ({where}): other nodes cannot write "
-                f"checkpoints or logs there and submitit cannot read results back; use shared storage (--run-dir)"
-            )
     elif not Path(cfg.data.root).is_dir():
         raise LaunchError(
             f"data root {cfg.data.root!r} does not exist (expected train/<wnid>/*.JPEG and val/...; "
@@ -596,9 +590,9 @@ def dry_run(plan: Plan, out: TextIO | None = None, force: bool = False) -> int:
     out = out or sys.stdout
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    problem = None if force else presubmit_problem(plan.cfg)
-    if problem:
-        print(f"warning: the launch would refuse this: {problem}", file=sys.stderr)
+    for problem in (node_local_problem(plan.cfg), None if force else presubmit_problem(plan.cfg)):
+        if problem:
+            print(f"warning: the launch would refuse this: {problem}", file=sys.stderr)
     print(
         f"# resolved config (written to {plan.cfg.run_dir}/config.yaml by the job once it starts training)",
         file=out,
@@ -718,6 +712,27 @@ def _ctrl_c_raises():
         signal.signal(signal.SIGINT, previous)
 
 
+ONE_MACHINE_VAR = (
+    "VGG_ONE_MACHINE_CLUSTER"  # =1: every node is this machine, its /tmp is theirs (test clusters)
+)
+
+
+def node_local_problem(cfg: Config) -> str | None:
+    """Why a SLURM job cannot use its run folder: on node-local storage (/tmp, a tmpfs), where the nodes it runs on
+    cannot write checkpoints and logs for each other and submitit cannot read results back; None otherwise, for
+    other clusters, or where every node is this machine (``VGG_ONE_MACHINE_CLUSTER=1``: the test clusters)."""
+    if cfg.launch.cluster != "slurm" or os.environ.get(ONE_MACHINE_VAR) == "1":
+        return None
+    where = node_local_storage(cfg.run_dir)
+    if not where:
+        return None
+    return (
+        f"run folder {cfg.run_dir} is on node-local storage ({where}): the job's nodes cannot write checkpoints and "
+        f"logs there for each other, and submitit cannot read results back; use shared storage (--run-dir) (a "
+        f"cluster whose every node is this machine: {ONE_MACHINE_VAR}=1)"
+    )
+
+
 def data_problem(cfg: Config) -> str | None:
     """What makes ``data.root`` unusable for this config, in one line naming the fix, or None. Cheap at ImageNet
     scale: the class folders of ``train/`` and ``val/`` are listed (one directory each) and one class folder of
@@ -821,7 +836,7 @@ def check_run_dir(plan: Plan, out: TextIO | None = None, force: bool = False) ->
             check_run_dir_free(cfg.run_dir)  # a training holds it now (this node, or any node on NFS)
     except RunError as e:
         raise LaunchError(str(e)) from None
-    problem = None if force else presubmit_problem(cfg)
+    problem = node_local_problem(cfg) or (None if force else presubmit_problem(cfg))
     if problem:  # the job would fail as soon as it starts, after its queue wait: submit nothing
         raise LaunchError(problem)
     done = finished_epoch(cfg)
@@ -975,6 +990,7 @@ __all__ = [
     "make_executor",
     "make_plan",
     "memory_per_node",
+    "node_local_problem",
     "node_local_storage",
     "parse_time_min",
     "presubmit_problem",
