@@ -32,6 +32,14 @@ One training per run folder: while a SLURM job launched into the same ``--run-di
 (``squeue``), or a training holds ``<run_dir>/.lock``, the launch is refused in one line (``error: run_dir X
 already has SLURM job 1234 (RUNNING); scancel 1234 first or use another run_dir``). ``--force`` submits anyway; the
 training itself still refuses to start while another one holds the folder.
+
+Nothing submitted that must fail: before submitting, the data root (``train/``/``val/`` class folders, or a pack's
+``manifest.json``), its class count against ``model.num_classes`` and ``<run_dir>/last.pth`` (the training's own
+resume check) are checked on this host; each is one ``error:`` line, exit status 2 (``--dry-run``: a warning).
+``--force`` skips them (a login node that cannot see the data). A SLURM job's run folder or interpreter on
+node-local storage (``/tmp``) is refused whatever ``--force`` says. ``--setup``, ``--sbatch``, ``--srun``,
+``--container-image`` and ``--python`` (``launch.*`` keys) add what a site needs around the job. Familiar flags from
+other trainers (``--epochs``, ``--lr``, ``--output-dir``, ...) are answered with the key or flag to use instead.
 """
 
 from __future__ import annotations
@@ -119,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit without the checks on this host: a job of this run_dir queued/running or a training holding "
         "its lock; the data root (train/, val/ or a pack's manifest), its class count against model.num_classes and "
         "the run folder's last.pth (arch, recipe). For a login node that cannot see the data (the training's lock "
-        "still refuses to run two at once, and the job still checks the rest when it starts)",
+        "still refuses to run two at once, and the job still checks the rest when it starts; a node-local run "
+        "folder or interpreter is refused even so)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
