@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# DALI's build: cuda13 matches the torch pip installs by default (+cu130); cuda12 for torch's CUDA-12 wheels
+# (README, "Install on a cluster")
+CUDA   ?= cuda13
 DEMO_DATA ?= data/demo
 
 .PHONY: demo demo-table test install lint clean
@@ -13,7 +16,9 @@ DEMO_DATA ?= data/demo
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet "pip>=23"
-	$(PY) -m pip install --quiet -e '.[test]'
+	@# one DALI build per environment: both would install the same nvidia/dali package over each other
+	$(PY) -m pip uninstall --quiet -y nvidia-dali-$(if $(filter cuda13,$(CUDA)),cuda120,cuda130) 2>/dev/null || true
+	$(PY) -m pip install --quiet -e '.[test,$(CUDA)]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -131,6 +131,14 @@ def parse_args(argv: list[str] | None) -> Any:
     )
     p.add_argument("--readme", type=Path, default=None, help="markdown file the table is appended to")
     p.add_argument(
+        "--max-batch",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also find the largest per-GPU batch whose training step fits in GPU memory (synthetic data), "
+        "spending at most SECONDS per arch (GPU only; 0: not searched)",
+    )
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="tiny model, images and counts: the script in about a minute on 2 CPU cores",
@@ -264,6 +272,63 @@ class Bench:
                 torch.cuda.synchronize()
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         return prof.key_averages().table(sort_by=key, row_limit=15)
+
+
+def find_max_batch(bench: Bench, start: int, limit_s: float, step: int = 8) -> dict:
+    """The largest per-GPU batch (a multiple of ``step``) whose training step fits in GPU memory: one synthetic
+    step per size, doubling from ``start`` to the first out-of-memory, then bisecting, until ``limit_s`` seconds
+    are spent. cuDNN autotuning is off during the search (each new size would otherwise autotune for seconds;
+    its workspaces can move the limit a little). ``fits`` is the largest size that ran (0: none), ``fails`` the
+    smallest that did not (None: none failed, the search stopped at the time limit first)."""
+    import torch
+
+    def runs(batch: int) -> tuple[bool, float]:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            bench.step(*next(bench.synthetic(batch)))
+            torch.cuda.synchronize()
+            ok = True
+        except torch.cuda.OutOfMemoryError:
+            ok = False  # the exception's frames (and their tensors) are gone once we leave the except block
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        bench.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return ok, peak
+
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    t0 = time.perf_counter()
+    fits, fails, tries = 0, None, []
+    batch = max(step, start // step * step)
+    try:
+        while time.perf_counter() - t0 < limit_s:
+            ok, peak = runs(batch)
+            tries.append({"batch": batch, "fits": ok, "peak_memory_gib": round(peak, 2)})
+            print(
+                f"  max batch: {batch} {'fits' if ok else 'out of memory'} (peak {peak:.1f} GiB)", flush=True
+            )
+            if ok:
+                fits = batch
+            else:
+                fails = batch
+            if fails is None:
+                batch *= 2
+            else:
+                batch = (fits + fails) // 2 // step * step
+                if batch <= fits:
+                    break
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    return {
+        "fits": fits,
+        "fails": fails,
+        "exact": fails is not None and fails - fits <= step,
+        "step": step,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "tries": tries,
+        "method": "one synthetic training step per size (the engine's train_step), cudnn.benchmark off",
+    }
 
 
 def loader_batches(loader: Any, limit: int) -> Iterator[tuple[Any, Any]]:
@@ -401,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm_before = gemm_tflops(device, gemm_n, reps=10 if cuda else 2)
     print(f"bf16 GEMM {gemm_n}^3: {gemm_before['tflops']:.4g} TFLOP/s", flush=True)
     rows = []
+    max_batches: dict[str, dict] = {}
     for arch in archs:
         cfg = config(arch, "dali", "gpu" if cuda else "cpu")
         bench = Bench(cfg, device, args.compile)
@@ -451,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         summary = bench.summary, bench.conv_mac_share
+        if args.max_batch > 0:
+            if cuda:
+                max_batches[arch] = find_max_batch(bench, batch, args.max_batch)
+            else:
+                max_batches[arch] = {"skipped": "no CUDA: the search is for GPU memory"}
+                print("  max batch    skipped (no CUDA)", flush=True)
         rows.append((arch, summary, flops_per_image, sources, cfg))
         del bench, batches  # the next arch's peak memory must not include this model and its optimizer state
         gc.collect()  # Bench.step's closure refers back to the Bench: a cycle
@@ -484,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             "sources": sources,
             "ratios": ratios,
         }
+        if arch in max_batches:
+            row["max_batch_per_gpu"] = max_batches[arch]
         targets: dict[str, Any] = {}
         if cuda and not smoke:
             if "dali_over_synthetic" in ratios:

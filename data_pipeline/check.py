@@ -1,7 +1,8 @@
 """Verify an ImageNet root, or a pack of one, before training: folders, classes, counts, every image decoded.
 
     python -m data_pipeline check /datasets/imagenet                # exit 0: sound; 1: problems listed
-    python -m data_pipeline check /datasets/imagenet --workers 16   # decoder threads (default: all cores)
+    python -m data_pipeline check /datasets/imagenet --workers 16   # processes (default: all cores)
+    python -m data_pipeline check /datasets/imagenet --quick        # headers + one image per class: minutes
     python -m data_pipeline check /datasets/imagenet --full         # also require the full ILSVRC2012 sizes
     python -m data_pipeline check /datasets/imagenet-shards         # a pack: ROOT holds manifest.json
 
@@ -22,10 +23,22 @@ greyscale JPEGs; files the loaders skip (names without an image extension, files
 e.g. left there by ``prepare-val --link``).
 
 Images are decoded with the decoder of the DALI pipeline (``fn.decoders.image``, DALI's nvImageCodec with
-libjpeg-turbo) in a CPU-only pipeline (``device_id=None``), batch by batch, with ``--workers`` threads; a batch
-that fails is decoded again file by file so each bad file is named with the decoder's own reason. On a GPU the
-training pipeline decodes with nvJPEG (``device="mixed"``); this check uses the CPU path on every machine.
-Files are read with the same number of Python threads (network filesystems need parallel reads).
+libjpeg-turbo) in a CPU-only pipeline (``device_id=None``), batch by batch; a batch that fails is decoded again
+file by file so each bad file is named with the decoder's own reason. On a GPU the training pipeline decodes
+with nvJPEG (``device="mixed"``); this check uses the CPU path on every machine. From ``PROCESS_MIN`` (4,096)
+images on, the images are shared, ``CHUNK`` at a time, by ``--workers`` processes (each reading, looking at
+headers with PIL and decoding with a one-thread DALI pipeline: PIL's header parsing holds the GIL, which
+threads share); below it, this process reads with ``--workers`` threads and decodes with as many DALI
+threads. The processes are spawned (``_pool``): a script that calls ``check_root`` needs the
+``if __name__ == "__main__":`` guard.
+
+``--quick`` (``quick=True``) decodes one image per class folder (the first without a problem) and only looks at
+the others: magic bytes, for a JPEG its frame header walked from the start marker by marker (width and height
+not zero; 1 component: the greyscale note, 4: the CMYK note) and the end-of-image marker (FFD9) in its last
+``QUICK_TAIL`` bytes, for a PNG its IEND chunk there; the first ``QUICK_HEAD`` and last ``QUICK_TAIL`` bytes of
+each file are read, no more. It finds what the full check finds of a file that is empty, unreadable, not an
+image, a GIF, truncated or with a broken header, with the same notes, but not damage inside the compressed
+data (a full check decodes every image: the default, for a tree never checked before).
 
 On a pack (``python -m data_pipeline pack``: ROOT holds manifest.json; ``check_pack``), what is a problem, one
 line each naming the shard, and the member where there is one: anything ``shard_reader.open_shards`` refuses,
@@ -40,7 +53,11 @@ a .cls that is not a label in [0, number of manifest classes), and the .jpg look
 folder's image files are (problems and notes as above); a class of the manifest without samples in a split;
 with ``--full``, ILSVRC2012's sizes as for folders. Counts are per split the samples listed and per class the
 samples with that label (the manifest's one class list for both splits): for a pack of a tree, the folder
-check's counts of it.
+check's counts of it. Each shard is read once: hashed as a mapped file while its header blocks are walked
+(``_walk``: a plain ustar file as ``pack`` writes it; anything else is read again with ``tarfile``, which names
+what is wrong), by ``--workers`` processes from ``PROCESS_MIN_BYTES`` (256 MiB) of tar on. ``--quick`` on a
+pack: each shard's size against the manifest (no sha256) and its header blocks against its index, every
+sample's label and header looked at as above, one sample per class decoded.
 """
 
 from __future__ import annotations
@@ -48,6 +65,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import mmap
+import multiprocessing
 import os
 import re
 import sys
@@ -57,13 +76,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO, TextIO, TypeVar
+from typing import Any, BinaryIO, TextIO, TypeVar
 
 from data_pipeline.layout import NestedDirCheck
 from data_pipeline.prepare import Progress
+from data_pipeline.shard_reader import PACK_HINT  # numpy, not torch (imported where used there)
 
 __all__ = [
     "FULL_CLASSES",
@@ -86,6 +107,15 @@ SPLITS = ("train", "val")
 MANIFEST = "manifest.json"
 _T = TypeVar("_T")
 BLOCK = 512  # tar block size
+QUICK_HEAD = (
+    1 << 16
+)  # bytes --quick reads from the start of an image (the frame header is in them, or read on)
+QUICK_TAIL = 1 << 10  # bytes from its end, where the end-of-image marker must be
+# Fewer images or shards than this are looked at in this process (threads): worker processes pay an import of
+# this module (and of DALI, to decode) before they start, seconds that only a large tree earns back.
+PROCESS_MIN = 4096
+CHUNK = 512  # images per task handed to a worker process
+PROCESS_MIN_BYTES = 1 << 28  # a pack of fewer tar bytes is read by threads of this process
 # torchvision.datasets.folder.IMG_EXTENSIONS, which ImageFolder and data_pipeline.layout use: a file without one of
 # these is skipped by the loaders. Spelled out so that `check` does not import torch (seconds); a test compares.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -132,6 +162,11 @@ class CheckReport:
     shards: dict[str, int] = field(default_factory=dict)  # a pack: split -> shards
     read_bytes: int = 0  # a pack: tar bytes read for the sha256 and member checks
     read_seconds: float = 0.0
+    quick: bool = False  # --quick: headers looked at, one image per class decoded
+    looked: int = 0  # --quick: images whose header was looked at
+    look_seconds: float = 0.0
+    processes: bool = False  # the work was shared by ``workers`` processes (else threads of this one)
+    read_processes: bool = False  # a pack: shards read by ``workers`` processes
 
     @property
     def sound(self) -> bool:
@@ -305,6 +340,175 @@ def _inspect(rel: str, data: bytes, what: str = "file") -> _Read:
     return out
 
 
+# ------------------------------------------------------------------------------------------- quick looks
+
+
+def _jpeg_frame(head: bytes, pread: Callable[[int, int], bytes]) -> tuple[int, int, int] | str:
+    """(height, width, components) from a JPEG's frame header (SOFn), walking the marker segments from the start
+    without decoding; ``head`` is the file's start, ``pread(n, offset)`` reads on. A string says what is wrong."""
+    pos = 2
+    while True:
+        seg = head[pos : pos + 4] if pos + 4 <= len(head) else pread(4, pos)
+        if len(seg) < 4:
+            return "it ends before its frame header (truncated)"
+        if seg[0] != 0xFF:
+            return f"no marker at byte {pos:,} (corrupt)"
+        m = seg[1]
+        if m == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if m in (0xD9, 0xDA):
+            return "no frame header (SOF) before its scan or end (corrupt)"
+        length = (seg[2] << 8) | seg[3]
+        if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC):
+            sof = head[pos + 4 : pos + 10] if pos + 10 <= len(head) else pread(6, pos + 4)
+            if len(sof) < 6:
+                return "it ends inside its frame header (truncated)"
+            return (sof[1] << 8) | sof[2], (sof[3] << 8) | sof[4], sof[5]
+        if length < 2:
+            return f"a segment length of {length} at byte {pos:,} (corrupt)"
+        pos += 2 + length
+
+
+def _quick_look(rel: str, size: int, pread: Callable[[int, int], bytes], what: str = "file") -> _Read:
+    """``--quick``'s look at one image of ``size`` bytes read through ``pread(n, offset)``: its magic bytes, for a
+    JPEG the frame header (dimensions, components: greyscale and CMYK notes) and the end-of-image marker in its
+    last ``QUICK_TAIL`` bytes, for a PNG its IEND chunk there. The first ``QUICK_HEAD`` bytes and the last
+    ``QUICK_TAIL`` are read, no more (a GIF is read whole: it is a problem anyway, and ``_inspect`` says which).
+    Problems and notes as ``_inspect``'s, with the same words where the finding is the same."""
+    if size == 0:
+        return _Read(rel, problem=f"{rel}: empty {what} (0 bytes)")
+    head = pread(min(size, QUICK_HEAD), 0)
+    fmt = _what_is(head)
+    if fmt is None:
+        return _Read(rel, problem=f"{rel}: not an image: no known image header (starts with {head[:12]!r})")
+    if fmt == "GIF":
+        return _inspect(rel, pread(size, 0), what)
+    tail = head[-QUICK_TAIL:] if size <= len(head) else pread(QUICK_TAIL, size - QUICK_TAIL)
+    out = _Read(rel)
+    if rel.lower().endswith(_JPEG_NAME) and fmt != "JPEG":
+        out.note = Note(fmt.lower(), rel, f"a {fmt} image named {Path(rel).suffix} (the pipelines decode it)")
+    if fmt == "JPEG":
+        frame = _jpeg_frame(head, pread)
+        if isinstance(frame, str):
+            out.problem = f"{rel}: JPEG data with a bad header: {frame}"
+        elif not (frame[0] and frame[1]):
+            out.problem = f"{rel}: JPEG data whose header gives {frame[1]}x{frame[0]} pixels (corrupt)"
+        elif b"\xff\xd9" not in tail:
+            out.problem = (
+                f"{rel}: JPEG data without an end-of-image marker (FFD9) in its last bytes (truncated)"
+            )
+        elif frame[2] == 4:
+            out.note = Note("cmyk", rel, "a CMYK JPEG (the pipelines convert it to RGB)")
+        elif frame[2] == 1:
+            out.note = Note("grayscale", rel, "a greyscale JPEG (the pipelines convert it to RGB)")
+    elif fmt == "PNG" and b"IEND" not in tail:
+        out.problem = f"{rel}: PNG data without its IEND chunk at the end (truncated)"
+    return out
+
+
+def _quick_file(root: Path, rel: str) -> _Read:
+    path = root / rel
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        why = "broken symbolic link" if path.is_symlink() and not path.exists() else e.strerror
+        return _Read(rel, problem=f"{rel}: cannot be read: {why}")
+    try:
+        return _quick_look(rel, os.fstat(fd).st_size, lambda n, off: os.pread(fd, n, off))
+    except OSError as e:
+        return _Read(rel, problem=f"{rel}: cannot be read: {e.strerror}")
+    finally:
+        os.close(fd)
+
+
+def _quick_files(root: str, rels: Sequence[str]) -> list[tuple[str, str, Note | None]]:
+    """(path, problem line, note) of each of ``rels`` with a problem or a note (a worker process's task)."""
+    looks = (_quick_file(Path(root), rel) for rel in rels)
+    return [(r.rel, r.problem, r.note) for r in looks if r.problem or r.note]
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes started fresh (spawn): never a fork of a process running DALI's or torch's threads, and
+    not multiprocessing's one forkserver, which the torchvision backend starts with stop signals blocked
+    (``torchvision_backend.start_forkserver_shielded``) and must stay its own. Each pays the import of this module
+    (and DALI's, to decode) once: under a second, earned back from ``PROCESS_MIN`` images on."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _in_chunks(
+    task: Callable[..., _T], args: Sequence[tuple], sizes: Sequence[int], workers: int, progress: Progress
+) -> list[_T]:
+    """``task(*a)`` for each of ``args`` in ``workers`` processes; results in the order of ``args``. ``sizes``:
+    what each task counts for in ``progress``."""
+    done = 0
+    with _pool(workers) as pool:
+        futures = {pool.submit(task, *a): n for a, n in zip(args, sizes, strict=True)}
+        try:
+            for fut in as_completed(futures):
+                fut.result()
+                done += futures[fut]
+                progress.update(done)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    progress.close()
+    return [f.result() for f in futures]
+
+
+def _first_per_class(images: Sequence[str], bad: set[str]) -> list[str]:
+    """The first image (listing order) of each split's class folder that has no problem."""
+    seen: set[tuple[str, str]] = set()
+    first = []
+    for rel in images:
+        split, cls = rel.split(os.sep, 2)[:2]
+        if (split, cls) not in seen and rel not in bad:
+            seen.add((split, cls))
+            first.append(rel)
+    return first
+
+
+def _quick_root(root: Path, images: list[str], report: CheckReport, stream: TextIO | None) -> None:
+    """--quick on a folder tree: every image looked at (``_quick_look``), one per class decoded."""
+    start = time.perf_counter()
+    progress = Progress("check: looked at", len(images), stream=stream)
+    chunks = [images[i : i + CHUNK * 4] for i in range(0, len(images), CHUNK * 4)]
+    if report.workers > 1 and len(images) >= PROCESS_MIN:
+        report.processes = True
+        found = _in_chunks(
+            _quick_files, [(str(root), c) for c in chunks], [len(c) for c in chunks], report.workers, progress
+        )
+    else:
+        found = []
+        for c in chunks:
+            found.append(_quick_files(str(root), c))
+            progress.update(progress.done + len(c))
+        progress.close()
+    report.looked = len(images)
+    report.look_seconds = time.perf_counter() - start
+    bad = set()
+    for part in found:
+        for rel, problem, note in part:
+            if problem:
+                report.problems.append(problem)
+                bad.add(rel)
+            elif note is not None:
+                report.notes.append(note)
+    samples = _first_per_class(images, bad)
+    if samples:
+        import nvidia.dali  # noqa: F401 - imported before the clock starts (about a second)
+
+        start = time.perf_counter()
+        problems, notes, report.decoded = decode_files(root, samples, report.workers)
+        report.decode_seconds = time.perf_counter() - start
+        report.problems += problems
+        noted = {n.path for n in report.notes}
+        report.notes += [n for n in notes if n.path not in noted]
+
+
 # ----------------------------------------------------------------------------------------------- decoding
 
 
@@ -402,10 +606,12 @@ def _decode_all(
     workers: int,
     batch_size: int = 0,
     progress: Progress | None = None,
+    decoder: _Decoder | None = None,
 ) -> tuple[list[str], list[Note], int]:
     """``decode_files`` for any images: ``read(item)`` (called in ``workers`` threads) gives each one's bytes,
-    or its problem line, and its note; the bytes are decoded batch by batch."""
-    batch_size = batch_size or max(32, 4 * workers)
+    or its problem line, and its note; the bytes are decoded batch by batch (by ``decoder``, a worker process's
+    own, or a new one)."""
+    batch_size = decoder.batch_size if decoder is not None else batch_size or max(32, 4 * workers)
     ahead = min(workers + 2, max(2, 2048 // batch_size))
     problems: list[str] = []
     notes: list[Note] = []
@@ -419,7 +625,7 @@ def _decode_all(
         tempfile.TemporaryFile() as sink,
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="check-read") as pool,
     ):
-        decoder = _Decoder(batch_size, workers, sink)
+        decoder = decoder or _Decoder(batch_size, workers, sink)
         pending: deque[Future] = deque()
         it = iter(batches)
         for batch in it:
@@ -458,6 +664,26 @@ def _decode_all(
     return problems, notes, decoded
 
 
+_HERE: dict[str, Any] = {}  # a worker process's own: its decoder, the packs it has opened
+
+
+def _worker_decoder() -> _Decoder:
+    """This worker process's decoder: one DALI CPU thread (the processes are the parallelism), built once."""
+    if "decoder" not in _HERE:
+        _HERE["decoder"] = _Decoder(32, 1, tempfile.TemporaryFile())  # noqa: SIM115 - lives with the process
+    return _HERE["decoder"]
+
+
+def _decode_files_here(root: str, rels: Sequence[str]) -> tuple[list[str], list[Note], int]:
+    """A worker process's task: read, look at and decode ``rels`` (``decode_files`` with its own decoder)."""
+    return _decode_all(rels, partial(_read, Path(root)), 1, decoder=_worker_decoder())
+
+
+def _merge(results: Sequence[tuple[list[str], list[Note], int]]) -> tuple[list[str], list[Note], int]:
+    problems = [p for r in results for p in r[0]]
+    return problems, [n for r in results for n in r[1]], sum(r[2] for r in results)
+
+
 # ------------------------------------------------------------------------------------------------- check
 
 
@@ -471,10 +697,12 @@ def check_root(
     workers: int | None = None,
     full: bool = False,
     progress_stream: TextIO | None = None,
+    quick: bool = False,
 ) -> CheckReport:
-    """Check an ImageNet root (see the module docstring); problems and notes are in the returned report."""
+    """Check an ImageNet root (see the module docstring); problems and notes are in the returned report.
+    ``quick``: every image's header looked at and one image per class decoded, instead of every image decoded."""
     root = Path(root)
-    report = CheckReport(root)
+    report = CheckReport(root, quick=quick)
     if not root.is_dir():
         report.problems.append(f"data root {root} does not exist or is not a directory")
         return report
@@ -485,12 +713,27 @@ def check_root(
     _compare_classes(report)
     if full:
         _check_full(report)
-    if images:
+    if images and quick:
+        _quick_root(root, images, report, progress_stream)
+    elif images:
         import nvidia.dali  # noqa: F401 - imported before the clock starts (about a second)
 
         start = time.perf_counter()
         progress = Progress("check: decoded", len(images), stream=progress_stream)
-        problems, notes, report.decoded = decode_files(root, images, report.workers, progress=progress)
+        if report.workers > 1 and len(images) >= PROCESS_MIN:
+            report.processes = True
+            chunks = [images[i : i + CHUNK] for i in range(0, len(images), CHUNK)]
+            problems, notes, report.decoded = _merge(
+                _in_chunks(
+                    _decode_files_here,
+                    [(str(root), c) for c in chunks],
+                    [len(c) for c in chunks],
+                    report.workers,
+                    progress,
+                )
+            )
+        else:
+            problems, notes, report.decoded = decode_files(root, images, report.workers, progress=progress)
         report.decode_seconds = time.perf_counter() - start
         report.problems += problems
         report.notes += notes
@@ -543,11 +786,8 @@ def _index_entries(path: Path, where: str) -> tuple[dict[str, tuple[int, int]], 
     return entries, [f"{where}: lists {len(twice):,} member(s) twice: {_few(twice)}"] if twice else []
 
 
-def _scan_shard(root: Path, split: str, rec: dict) -> tuple[list[str], int]:
-    """Read one shard through: its size and sha256 against the manifest's record, its tar members (names, data
-    offsets, sizes) against its index file. Returns (problem lines, bytes read)."""
-    from data_pipeline.shard_reader import PACK_HINT
-
+def _scan_shard_tarfile(root: Path, split: str, rec: dict) -> tuple[list[str], int]:
+    """``_scan_shard`` with ``tarfile``: every byte read through it (a damaged or unusual tar; slower)."""
     name = str(rec.get("name"))
     where = f"{split}/{name}"
     try:
@@ -577,24 +817,94 @@ def _scan_shard(root: Path, split: str, rec: dict) -> tuple[list[str], int]:
         # the end blocks and anything after them: the sha256 covers the whole file
         while stream.read(1 << 22):
             pass
+    return _judge(
+        root, split, rec, stream.n, stream.sha.hexdigest(), members if readable else None, problems
+    ), stream.n
+
+
+def _walk(buf: memoryview, size: int) -> dict[str, tuple[int, int]] | None:
+    """The members (name -> data offset, size) of a plain ustar file as ``pack`` writes it, from its header
+    blocks alone; None at anything else (a bad checksum, a cut member, a link, pax or GNU headers, no end
+    blocks): ``tarfile`` then reads it and names what is wrong."""
+    members: dict[str, tuple[int, int]] = {}
+    pos = 0
+    while pos + BLOCK <= size:
+        blk = bytes(buf[pos : pos + BLOCK])
+        if not blk.strip(b"\0"):
+            return members  # the end blocks (the sha256 covers what follows them)
+        try:
+            chksum = int(blk[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+            length = int(blk[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            return None
+        ok = chksum == sum(blk) - sum(blk[148:156]) + 8 * 32 and blk[257:262] == b"ustar"
+        if not ok or blk[156:157] not in (b"0", b"\0") or blk[345:346] != b"\0":
+            return None
+        members[blk[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")] = (pos + BLOCK, length)
+        pos += BLOCK + -(-length // BLOCK) * BLOCK
+    return None  # ends inside a member or without end blocks
+
+
+def _scan_shard(root: Path, split: str, rec: dict, quick: bool = False) -> tuple[list[str], int]:
+    """Read one shard through (a worker process's task): its size and sha256 against the manifest's record, its
+    tar members (names, data offsets, sizes) against its index file, in one read (the header blocks walked in
+    the mapped file as it is hashed). ``quick``: the size only, no sha256: only the header blocks are read.
+    Returns (problem lines, bytes read)."""
+    name = str(rec.get("name"))
+    try:
+        f = open(root / split / name, "rb")  # noqa: SIM115 - closed below
+    except OSError:
+        return _scan_shard_tarfile(root, split, rec)  # which names the problem
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return _scan_shard_tarfile(root, split, rec)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            buf = memoryview(mm)
+            try:
+                sha = None
+                if not quick:
+                    digest = hashlib.sha256()
+                    for a in range(0, size, 1 << 22):
+                        digest.update(buf[a : a + (1 << 22)])
+                    sha = digest.hexdigest()
+                members = _walk(buf, size)
+            finally:
+                buf.release()
+    if members is None:
+        return _scan_shard_tarfile(root, split, rec)
+    read = (len(members) + 1) * BLOCK if quick else size
+    return _judge(root, split, rec, size, sha, members, []), read
+
+
+def _judge(
+    root: Path,
+    split: str,
+    rec: dict,
+    n: int,
+    sha: str | None,
+    members: dict[str, tuple[int, int]] | None,
+    problems: list[str],
+) -> list[str]:
+    """``problems`` and those of a shard of ``n`` bytes with this ``sha`` (None: not hashed, --quick) and these
+    members (None: the tar could not be read to its end) against the manifest's record and its index."""
+    where = f"{split}/{rec.get('name')}"
     said = rec.get("bytes")
-    if stream.n != said:
+    if n != said:
         said = f"{said:,}" if isinstance(said, int) else repr(said)
-        problems.append(
-            f"{where}: {stream.n:,} bytes, the manifest says {said} (truncated or altered); {PACK_HINT}"
-        )
-    elif stream.sha.hexdigest() != rec.get("sha256"):
+        problems.append(f"{where}: {n:,} bytes, the manifest says {said} (truncated or altered); {PACK_HINT}")
+    elif sha is not None and sha != rec.get("sha256"):
         problems.append(
             f"{where}: sha256 differs from the manifest's: not the bytes that were packed (altered or damaged); "
             f"{PACK_HINT}"
         )
-    if not readable:  # the members after the damage are unknown: comparing would list them all
-        return problems, stream.n
+    if members is None:  # the members after the damage are unknown: comparing would list them all
+        return problems
     idx = str(rec.get("index"))
     listed, bad_index = _index_entries(root / split / idx, f"{split}/{idx}")
     problems += bad_index
     if bad_index:
-        return problems, stream.n
+        return problems
     only_tar = [m for m in members if m not in listed]
     only_index = [m for m in listed if m not in members]
     moved = [m for m in listed if m in members and listed[m] != members[m]]
@@ -617,7 +927,7 @@ def _scan_shard(root: Path, split: str, rec: dict) -> tuple[list[str], int]:
             f"{where}: {len(moved):,} member(s) where its index {idx} gives another data offset or size than the "
             f"tar: {_few(shown)}; {PACK_HINT}"
         )
-    return problems, stream.n
+    return problems
 
 
 def _names_shard(message: str, where: str) -> bool:
@@ -630,15 +940,18 @@ def check_pack(
     workers: int | None = None,
     full: bool = False,
     stream: TextIO | None = None,
+    quick: bool = False,
 ) -> CheckReport:
     """Check a pack (``python -m data_pipeline pack``; see the module docstring): what ``open_shards`` refuses,
     every shard's sha256 and tar members against the manifest and its index, every sample's label and image.
-    Progress goes to ``stream`` (stderr by default); problems and notes are in the returned report."""
+    ``quick``: each shard's size instead of its sha256, every sample's label and header looked at
+    (``_quick_look``) and one sample per class decoded. Progress goes to ``stream`` (stderr by default);
+    problems and notes are in the returned report."""
     from data_pipeline.layout import DataError
     from data_pipeline.shard_reader import ShardFiles, load_manifest, member_names, open_shards
 
     root = Path(root)
-    report = CheckReport(root, pack=True)
+    report = CheckReport(root, pack=True, quick=quick)
     if not (root / MANIFEST).is_file():
         report.problems.append(f"{root} has no {MANIFEST}: not a pack (check_root checks folder trees)")
         return report
@@ -670,8 +983,14 @@ def check_pack(
     total = sum(int(rec.get("bytes") or 0) for _, rec in shards)
     progress = Progress("check: read MB", round(total / 1e6), stream=stream)
     start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=report.workers, thread_name_prefix="check-shard") as pool:
-        futures = [pool.submit(_scan_shard, root, split, rec) for split, rec in shards]
+    # processes for a large pack (hashing releases the GIL, walking the headers does not); threads for a small one
+    report.read_processes = report.workers > 1 and len(shards) > 1 and total >= PROCESS_MIN_BYTES
+    with (
+        _pool(report.workers)
+        if report.read_processes
+        else ThreadPoolExecutor(max_workers=report.workers, thread_name_prefix="check-shard")
+    ) as pool:
+        futures = [pool.submit(_scan_shard, root, split, rec, quick) for split, rec in shards]
         for fut in as_completed(futures):
             report.read_bytes += fut.result()[1]
             progress.update(round(report.read_bytes / 1e6))
@@ -721,8 +1040,37 @@ def check_pack(
             return _Read(name, problem=f"{name}: cannot be read: {e.strerror}")
         with lock:
             labels[split][label] += 1
+        if quick:
+            r = _quick_look(name, len(jpg), lambda n, off: jpg[off : off + n], what="member")
+            if not r.problem:
+                with lock:  # the lowest sample id: the same sample whatever the threads' order
+                    firsts[split, label] = min(firsts.get((split, label), item), item)
+            return r
         return _inspect(name, jpg, what="member")
 
+    firsts: dict[tuple[str, int], tuple[str, int, str]] = {}  # --quick: the first sample of each class
+    if items and quick:
+        start = time.perf_counter()
+        progress = Progress("check: looked at", len(items), stream=stream)
+        with ThreadPoolExecutor(max_workers=report.workers, thread_name_prefix="check-look") as pool:
+            for n, r in enumerate(pool.map(read, items, chunksize=256), start=1):
+                if r.problem:
+                    report.problems.append(r.problem)
+                elif r.note is not None:
+                    report.notes.append(r.note)
+                if n % 4096 == 0:
+                    progress.update(n)
+        progress.close()
+        for files in opened:
+            files.close()
+        opened.clear()
+        report.looked, report.look_seconds = len(items), time.perf_counter() - start
+        items = [firsts[k] for k in sorted(firsts)]
+        quick = False  # the samples are now decoded as a full check does
+        noted = {n.path for n in report.notes}
+        looked_labels, labels = labels, {split: [0] * len(classes) for split in indexes}
+    else:
+        noted = set()
     if items:
         import nvidia.dali  # noqa: F401 - imported before the clock starts (about a second)
 
@@ -735,7 +1083,9 @@ def check_pack(
                 files.close()
         report.decode_seconds = time.perf_counter() - start
         report.problems += problems
-        report.notes += notes
+        report.notes += [n for n in notes if n.path not in noted]
+    if report.looked:  # the counts of the look at every sample, not of the decoded ones
+        labels = looked_labels
     for split in indexes:
         report.per_class[split] = dict(zip(classes, labels[split], strict=True))
         empty = [c for c, n in report.per_class[split].items() if n == 0]

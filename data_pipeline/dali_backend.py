@@ -47,8 +47,10 @@ torch as an NCHW channels_last view without a copy). The PCA colour shift is a p
 ``mean − M·alpha`` (``fn.coord_transform``).
 
 GPU (``device="mixed"``): nvJPEG with the A100/H100 hardware JPEG decoder taking ``HW_DECODER_LOAD`` of the
-images, and preallocation (``device/host_memory_padding``, ``preallocate_width/height_hint``) sized as NVIDIA's
-DALI ResNet-50 example sizes them for ImageNet's largest images, so nvJPEG does not reallocate mid-epoch.
+images. Preallocation (``device/host_memory_padding``, ``preallocate_width/height_hint``, sized as NVIDIA's older
+DALI ResNet-50 example sized them for ImageNet's largest images) is off by default (``data.dali_nvjpeg_prealloc``):
+it reserves hundreds of MB of device and pinned host memory per decoder thread, in every process, and NVIDIA's
+current example dropped it; turn it on only where a GPU measurement shows nvJPEG reallocating mid-epoch.
 
 Errors: DALI's exceptions (multi-line, C++ context) are caught at the iterator and re-raised as one-line
 ``DataError`` naming the file: DALI's message names it when the decoder knows it; otherwise the files of the
@@ -86,9 +88,9 @@ PREFETCH = 2  # DALI prefetch_queue_depth: batches prepared ahead
 # GPU decoding. Fraction of the JPEGs sent to the hardware JPEG decoder (A100/H100; ignored elsewhere): DALI's
 # default, set explicitly so it is visible; the best value depends on CPU threads per GPU (NVIDIA: tune it).
 HW_DECODER_LOAD = 0.65
-# nvJPEG preallocation, from NVIDIA's DALI ResNet-50 example (sized for ImageNet's largest images): bytes of
-# device memory per decoder thread, pinned host memory per thread (×2, double-buffered), and the width/height
-# hint for the hardware decoder's buffers.
+# nvJPEG preallocation (data.dali_nvjpeg_prealloc=true only), from NVIDIA's older DALI ResNet-50 example (sized
+# for ImageNet's largest images): bytes of device memory per decoder thread, pinned host memory per thread (×2,
+# double-buffered), and the width/height hint for the hardware decoder's buffers.
 DEVICE_MEMORY_PADDING = 211_025_920
 HOST_MEMORY_PADDING = 140_544_512
 PREALLOCATE_WIDTH_HINT = 5980
@@ -97,6 +99,17 @@ PREALLOCATE_HEIGHT_HINT = 6430
 CLS_WIDTH = 8  # bytes of a pack's .cls member handed out (labels up to 8 digits)
 
 INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without a host sync: a CPU tensor bound for a GPU goes through pinned memory with
+    ``non_blocking=True`` (a copy from pageable memory waits for the GPU's work queued before it: the step before).
+    The pinned block comes from torch's caching host allocator, which keeps it until the copy has run."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _shorter_side_to(shape: Any, size: Any) -> tuple[Any, Any]:
@@ -162,8 +175,11 @@ def build_pipeline(
     checkpoint: bytes | None = None,
     tars: list[str] | None = None,
     tar_indices: list[str] | None = None,
+    nvjpeg_prealloc: bool = False,
 ) -> Any:
     """A DALI pipeline (not built) returning (images, labels) batches; see the module docstring.
+
+    ``nvjpeg_prealloc`` (GPU only): the preallocation hints of NVIDIA's older example (module docstring).
 
     ``checkpointing=True`` lets ``pipe.checkpoint()`` (or the iterator's ``checkpoints()``) save the reader's
     position and the random operators' state; ``checkpoint`` (implies it) is such a state to resume from.
@@ -182,13 +198,14 @@ def build_pipeline(
     decoder_device = "mixed" if gpu else "cpu"
     gpu_hints: dict[str, Any] = {}
     if gpu:
-        gpu_hints = dict(
-            hw_decoder_load=HW_DECODER_LOAD,
-            device_memory_padding=DEVICE_MEMORY_PADDING,
-            host_memory_padding=HOST_MEMORY_PADDING,
-            preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
-            preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
-        )
+        gpu_hints = dict(hw_decoder_load=HW_DECODER_LOAD)
+        if nvjpeg_prealloc:
+            gpu_hints.update(
+                device_memory_padding=DEVICE_MEMORY_PADDING,
+                host_memory_padding=HOST_MEMORY_PADDING,
+                preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
+                preallocate_height_hint=PREALLOCATE_HEIGHT_HINT,
+            )
     mean = np.asarray(spec.mean255, dtype=np.float32)
     std = [float(s) for s in spec.std255]
     layout = "HWC" if channels_last else "CHW"
@@ -292,9 +309,10 @@ def _one_line(e: BaseException) -> str:
 class DaliLoader(Loader):
     """DALI pipeline + ``DALIGenericIterator`` behind the ``Loader`` interface; see the module docstring."""
 
-    def __init__(self, *args: Any, gpu: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, gpu: bool = False, nvjpeg_prealloc: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gpu = gpu
+        self.nvjpeg_prealloc = nvjpeg_prealloc
         self.backend = "dali-gpu" if gpu else "dali-cpu"
         if gpu and self.device.type != "cuda":
             raise DataError(f"dali-gpu needs a CUDA device, got {self.device}")
@@ -456,6 +474,7 @@ class DaliLoader(Loader):
             channels_last=self.channels_last,
             checkpointing=self.split == "train",
             checkpoint=self._restore,
+            nvjpeg_prealloc=self.nvjpeg_prealloc,
         )
         try:
             pipe.build()
@@ -534,9 +553,7 @@ class DaliLoader(Loader):
             labels = labels.view(-1).to(torch.int64)
             if images.device != self.device:
                 images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-            else:
-                labels = labels.to(self.device)
+            labels = to_device(labels, self.device)
             yielded += 1
             self._position = (
                 start + yielded

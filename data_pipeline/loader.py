@@ -52,6 +52,7 @@ train/val class mismatch, an unreadable image) raises ``DataError`` with one lin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -114,12 +115,47 @@ def _index(root: str, split: str, fmt: str = "folder") -> SplitIndex | ShardInde
     return index
 
 
+DALI_BUILDS = {"nvidia-dali-cuda120": 12, "nvidia-dali-cuda130": 13}  # pip distribution → its CUDA major
+
+
+def dali_builds() -> dict[str, str]:
+    """The DALI builds installed in this environment ({distribution: version})."""
+    from importlib import metadata
+
+    found = {}
+    for name in DALI_BUILDS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def check_dali_cuda() -> None:
+    """Refuse, in one line, a DALI build that cannot run GPU pipelines here: two builds installed over each other,
+    or a build for a newer CUDA than the NVIDIA driver supports (torch may still work: its CUDA is another
+    build's). Called where DALI is about to decode on the GPU."""
+    builds = dali_builds()
+    if len(builds) > 1:
+        raise DataError(
+            f"two DALI builds are installed ({', '.join(builds)}): they overwrite each other; keep the one for "
+            f"torch's CUDA {torch.version.cuda} (pip uninstall the other, then reinstall it)"
+        )
+    driver = torch._C._cuda_getDriverVersion() if torch.cuda.is_available() else 0  # e.g. 12040: CUDA 12.4
+    for name, major in DALI_BUILDS.items():
+        if name in builds and driver and driver // 1000 < major:
+            raise DataError(
+                f"{name} needs a driver for CUDA {major}, this NVIDIA driver supports CUDA "
+                f"{driver // 1000}.{driver % 1000 // 10}: pip install nvidia-dali-cuda{driver // 1000}0 instead (and "
+                "a torch built for it: README, Install on a cluster), or data.dali_device=cpu"
+            )
+
+
 def _dali_wants_gpu(dali_device: str, device: torch.device) -> bool:
     if dali_device == "cpu":
         return False
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DataError(f"device {device} was asked for but CUDA is not available")
+        check_dali_cuda()
         return True
     if dali_device == "gpu":
         raise DataError(
@@ -190,10 +226,11 @@ def build_loader(
             from data_pipeline.dali_backend import DaliLoader
         except ImportError as e:
             raise DataError(
-                f"data.backend=dali but NVIDIA DALI cannot be imported ({e}); install nvidia-dali-cuda120 (CUDA 12) "
-                "or nvidia-dali-cuda130 (CUDA 13), or set data.backend=torchvision"
+                f"data.backend=dali but NVIDIA DALI cannot be imported ({e}): pip install -e '.[cuda13]' (torch "
+                f"built for CUDA 13) or '.[cuda12]' (CUDA 12; this torch: {torch.version.cuda or 'CPU-only'}), or set "
+                "data.backend=torchvision"
             ) from None
-        loader = DaliLoader(**common, gpu=gpu)
+        loader = DaliLoader(**common, gpu=gpu, nvjpeg_prealloc=getattr(d, "dali_nvjpeg_prealloc", False))
     else:
         raise DataError(f"data.backend={d.backend!r} is not one of: dali, torchvision")
     log.info(loader.describe())

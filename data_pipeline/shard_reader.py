@@ -42,12 +42,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from data_pipeline.layout import DataError
+
+if TYPE_CHECKING:  # imported where used: `check` reads packs in worker processes that need no torch (seconds)
+    import torch
 
 __all__ = [
     "MANIFEST",
@@ -214,6 +216,8 @@ class ShardIndex:
 
     def epoch_sequence(self, seed: int, epoch: int) -> np.ndarray:
         """All N sample ids in epoch ``epoch``'s order (module docstring, steps 1-2)."""
+        import torch
+
         g = torch.Generator()
         g.manual_seed(seed + epoch)
         shard_perm = torch.randperm(len(self.names), generator=g).numpy()
@@ -325,6 +329,8 @@ def open_shards(root: str | os.PathLike, split: str) -> ShardIndex:
 def parse_labels(cls: torch.Tensor) -> torch.Tensor:
     """Labels from a (B, L) uint8 batch of ``.cls`` members zero-padded to L (DALI's output): ASCII digits,
     left-aligned. Returns int64 (B,); -1 where a row is not a number (the caller names the member)."""
+    import torch
+
     cls = cls.to(torch.int64)
     digit = (cls >= 48) & (cls <= 57)
     pad = cls == 0

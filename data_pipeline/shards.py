@@ -18,17 +18,25 @@ once in folder order. A shard closes before the sample that would take it over `
 always holds at least one sample). Keys are ``<position in the split>_<source file stem>`` (characters other than
 letters, digits, ``-`` and ``_`` replaced by ``_``), unique in the split.
 
-Resumable: each shard is written under a temporary name, renamed, then recorded in the manifest. Packing again
-into the same OUT skips shards whose size and sha256 match the manifest and redoes any other (truncated, altered,
-missing), one line each; an OUT packed from other inputs (file list, sizes, mtimes, labels) or other options
-(--shard-size, --seed) is refused in one line. The tar members are written with fixed metadata (mtime 0, mode
-0644), so the same inputs give byte-identical shards.
+Every core: shards are written by worker processes (``workers``, default every core this process may use), each
+writing whole shards (tar, index) from the plan the parent made, so the shards are the same whatever the number
+of workers. The manifest is written at the start and end of each split; a shard finished in between is one line
+appended to ``OUT/manifest.journal`` (folded into the manifest when the split ends, or by the next pack).
+
+Resumable: each shard is written under a temporary name, renamed, then recorded (journal, then manifest). Packing
+again into the same OUT skips recorded shards and redoes any other (truncated, altered, missing), one line each:
+a recorded shard whose size, mtime and first and last 64 KiB match its record is trusted without being read in
+full (the line says so; ``check`` reads every byte), one whose mtime differs is re-hashed (sha256 against the
+record). An OUT packed from other inputs (file list, sizes, mtimes, labels) or other options (--shard-size,
+--seed) is refused in one line. The tar members are written with fixed metadata (mtime 0, mode 0644), so the
+same inputs give byte-identical shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -36,16 +44,19 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from data_pipeline.layout import DataError, index_split
 
-__all__ = ["FORMAT_VERSION", "PackError", "PackSummary", "pack", "parse_size"]
+__all__ = ["FORMAT_VERSION", "PackError", "PackSummary", "default_workers", "pack", "parse_size"]
 
 FORMAT_VERSION = 1
 BLOCK = 512  # tar block size
+ENDS = 1 << 16  # bytes at each end of a shard that a resumed pack hashes (with size and mtime) to trust it
+JOURNAL = "manifest.journal"  # shards finished since the manifest was last written, one JSON line each
 SPLITS = ("train", "val")
 _UNITS = {
     "": 1,
@@ -163,9 +174,8 @@ def _header(name: str, size: int) -> bytes:
     return buf
 
 
-def _write_shard(shard: Sequence[_Sample], tmp: Path, progress, done: int) -> str:
-    """Write the tar to ``tmp``; returns its sha256. ``progress`` (a ``prepare.Progress``) hears of each sample,
-    ``done`` counted before this shard. Raises PackError when a source file changed size."""
+def _write_shard(shard: Sequence[_Sample], tmp: Path) -> str:
+    """Write the tar to ``tmp``; returns its sha256. Raises PackError when a source file changed size."""
     digest = hashlib.sha256()
     with open(tmp, "wb") as f:
 
@@ -173,7 +183,7 @@ def _write_shard(shard: Sequence[_Sample], tmp: Path, progress, done: int) -> st
             digest.update(b)
             f.write(b)
 
-        for n, s in enumerate(shard, start=done + 1):
+        for s in shard:
             with open(s.path, "rb") as src:
                 data = src.read()
             if len(data) != s.size:
@@ -182,11 +192,43 @@ def _write_shard(shard: Sequence[_Sample], tmp: Path, progress, done: int) -> st
                 put(_header(name, len(payload)))
                 put(payload)
                 put(b"\0" * (_padded(len(payload)) - len(payload)))
-            progress.update(n)
         put(b"\0" * (2 * BLOCK))
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def _ends_sha256(path: Path) -> str:
+    """sha256 of the file's first and last ``ENDS`` bytes (all of it when smaller): the cheap check a resumed
+    pack makes on a shard whose size and mtime match its record, instead of reading it all."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest.update(f.read(min(size, ENDS)))
+        if size > ENDS:
+            f.seek(max(ENDS, size - ENDS))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _pack_shard(folder: Path, i: int, shard: Sequence[_Sample]) -> dict[str, Any]:
+    """Write shard ``i`` of a split (tar under a temporary name, its index, then the rename); returns its
+    manifest record. Runs in a worker process: everything it needs comes in its arguments."""
+    name, idx_name = f"shard-{i:06d}.tar", f"shard-{i:06d}.idx"
+    tmp = folder / f".{name}.tmp"
+    sha = _write_shard(shard, tmp)
+    _write_atomic(folder / idx_name, _index_text(shard))
+    os.replace(tmp, folder / name)
+    st = (folder / name).stat()
+    return {
+        "name": name,
+        "index": idx_name,
+        "samples": len(shard),
+        "bytes": st.st_size,
+        "sha256": sha,
+        "mtime_ns": st.st_mtime_ns,
+        "ends_sha256": _ends_sha256(folder / name),
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -209,16 +251,19 @@ class PackSummary:
     manifest: Path
     written: dict[str, int] = field(default_factory=dict)  # shards packed now, per split
     skipped: dict[str, int] = field(default_factory=dict)  # shards already complete
+    trusted: dict[str, int] = field(default_factory=dict)  # of the skipped: not re-hashed (size, mtime, ends)
     redone: dict[str, int] = field(default_factory=dict)  # of the written: found truncated/altered
     images: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    workers: int = 1
     seconds: float = 0.0
 
 
 def _record(
     manifest: dict[str, Any], mpath: Path, entry: dict[str, Any], recorded: dict[int, dict], planned: int
 ) -> None:
-    """Write the manifest with the split's shards recorded so far (after each shard: a rerun resumes there)."""
+    """Write the manifest with the split's shards recorded so far (at the start of a split and at its end; the
+    journal holds the shards finished in between)."""
     entry["shards"] = [recorded[i] for i in sorted(recorded)]
     entry["bytes"] = sum(r["bytes"] for r in entry["shards"])
     entry["complete"] = len(recorded) == planned
@@ -240,6 +285,15 @@ def _load_manifest(out: Path) -> dict[str, Any] | None:
         raise PackError(
             f"{path} has format version {version}, this code writes {FORMAT_VERSION}: use a new OUT"
         )
+    journal = out / JOURNAL
+    if journal.exists():  # shards an interrupted pack finished after it last wrote the manifest
+        for line in journal.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                shards = manifest["splits"][rec.pop("split")].setdefault("shards", [])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a line cut by the kill, or for a split the manifest lacks: that shard is redone
+            shards[:] = [s for s in shards if s.get("name") != rec.get("name")] + [rec]
     return manifest
 
 
@@ -252,6 +306,32 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     return None
 
 
+def _recorded_problem(tar: Path, rec: dict[str, Any]) -> tuple[str | None, bool]:
+    """(what is wrong with a shard the manifest records, None if nothing; whether it was trusted without reading
+    it all). A shard whose size, mtime and first/last ``ENDS`` bytes match its record is trusted; any other is
+    re-hashed in full (and its record's mtime refreshed when the sha256 matches)."""
+    try:
+        st = tar.stat()
+    except FileNotFoundError:
+        return "missing", False
+    if st.st_size != rec["bytes"]:
+        return f"{st.st_size:,} bytes, {rec['bytes']:,} in the manifest (truncated or altered)", False
+    if st.st_mtime_ns == rec.get("mtime_ns") and _ends_sha256(tar) == rec.get("ends_sha256"):
+        return None, True
+    if _sha256(tar) != rec["sha256"]:
+        return "sha256 differs from the manifest's (altered)", False
+    rec["mtime_ns"], rec["ends_sha256"] = st.st_mtime_ns, _ends_sha256(tar)
+    return None, False
+
+
+def default_workers() -> int:
+    """The cores this process may run on (``sched_getaffinity``: SLURM's and taskset's limits, not the node's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def pack(
     root: str | os.PathLike,
     out: str | os.PathLike,
@@ -259,15 +339,18 @@ def pack(
     splits: Iterable[str] = SPLITS,
     seed: int = 0,
     stream: TextIO | None = None,
+    workers: int | None = None,
 ) -> PackSummary:
-    """Pack ``root/{train,val}`` into ``out`` (see the module docstring); returns what was done. Lines (skips,
-    redone shards) and progress go to ``stream`` (stderr by default). Raises ``DataError``/``PackError``, one
-    line, for a bad tree or an ``out`` packed from other inputs or options."""
+    """Pack ``root/{train,val}`` into ``out`` (see the module docstring); returns what was done. Shards are
+    written by ``workers`` processes (default: every core this process may use; 1: in this process). Lines
+    (skips, redone shards) and progress go to ``stream`` (stderr by default). Raises ``DataError``/``PackError``,
+    one line, for a bad tree or an ``out`` packed from other inputs or options."""
     from data_pipeline.prepare import Progress
 
     stream = stream if stream is not None else sys.stderr
     start = time.perf_counter()
     root, out = Path(root), Path(out)
+    workers = max(1, workers if workers is not None else default_workers())
     splits = [s for s in SPLITS if s in set(splits)]
     manifest = _load_manifest(out)
     plans: dict[str, tuple[list[list[_Sample]], dict[str, Any]]] = {}
@@ -298,87 +381,88 @@ def pack(
         if why:
             raise PackError(f"{out / split} was packed from {why}: use another OUT or delete it")
     manifest["source"] = str(root.resolve())
-    mpath = out / "manifest.json"
-    summary = PackSummary(out, mpath)
+    mpath, jpath = out / "manifest.json", out / JOURNAL
+    summary = PackSummary(out, mpath, workers=workers)
 
-    for split, (shards, options) in plans.items():
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        old = manifest["splits"].get(split) or {}
-        old_shards = {s["name"]: s for s in old.get("shards", [])}
-        entry: dict[str, Any] = {
-            "options": options,
-            "shards": [],
-            "planned_shards": len(shards),
-            "images": sum(len(s) for s in shards),
-            "bytes": 0,
-            "complete": False,
-        }
-        manifest["splits"][split] = entry
-        todo: list[int] = []
-        recorded: dict[int, dict[str, Any]] = {}
-        summary.skipped[split] = summary.redone[split] = summary.written[split] = 0
-        for i, shard in enumerate(shards):  # pass 1: what is already complete
-            name = f"shard-{i:06d}.tar"
-            rec, tar = old_shards.get(name), folder / name
-            if rec is None:
-                todo.append(i)
-                continue
-            size = tar.stat().st_size if tar.exists() else None
-            if size is None:
-                problem = "missing"
-            elif size != rec["bytes"]:
-                problem = f"{size:,} bytes, {rec['bytes']:,} in the manifest (truncated or altered)"
-            elif _sha256(tar) != rec["sha256"]:
-                problem = "sha256 differs from the manifest's (altered)"
-            else:
-                problem = None
-            if problem:
-                print(f"{split}/{name}: {problem}; packing it again", file=stream, flush=True)
-                summary.redone[split] += 1
-                todo.append(i)
-                continue
-            idx = folder / rec["index"]
-            text = _index_text(shard)
-            if not idx.exists() or idx.read_text() != text:
-                print(
-                    f"{split}/{rec['index']}: missing or altered; writing it again", file=stream, flush=True
-                )
-                _write_atomic(idx, text)
-            recorded[i] = rec
-            summary.skipped[split] += 1
-        if summary.skipped[split]:
-            print(
-                f"{split}: {summary.skipped[split]:,} of {len(shards):,} shards already complete (size and "
-                "sha256 match the manifest); skipped",
-                file=stream,
-                flush=True,
-            )
-        images_todo = sum(len(shards[i]) for i in todo)
-        progress = Progress(f"pack {split}", images_todo, stream=stream)
-        done = 0
-
-        _record(manifest, mpath, entry, recorded, len(shards))
-        for i in todo:
-            shard = shards[i]
-            name, idx_name = f"shard-{i:06d}.tar", f"shard-{i:06d}.idx"
-            tmp = folder / f".{name}.tmp"
-
-            sha = _write_shard(shard, tmp, progress, done)
-            done += len(shard)
-            _write_atomic(folder / idx_name, _index_text(shard))
-            os.replace(tmp, folder / name)
-            recorded[i] = {
-                "name": name,
-                "index": idx_name,
-                "samples": len(shard),
-                "bytes": (folder / name).stat().st_size,
-                "sha256": sha,
+    pool = None
+    if workers > 1:
+        # fork: the workers need nothing but their arguments, and start in milliseconds (spawn re-imports)
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    try:
+        for split, (shards, options) in plans.items():
+            folder = out / split
+            folder.mkdir(parents=True, exist_ok=True)
+            old = manifest["splits"].get(split) or {}
+            old_shards = {s["name"]: s for s in old.get("shards", [])}
+            entry: dict[str, Any] = {
+                "options": options,
+                "shards": [],
+                "planned_shards": len(shards),
+                "images": sum(len(s) for s in shards),
+                "bytes": 0,
+                "complete": False,
             }
-            summary.written[split] += 1
+            manifest["splits"][split] = entry
+            todo: list[int] = []
+            recorded: dict[int, dict[str, Any]] = {}
+            summary.skipped[split] = summary.redone[split] = summary.written[split] = 0
+            summary.trusted[split] = 0
+            for i, shard in enumerate(shards):  # pass 1: what is already complete
+                name = f"shard-{i:06d}.tar"
+                rec = old_shards.get(name)
+                if rec is None:
+                    todo.append(i)
+                    continue
+                problem, trusted = _recorded_problem(folder / name, rec)
+                if problem:
+                    print(f"{split}/{name}: {problem}; packing it again", file=stream, flush=True)
+                    summary.redone[split] += 1
+                    todo.append(i)
+                    continue
+                idx = folder / rec["index"]
+                text = _index_text(shard)
+                if not idx.exists() or idx.read_text() != text:
+                    print(
+                        f"{split}/{rec['index']}: missing or altered; writing it again",
+                        file=stream,
+                        flush=True,
+                    )
+                    _write_atomic(idx, text)
+                recorded[i] = rec
+                summary.skipped[split] += 1
+                summary.trusted[split] += trusted
+            if summary.skipped[split]:
+                hashed = summary.skipped[split] - summary.trusted[split]
+                print(
+                    f"{split}: {summary.skipped[split]:,} of {len(shards):,} shards already complete; skipped "
+                    f"({summary.trusted[split]:,} trusted: size, mtime and first/last {ENDS // 1024} KiB match "
+                    f"the manifest's record, not re-hashed; {hashed:,} re-hashed, sha256 matches)",
+                    file=stream,
+                    flush=True,
+                )
+            progress = Progress(f"pack {split}", sum(len(shards[i]) for i in todo), stream=stream)
             _record(manifest, mpath, entry, recorded, len(shards))
-        progress.close()
-        summary.images[split] = entry["images"]
-        summary.bytes[split] = entry["bytes"]
+            jpath.unlink(missing_ok=True)  # now in the manifest
+            if pool is None:
+                results = ((i, _pack_shard(folder, i, shards[i])) for i in todo)
+            else:
+                futures = {pool.submit(_pack_shard, folder, i, shards[i]): i for i in todo}
+                results = ((futures[f], f.result()) for f in as_completed(futures))
+            with open(jpath, "a") as journal:
+                for i, rec in results:  # in the order they finish
+                    recorded[i] = rec
+                    summary.written[split] += 1
+                    journal.write(json.dumps({"split": split, **rec}) + "\n")
+                    journal.flush()
+                    progress.update(progress.done + rec["samples"])
+            progress.close()
+            _record(manifest, mpath, entry, recorded, len(shards))
+            jpath.unlink(missing_ok=True)
+            summary.images[split] = entry["images"]
+            summary.bytes[split] = entry["bytes"]
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     summary.seconds = time.perf_counter() - start
     return summary

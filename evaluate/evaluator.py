@@ -407,9 +407,10 @@ def run_evaluation(opts: EvalOptions) -> EvalResult:
         e.every_rank = True  # type: ignore[attr-defined]
         raise
     _check_classes(loaded, val)
-    model = loaded.model.to(info.device)
-    if opts.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # One move (device and layout together): one copy of the weights, and the form tests/test_fake_cuda.py can
+    # run on a fake CUDA device (a second .to of fake parameters cannot swap them).
+    layout = torch.channels_last if opts.channels_last else torch.preserve_format
+    model = loaded.model.to(info.device, memory_format=layout)
     arch = loaded.spec.arch
 
     def progress(batches: int, images: int) -> None:

@@ -82,25 +82,29 @@ class DenseVGG(nn.Module):
         self.map_size = f
         pool = model.avgpool
         channels = fc6.in_features // 49
-        # The pooling matrix P: (f*f inputs) -> (7*7 outputs), applied to each channel, read off a basis.
-        basis = torch.eye(f * f, dtype=torch.float64).view(f * f, 1, f, f)
+        # The pooling matrix P: (f*f inputs) -> (7*7 outputs), applied to each channel, read off a basis. Made on
+        # the weights' device: the evaluator moves the model to the GPU before building this, and the einsum
+        # below mixes P with fc6's weights (a CPU basis there raised "Expected all tensors to be on the same
+        # device"; tests/test_fake_cuda.py runs this on a fake CUDA device).
+        device = fc6.weight.device
+        basis = torch.eye(f * f, dtype=torch.float64, device=device).view(f * f, 1, f, f)
         p = pool(basis).reshape(f * f, -1)  # (f*f, 49)
         if p.shape[1] != 49:
             raise ValueError("expected VGG's 7x7 adaptive average pool before the classifier")
         w6 = fc6.weight.detach().double().view(fc6.out_features, channels, 49)
         k6 = torch.einsum("ocq,sq->ocs", w6, p).reshape(fc6.out_features, channels, f, f)
-        self.fc6 = nn.Conv2d(channels, fc6.out_features, f)
-        self.fc7 = nn.Conv2d(fc7.in_features, fc7.out_features, 1)
-        self.fc8 = nn.Conv2d(fc8.in_features, fc8.out_features, 1)
+        # Made on the weights' device and in their dtype (not built on the CPU and moved afterwards).
+        like = {"device": device, "dtype": fc6.weight.dtype}
+        self.fc6 = nn.Conv2d(channels, fc6.out_features, f, **like)
+        self.fc7 = nn.Conv2d(fc7.in_features, fc7.out_features, 1, **like)
+        self.fc8 = nn.Conv2d(fc8.in_features, fc8.out_features, 1, **like)
         with torch.no_grad():
-            dtype = fc6.weight.dtype
-            self.fc6.weight.copy_(k6.to(dtype))
+            self.fc6.weight.copy_(k6.to(fc6.weight.dtype))
             self.fc6.bias.copy_(fc6.bias)
             self.fc7.weight.copy_(fc7.weight.view(*fc7.weight.shape, 1, 1))
             self.fc7.bias.copy_(fc7.bias)
             self.fc8.weight.copy_(fc8.weight.view(*fc8.weight.shape, 1, 1))
             self.fc8.bias.copy_(fc8.bias)
-        self.to(fc6.weight.device)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +239,7 @@ def evaluate_protocol(
                 views, label = next(batches)
             except DataError as e:  # re-raised from a worker with its traceback: keep the last line
                 raise DataError(worker_error_line(str(e))) from None
-            label_t = torch.tensor([label], device=device)
+            label_t = torch.full((1,), label, dtype=torch.int64, device=device)  # made there: no host copy
             post: dict[str, torch.Tensor] = {}
             views = [spec.normalize(v.to(device, non_blocking=True)) for v in views]
             if dense is not None:

@@ -93,6 +93,29 @@ def cpu_threads(local_world_size: int) -> int | None:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
 
 
+def cpu_affinity() -> str:
+    """The CPUs this task may run on, for its log: ``CPUs 0-9 (10)``. One CPU where SLURM was asked for more is
+    srun without ``--cpus-per-task`` (SLURM 22.05-23.02 did not pass sbatch's on to srun)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    ranges: list[str] = []
+    for c in cpus:
+        if ranges and int(ranges[-1].split("-")[-1]) == c - 1:
+            ranges[-1] = f"{ranges[-1].split('-')[0]}-{c}"
+        else:
+            ranges.append(str(c))
+    text = f"CPUs {','.join(ranges)} ({len(cpus)})"
+    asked = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if asked.isdigit() and len(cpus) < int(asked):
+        text += f": fewer than SLURM_CPUS_PER_TASK={asked} (srun got no --cpus-per-task?)"
+    return text
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 class StopOnSignal(StopOnSignals):
     """:class:`train.engine.StopOnSignals` inside a submitit job, with submitit's requeue signal too.
 
@@ -166,7 +189,11 @@ class TrainJob(submitit.helpers.Checkpointable):
             import torch
 
             torch.set_num_threads(threads)
-        print(f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}", flush=True)
+        print(
+            f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}; "
+            f"{cpu_affinity()}, {threads or torch_threads()} intra-op thread(s)",
+            flush=True,
+        )
         if job_env.global_rank == 0:
             print(
                 f"job {job_env.job_id} ({job_env.cluster}): {dist_env.world_size} task(s) on {job_env.num_nodes} "
@@ -181,7 +208,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
             from slurm.usage import UsageRecorder
 
-            device = "cuda" if torch.cuda.is_available() and cfg.dist.backend != "gloo" else "cpu"
+            device = "cuda" if torch.cuda.is_available() and cfg.dist.device != "cpu" else "cpu"
             processes = 1 if job_env.cluster == "debug" else dist_env.world_size
             usage = UsageRecorder(cfg.run_dir, processes, job_env.num_nodes, str(job_env.job_id),
                                   job_env.cluster, restarts, device)  # fmt: skip
@@ -193,7 +220,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         from train.engine import Trainer
 
         try:
-            info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min)
+            info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min, device=cfg.dist.device)
             try:
                 trainer = Trainer(cfg, info)
                 stop.attach(trainer)
@@ -238,4 +265,12 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
 
 
-__all__ = ["CTRL_C_STOP", "StopOnSignal", "TrainJob", "cpu_threads", "export_distributed_env", "rank_place"]
+__all__ = [
+    "CTRL_C_STOP",
+    "StopOnSignal",
+    "TrainJob",
+    "cpu_affinity",
+    "cpu_threads",
+    "export_distributed_env",
+    "rank_place",
+]

@@ -264,6 +264,9 @@ def slurm_parameters(plan: Plan) -> dict[str, Any]:
         "ntasks_per_node": plan.tasks_per_node,  # one task per GPU
         "gpus_per_node": plan.tasks_per_node,
         "cpus_per_task": la.cpus_per_gpu,
+        # srun does not inherit sbatch's --cpus-per-task on SLURM 22.05-23.02 (23.11 restored it): each task could
+        # be bound to one core while DALI's, the decoder's and torch's threads all run there. Say it to srun too.
+        "srun_args": [f"--cpus-per-task={la.cpus_per_gpu}"],
         "mem": plan.mem,
         "signal_delay_s": la.signal_delay_s,  # → --signal=USR2@N: checkpoint and requeue before the limit
         # Requeueable: submitit's `scontrol requeue` needs it where JobRequeue=0, and SLURM requeues the job

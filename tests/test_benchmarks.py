@@ -369,3 +369,37 @@ def test_resume_cost_smoke(tmp_path):
     text = readme.read_text()
     assert "### Resume cost" in text and "| dali-cpu |" in text and "| torchvision |" not in text
     assert "DALI-CPU / torchvision" not in text and "bytes a rank" in text
+
+
+# ------------------------------------------------------------------------------------------- scale (issue 28)
+
+
+def test_scale_smoke(tmp_path):
+    """The hard-linked ImageNet-shaped tree, its pack, check --quick and full, and rank 0's DALI loader on the
+    tree and on the pack, each in a child process under strace: figures present and consistent with the tree."""
+    scale = importlib.import_module("benchmarks.scale")
+    out, readme, root = tmp_path / "scale.json", tmp_path / "README.md", tmp_path / "tree"
+    argv = ["--smoke", "--backends", "dali", "--root", str(root), "--out", str(out), "--readme", str(readme)]
+    assert scale.main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["smoke"] and r["machine"]["load_average_at_start"] and r["load_average_at_end"]
+    assert r["tree"]["files"] == 400 and r["tree"]["val_files"] == 15 and r["tree"]["reused"] is False
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert len(classes) == 10 and sum(1 for _ in (root / "train").rglob("*.JPEG")) == 400
+    assert all(p.stat().st_nlink > 1 for p in (root / "val").rglob("*.JPEG"))  # hard links to a few sources
+    assert r["pack"]["shards"]["train"] > 1 and r["pack"]["wall_s"] > 0 and r["pack"]["cpu_s"] >= 0
+    assert r["check_quick"]["sound"] and r["check_full"]["sound"]
+    assert r["check_quick"]["images"] == r["check_full"]["images"] == r["check_full"]["decoded"] == 415
+    assert r["check_quick"]["decoded"] == 20  # one per class of each split
+    for fmt in ("folder", "shards"):
+        row = r["loaders"][f"dali-{fmt}"]
+        assert row["batches_per_epoch"] == (400 // 2) // 8, row  # rank 0 of W = 2, 8 a rank
+        assert row["start_to_first_batch"]["wall_s"] > 0 and row["imports"]["cpu_s"] > 0
+        opened = row["opened_to_first_batch"]
+        if "skipped" in opened:
+            continue
+        if fmt == "folder":  # the listing walks every class folder of the split (and the other's top)
+            assert opened["directories"] >= len(classes)
+        else:  # a pack is listed by its manifest and index files, no directory walk
+            assert opened["directories"] == 0 and opened["files"] >= 1 + r["pack"]["shards"]["train"]
+    assert "dali-folder" in readme.read_text()

@@ -238,7 +238,7 @@ def test_slurm_missing_data_root_submits_nothing_and_a_job_that_fails_anyway_is_
     run_dir, missing = tmp_path / name, tmp_path / "no-such-data"
     args = ("--config", "demo", "--cluster", "slurm", "--partition", slurm_env.partition, "--gpus", "1",
             "--data", str(missing), "--run-dir", str(run_dir), "--time", "00:15:00", "log.wandb_mode=disabled",
-            "data.workers=0", "launch.cpus_per_gpu=1")  # fmt: skip
+            "data.workers=0", "launch.cpus_per_gpu=1", "dist.device=cpu")  # fmt: skip
     code, out, err = run_main(capsys, launch.main, *args)
     assert code == 2 and out == ""
     assert err == (

@@ -47,7 +47,7 @@ def small(tree: Path, run_dir: Path, *extra: str) -> list[str]:
             "data.backend=torchvision", "data.batch_size=8", "data.workers=0", "data.train_crop=32",
             "data.val_resize=36", "data.val_crop=32", "model.num_classes=4", "model.classifier_width=32",
             "sched.epochs=2", "sched.name=step", "sched.step_size=1", "sched.warmup_epochs=0", "optim.lr=0.01", "train.print_every=2",
-            "train.deterministic=true", "log.wandb_mode=disabled", *extra]  # fmt: skip
+            "train.deterministic=true", "log.wandb_mode=disabled", "dist.device=cpu", *extra]  # fmt: skip
 
 
 def clean_env() -> dict[str, str]:
@@ -133,6 +133,9 @@ def test_dry_run_shows_the_sbatch_script_and_submits_nothing(capsys, imagenet_la
     }
     assert f"srun --unbuffered --output {run_dir}/slurm/%j/%j_%t_log.out" in script
     assert f"-m submitit.core._submit {run_dir}/slurm/%j" in script
+    # srun gets the CPUs too: SLURM 22.05-23.02 did not pass sbatch's --cpus-per-task on to srun
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert " --cpus-per-task=10 " in srun
     assert (
         "# plan: 1 node(s) × 8 GPU(s) = 8 task(s), one per GPU, on SLURM; global batch 256 = 8 × 32 per GPU"
         in out
@@ -379,6 +382,10 @@ def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
 
     text = log.read_text()
     assert text.count("this job is preempted") == 2  # timeout_min 15: neither counts as a timeout
+    # each start's rank line names the CPUs the task may run on and its threads (launch.cpus_per_gpu=1)
+    assert (
+        len(re.findall(r"^rank 0/2: host .*; CPUs [\d,-]+ \(\d+\), 1 intra-op thread\(s\)$", text, re.M)) == 3
+    )
     assert text.count("Requeued job") == 2 and "restart 1" in text and "restart 2" in text
     # each start resumed exactly where the previous one saved: same epoch, batch and step
     resumed = [

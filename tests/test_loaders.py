@@ -691,3 +691,26 @@ def test_dali_gpu_matches_cpu_and_lands_on_device(tree):
             assert y.device == device and y.dtype == torch.int64
             n += 1
         assert n == len(train) == train_steps(55, 2, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_labels_reach_the_gpu_through_pinned_memory_without_a_sync():
+    """DALI's CPU labels (a pack's .cls bytes, parsed on the host) are copied with non_blocking from pinned memory:
+    the copy is queued behind a long kernel instead of waiting for it."""
+    from data_pipeline.dali_backend import to_device
+
+    device = torch.device("cuda", 0)
+    labels = torch.arange(256, dtype=torch.int64)
+    a = torch.randn(8192, 8192, device=device)
+    to_device(labels, device)  # warm-up: the first pinned block is allocated once
+    torch.cuda.synchronize()
+    for _ in range(10):  # ~10 TFLOP queued: the GPU is busy for a good fraction of a second
+        busy = a @ a
+    start = torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = to_device(labels, device)
+    queued = not start.query()  # the host got here while the matmul still runs: no sync happened
+    assert out.device == device and torch.equal(out.cpu(), labels)
+    assert queued, "to_device waited for the GPU"
+    assert to_device(out, device) is out and busy.shape == a.shape

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -93,6 +94,56 @@ def test_detect(monkeypatch, env, expected):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert distributed.detect() == expected
+
+
+# (dist.device, local rank, visible GPUs, SLURM's GPU variables) → the device, or the start of the one-line error
+DEVICE_CASES = [
+    ("auto", 0, 0, {}, "cpu"),  # a CPU machine
+    ("auto", 1, 0, {}, "cpu"),
+    ("auto", 0, 1, {}, "cuda:0"),
+    ("auto", 3, 1, {"SLURM_GPUS_ON_NODE": "1"}, "cuda:0"),  # --gpus-per-task=1 / --gpu-bind: one GPU per task
+    ("auto", 0, 8, {}, "cuda:0"),
+    ("auto", 7, 8, {"SLURM_GPUS_ON_NODE": "8"}, "cuda:7"),
+    ("auto", 8, 8, {}, "error: local rank 8 but only 8 visible GPUs"),
+    ("auto", 2, 2, {}, "error: local rank 2 but only 2 visible GPUs"),
+    ("auto", 0, 0, {"SLURM_GPUS_ON_NODE": "8"}, "error: SLURM gave this task GPUs (SLURM_GPUS_ON_NODE=8"),
+    ("auto", 1, 0, {"SLURM_STEP_GPUS": "0,1"}, "error: SLURM gave this task GPUs (SLURM_STEP_GPUS=0,1"),
+    ("auto", 0, 0, {"SLURM_GPUS_ON_NODE": "0"}, "cpu"),  # a CPU-only job step
+    ("cpu", 0, 8, {"SLURM_GPUS_ON_NODE": "8"}, "cpu"),  # the fake-GPU test cluster: CPU on purpose
+    ("cpu", 5, 8, {}, "cpu"),
+    ("cuda", 0, 0, {}, "error: dist.device=cuda but torch sees no GPU"),
+    ("cuda", 0, 0, {"SLURM_JOB_GPUS": "0"}, "error: SLURM gave this task GPUs (SLURM_JOB_GPUS=0"),
+    ("cuda", 1, 8, {}, "cuda:1"),
+]
+
+
+@pytest.mark.parametrize(("requested", "local_rank", "visible", "env", "expected"), DEVICE_CASES)
+def test_device_for_0_1_and_8_visible_gpus(requested, local_rank, visible, env, expected):
+    if expected.startswith("error: "):
+        with pytest.raises(distributed.DistError) as e:
+            distributed.choose_device(requested, local_rank, visible > 0, visible, env)
+        assert str(e.value).startswith(expected[len("error: ") :]) and "\n" not in str(e.value)
+    else:
+        assert str(distributed.choose_device(requested, local_rank, visible > 0, visible, env)) == expected
+
+
+def test_a_task_given_gpus_where_torch_sees_none_stops_at_once_with_one_line(small_tree, tmp_path):
+    """SLURM's GPU variables on this CPU-only machine are a node whose driver torch cannot use: stop before
+    anything is built (one line: what was allocated, what torch sees, the build's CUDA, the driver), not days of
+    CPU training. dist.device=cpu is the way to train on the CPU there on purpose."""
+    from tests.conftest import run_cli
+
+    env = {**os.environ, "SLURM_GPUS_ON_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    args = ("-m", "train", "--config", "demo", f"data.root={small_tree}", f"run_dir={tmp_path / 'run'}",
+            "model.num_classes=4", "log.wandb_mode=disabled")  # fmt: skip
+    out = run_cli(*args, env=env, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(
+        "error: SLURM gave this task GPUs (SLURM_GPUS_ON_NODE=8, CUDA_VISIBLE_DEVICES=0,1,2,"
+    )
+    assert f"torch {torch.__version__} is built for CUDA {torch.version.cuda}" in line
+    assert "dist.device=cpu" in line and not (tmp_path / "run" / "last.pth").exists()
 
 
 # Node lists as SLURM writes them in SLURM_JOB_NODELIST (zero-padded ranges, several groups, dashes in names).

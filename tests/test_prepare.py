@@ -15,13 +15,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.io import loadmat, savemat
 
 from data_pipeline.__main__ import main as data_pipeline_main
 from data_pipeline.check import IMG_EXTENSIONS, check_root
 from data_pipeline.demo import make_demo_dataset
 from data_pipeline.prepare import PrepareError, Progress, UsageError, prepare_val, read_labels, read_meta
 from tests.conftest import run_cli
+
+
+def savemat(*args, **kwargs):
+    """scipy.io.savemat, imported when a test writes a .mat: the module collects without scipy (the GPU kit)."""
+    from scipy.io import savemat
+
+    return savemat(*args, **kwargs)
+
+
+def loadmat(*args, **kwargs):
+    """scipy.io.loadmat, imported when a test reads a .mat."""
+    from scipy.io import loadmat
+
+    return loadmat(*args, **kwargs)
+
 
 # The devkit's meta.mat: synsets is a 1860 x 1 struct array with these fields, in this order.
 SYNSET_FIELDS = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -243,6 +244,7 @@ def test_mismatching_rerun_is_refused_in_one_line(tree, tmp_path):
         (["--split", "test"], 2, "--split"),
         (["--seed", "x"], 2, "--seed"),
         (["--seed", "-3"], 2, "--seed"),
+        (["--workers", "0"], 2, "--workers"),
     ],
 )
 def test_bad_cli_input_one_line(tree, tmp_path, capsys, args, status, words):
@@ -290,3 +292,78 @@ def test_dali_reads_the_shards(packed, tree):
     jpg, cls = p.run()
     got = [(_sha(bytes(jpg.at(i))), int(bytes(cls.at(i)).decode())) for i in range(n)]
     assert got == [(_sha(d), lab) for d, lab in _source(tree, "val")]
+
+
+def _records(out: Path, split: str) -> list[dict]:
+    return json.loads((out / "manifest.json").read_text())["splits"][split]["shards"]
+
+
+def test_the_same_shards_from_one_worker_or_several(tree, packed, tmp_path):
+    """Workers write whole shards from the parent's plan: their number changes nothing in the output."""
+    pack(tree, tmp_path / "one", shard_size=20000, seed=0, stream=io.StringIO(), workers=1)
+    for split in ("train", "val"):
+        one, many = _records(tmp_path / "one", split), _records(packed, split)
+        assert [(r["name"], r["samples"], r["sha256"]) for r in one] == [
+            (r["name"], r["samples"], r["sha256"]) for r in many
+        ]
+        for r in one:
+            assert (tmp_path / "one" / split / r["index"]).read_text() == (
+                packed / split / r["index"]
+            ).read_text()
+    assert not (tmp_path / "one" / "manifest.journal").exists()
+
+
+def test_resume_trusts_recorded_shards_and_rehashes_touched_ones(tree, tmp_path):
+    out = tmp_path / "o"
+    pack(tree, out, shard_size=20000, splits=["val"], stream=io.StringIO())
+    log = io.StringIO()
+    s = pack(tree, out, shard_size=20000, splits=["val"], stream=log)
+    n = len(_records(out, "val"))
+    assert s.skipped["val"] == s.trusted["val"] == n and s.written["val"] == 0
+    assert f"{n:,} trusted" in log.getvalue() and "not re-hashed" in log.getvalue()
+    # same bytes, other mtime: re-hashed, kept, and its record's mtime refreshed (trusted on the next run)
+    shard = out / "val" / "shard-000001.tar"
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    s = pack(tree, out, shard_size=20000, splits=["val"], stream=io.StringIO())
+    assert (s.skipped["val"], s.trusted["val"], s.written["val"]) == (n, n - 1, 0)
+    s = pack(tree, out, shard_size=20000, splits=["val"], stream=io.StringIO())
+    assert s.trusted["val"] == n
+    # altered within its first 64 KiB, mtime put back: the cheap check catches it
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    st = shard.stat()
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    log = io.StringIO()
+    s = pack(tree, out, shard_size=20000, splits=["val"], stream=log)
+    assert (
+        s.redone["val"] == s.written["val"] == 1 and "val/shard-000001.tar: sha256 differs" in log.getvalue()
+    )
+
+
+def test_an_interrupted_pack_resumes_from_its_journal(tree, tmp_path):
+    """The manifest as a pack killed mid-split left it (written at the split's start) and the journal of the
+    shards it finished since, the last line cut by the kill: those shards are kept, the cut one is redone."""
+    out = tmp_path / "o"
+    pack(tree, out, shard_size=20000, splits=["val"], stream=io.StringIO())
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["splits"]["val"]
+    done, n = entry["shards"], entry["planned_shards"]
+    assert n >= 3
+    entry["shards"], entry["complete"] = done[:1], False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    lines = [json.dumps({"split": "val", **r}) for r in done[1:]]
+    (out / "manifest.journal").write_text("\n".join([*lines[:-1], lines[-1][:40]]))
+    before = {r["name"]: (out / "val" / r["name"]).stat().st_ino for r in done}
+    s = pack(tree, out, shard_size=20000, splits=["val"], stream=io.StringIO())
+    assert (s.skipped["val"], s.trusted["val"], s.written["val"]) == (n - 1, n - 1, 1)
+    assert not (out / "manifest.journal").exists()
+
+    def same(e: dict) -> dict:  # a rewritten shard has the same bytes, not the same mtime
+        return {**e, "shards": [{k: v for k, v in r.items() if k != "mtime_ns"} for r in e["shards"]]}
+
+    now = json.loads((out / "manifest.json").read_text())["splits"]["val"]
+    assert same(now) == same({**entry, "shards": done, "complete": True})
+    after = {r["name"]: (out / "val" / r["name"]).stat().st_ino for r in done}
+    assert [k for k in before if before[k] != after[k]] == [done[-1]["name"]]

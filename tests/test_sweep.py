@@ -346,7 +346,7 @@ def paper_args(tree: Path, run_dir: Path, partition: str) -> list[str]:
     """The paper recipe's A and B, shrunk (scale S = 36, 32 px crops): B starts from A's best.pth, after A."""
     return ["--recipe", "paper", "--arch", "vgg11,vgg13", "--init-from-a", "--cluster", "slurm", "--partition",
             partition, "--run-dir", str(run_dir), "--data", str(tree), *SMALL, "data.scale_min=36",
-            "data.scale_max=36", "log.wandb_mode=disabled", "launch.cpus_per_gpu=1"]  # fmt: skip
+            "data.scale_max=36", "log.wandb_mode=disabled", "launch.cpus_per_gpu=1", "dist.device=cpu"]  # fmt: skip
 
 
 def sweep_job_ids(stdout: str) -> dict[str, str]:

@@ -471,3 +471,24 @@ def test_metrics_rows_torn_by_a_kill_are_not_read_as_rows(tmp_path):
     log.truncate("epoch", 1)
     assert log.path.read_text() == '{"epoch": 1, "loss": 2.0}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_resume_in_fp16_from_a_checkpoint_without_a_loss_scale(tree, tmp_path):
+    """A bf16 run's checkpoint holds no GradScaler state; resuming it with train.precision=fp16 starts a fresh
+    loss scale (GradScaler.load_state_dict raised on the empty state) and the scaler then steps."""
+    run_dir = tmp_path / "run"
+    extra = ("train.deterministic=false", "sched.epochs=1")
+    assert (
+        train(load_config("demo", overrides(tree, run_dir, *extra, "train.precision=bf16")))["status"]
+        == "done"
+    )
+    assert load_checkpoint_file(run_dir / "last.pth")["scaler"] == {}
+    result = train(
+        load_config("demo", overrides(tree, run_dir, *extra, "sched.epochs=2", "train.precision=fp16"))
+    )
+    assert result["status"] == "done" and result["epoch"] == 2
+    assert (
+        "has no GradScaler state (trained with train.precision=bf16)" in (run_dir / "train.log").read_text()
+    )
+    scaler = load_checkpoint_file(run_dir / "last.pth")["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] > 0  # fp16 stepped: its loss scale is saved

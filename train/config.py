@@ -49,6 +49,9 @@ class DataConfig:
     # backend=dali: auto = GPU decoding (device="mixed") when the process's device is CUDA, else CPU-only; gpu =
     # insist on it (an error without CUDA, no fallback); cpu = CPU operators even on a GPU node (then copied over)
     dali_device: str = "auto"  # auto | gpu | cpu
+    # nvJPEG preallocation hints of NVIDIA's older DALI example (~200 MiB of GPU and ~270 MiB of pinned memory per
+    # decoder thread, per process); off as in NVIDIA's current example (data_pipeline/dali_backend.py)
+    dali_nvjpeg_prealloc: bool = False
     batch_size: int = 256  # global: summed over all processes (GPUs)
     workers: int = 8  # loader threads (DALI) or worker processes (torchvision) per process
     augment: str = "rrc"  # rrc: torchvision RandomResizedCrop | scale: the paper's rescale-to-S + random crop
@@ -141,6 +144,9 @@ class LogConfig:
 @dataclass
 class DistConfig:
     backend: str = "auto"  # auto: nccl on GPU, gloo on CPU | nccl | gloo
+    # auto: the GPU where torch sees one, else the CPU, but a task SLURM gave GPUs stops when torch sees none (a
+    # driver too old for the torch build) | cuda: a GPU or stop | cpu: the CPU on purpose (fake-GPU test clusters)
+    device: str = "auto"
     timeout_min: int = 30
     # none | fp16 | bf16: DDP all-reduces gradients cast to this dtype (PyTorch's fp16/bf16_compress_hook; half
     # the bytes) and casts them back. none (fp32 all-reduce) is what the published recipes used. bf16 keeps fp32's
@@ -205,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("fp32", "tf32", "bf16", "fp16"),
     "log.wandb_mode": ("auto", "online", "offline", "disabled"),
     "dist.backend": ("auto", "nccl", "gloo"),
+    "dist.device": ("auto", "cuda", "cpu"),
     "dist.grad_compression": ("none", "fp16", "bf16"),
     "launch.cluster": ("slurm", "local", "debug"),
 }

@@ -3,17 +3,24 @@
     torchrun --nproc_per_node=2 -m train --config demo          # CPU: gloo; GPU: NCCL, one process per GPU
     srun --ntasks-per-node=8 --gpus-per-node=8 python -m train ...  # SLURM: SLURM_PROCID / SLURM_NTASKS / ...
 
-The device is chosen by ``torch.cuda.is_available()``, never by ``CUDA_VISIBLE_DEVICES`` (SLURM sets that
-variable on GPU-less test clusters too).
+The device (``dist.device``, :func:`choose_device`): ``auto`` takes the GPU when torch sees one, and the CPU
+otherwise, except in a task that SLURM gave GPUs (``SLURM_GPUS_ON_NODE``, ``SLURM_STEP_GPUS``, ``SLURM_JOB_GPUS``):
+there a torch that sees none (a driver too old for its CUDA build, a broken node) stops the task with one line
+(:func:`no_gpu_reason`) instead of training on the CPU for days. ``cpu`` trains on the CPU on purpose (the local
+test cluster's fake GPUs); ``cuda`` requires a GPU anywhere. One visible GPU per task (sites that bind GPUs to
+tasks: ``--gpus-per-task=1``, ``--gpu-bind``) is used whatever the local rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,19 +144,115 @@ def restart_count() -> int:
         return 0
 
 
-def setup(backend: str = "auto", timeout_min: int = 30) -> DistInfo:
-    """Initialise the process group (if more than one process) and pick this process's device."""
+SLURM_GPU_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS")  # set where SLURM gave GPUs
+
+
+def slurm_gpus(env: Mapping[str, str] | None = None) -> str | None:
+    """How SLURM says this task got GPUs (``SLURM_GPUS_ON_NODE=8``), or None where it gave none."""
+    env = os.environ if env is None else env
+    for var in SLURM_GPU_VARS:
+        value = env.get(var, "").strip()
+        if value and not (
+            var == "SLURM_GPUS_ON_NODE" and value == "0"
+        ):  # a count; the others list GPU indices
+            return f"{var}={value}"
+    return None
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def nvidia_driver() -> str:
+    """The NVIDIA driver on this machine, for error messages: ``driver 535.104.05 (CUDA 12.2)``, or why unknown."""
+    version = ""
+    with contextlib.suppress(OSError):
+        m = re.search(
+            r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", Path("/proc/driver/nvidia/version").read_text()
+        )
+        version = m.group(1) if m else ""
+    cuda = ""
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run([smi], capture_output=True, text=True, timeout=20).stdout
+            m = re.search(r"Driver Version:\s*(\S+).*?CUDA Version:\s*(\S+)", out, re.S)
+            if m:
+                version, cuda = version or m.group(1), m.group(2)
+    if not version:
+        return "no NVIDIA driver loaded (/proc/driver/nvidia/version is missing)"
+    return f"NVIDIA driver {version}" + (f" (supports CUDA ≤ {cuda})" if cuda else "")
+
+
+def no_gpu_reason(allocated: str) -> str:
+    """One line for a task that SLURM gave GPUs but where torch sees none: what was allocated, what torch sees,
+    the torch build's CUDA version, the driver's, and the fix."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    build = f"torch {torch.__version__} " + (
+        f"is built for CUDA {torch.version.cuda}" if torch.version.cuda else "is a CPU-only build"
+    )
+    why = ""
+    if torch.version.cuda:
+        try:  # is_available() hides the reason; init() raises with it ("The NVIDIA driver ... is too old")
+            torch.cuda.init()
+        except Exception as e:
+            why = f" ({_first_line(str(e))[:200]})"
+    return (
+        f"SLURM gave this task GPUs ({allocated}"
+        + (f", CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "")
+        + f") but torch sees none{why}: {build}, {nvidia_driver()}; install the torch (and DALI) build for this "
+        "driver (README: Install on a cluster), or set dist.device=cpu to train on the CPU on purpose"
+    )
+
+
+def choose_device(
+    requested: str,
+    local_rank: int,
+    cuda_available: bool,
+    device_count: int,
+    env: Mapping[str, str] | None = None,
+) -> torch.device:
+    """This process's device for ``dist.device`` (auto | cuda | cpu), from what torch sees.
+
+    One visible GPU is this task's whatever its local rank (SLURM bound one GPU to each task); with several, the
+    local rank picks one (one process per GPU). Raises :class:`DistError` with one line where the run cannot be
+    what was asked: no GPU under ``cuda``, or under ``auto`` in a task SLURM gave GPUs (:func:`no_gpu_reason`).
+    """
+    if requested not in ("auto", "cuda", "cpu"):
+        raise DistError(f"dist.device={requested!r}: use auto, cuda or cpu")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if not cuda_available or device_count < 1:
+        allocated = slurm_gpus(env)
+        if requested == "cuda":
+            raise DistError(no_gpu_reason(allocated) if allocated else "dist.device=cuda but torch sees no GPU "
+                            f"(torch {torch.__version__}, {nvidia_driver()}); dist.device=auto uses the CPU")  # fmt: skip
+        if allocated:
+            raise DistError(no_gpu_reason(allocated))
+        return torch.device("cpu")
+    if device_count == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= device_count:
+        visible = (env if env is not None else os.environ).get("CUDA_VISIBLE_DEVICES", "unset")
+        raise DistError(
+            f"local rank {local_rank} but only {device_count} visible GPUs (CUDA_VISIBLE_DEVICES={visible}): "
+            "start one process per visible GPU, or bind one GPU to each task (srun --gpus-per-task=1)"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def setup(backend: str = "auto", timeout_min: int = 30, device: str = "auto") -> DistInfo:
+    """Initialise the process group (if more than one process) and pick this process's device
+    (``dist.device``: :func:`choose_device`)."""
     rank, local_rank, world_size, source = detect()
     if not 0 <= rank < world_size:
         raise DistError(f"rank {rank} is outside world size {world_size} ({source} environment)")
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        if local_rank >= n:
-            raise DistError(f"local rank {local_rank} but only {n} visible GPU(s): one process per GPU")
-        device = torch.device("cuda", local_rank)
+    available = device != "cpu" and torch.cuda.is_available()
+    count = torch.cuda.device_count() if available else 0
+    device = choose_device(device, local_rank, available, count)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":

@@ -286,7 +286,15 @@ class Trainer:
         unwrap(self.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if self.scaler.is_enabled() and not state.get("scaler"):
+            # saved without a loss scale (bf16/fp32/tf32): GradScaler.load_state_dict refuses an empty state
+            self.log.warning(
+                "%s has no GradScaler state (trained with train.precision=%s): fp16 starts with a fresh loss scale",
+                path,
+                state["config"].get("train", {}).get("precision", "fp32"),
+            )
+        else:
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = state["epoch"], state["step"]
         self.batch_in_epoch = state.get("batch_in_epoch", 0)
         # a mid-epoch checkpoint carries each rank's running train counts of the interrupted epoch
@@ -672,7 +680,7 @@ class StopOnSignals:
 def train(cfg: Config) -> dict[str, Any]:
     """Set up distributed, train to cfg.sched.epochs (or a stop request: SIGINT/SIGTERM, see StopOnSignals),
     tear down. The result's ``signal`` names the signal that stopped the run (None otherwise)."""
-    info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min)
+    info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min, device=cfg.dist.device)
     try:
         trainer = Trainer(cfg, info)
         with StopOnSignals(trainer=trainer) as stop:
