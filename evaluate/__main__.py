@@ -1,6 +1,9 @@
 """Evaluate a VGG checkpoint on ImageNet val: 1-crop top-1 / top-5 error against the reference table, the
 paper's dense / multi-crop / multi-scale protocols, and top-5 predictions for image files.
 
+    python evaluate --weights VGG16_BN_Weights.IMAGENET1K_V1 --data /datasets/imagenet   # torchvision's release:
+                                                      # expect the reference row (--reference), PASS
+    python evaluate --arch vgg11 --weights DEFAULT --data /datasets/imagenet    # the arch's default weights
     python evaluate --reference                       # the reference table (torchvision + paper rows)
     python evaluate --checkpoint runs/torchvision-vgg16_bn/best.pth --data /datasets/imagenet --json eval.json
     python evaluate --checkpoint vgg16_bn-6c64b313.pth --data /datasets/imagenet    # torchvision's weight file
@@ -104,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", help="where --report writes its files (default: the run folders' parent)")
     p.add_argument("--checkpoint", help="our checkpoint ({'model', 'config', ...}) or a bare state_dict file")
     p.add_argument(
+        "--weights",
+        help="torchvision's released weights: VGG16_BN_Weights.IMAGENET1K_V1, DEFAULT (with --arch) or their URL, "
+        "read from torch.hub's cache ($TORCH_HOME/hub/checkpoints) and downloaded there when missing; offline, "
+        "the error names the URL and the path to put the file at",
+    )
+    p.add_argument(
         "--arch", help="expected arch; refused if the checkpoint holds another (default: inferred)"
     )
     p.add_argument("--data", help="data root holding val/<wnid>/*.JPEG (default: the checkpoint's data.root)")
@@ -193,9 +202,9 @@ def _report(args: argparse.Namespace) -> int:
     from train.checkpoint import CheckpointError
     from train.config import ConfigError
 
-    if args.checkpoint or args.predict:
+    if args.checkpoint or args.predict or args.weights:
         print(
-            "error: --report evaluates the runs' own best.pth; --checkpoint/--predict do not apply",
+            "error: --report evaluates the runs' own best.pth; --checkpoint/--weights/--predict do not apply",
             file=sys.stderr,
         )
         return 2
@@ -219,9 +228,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.report:
         return _report(args)
+    if args.weights and args.checkpoint:
+        print(
+            "error: give --weights (torchvision's release) or --checkpoint (a file), not both",
+            file=sys.stderr,
+        )
+        return 2
+    from evaluate.loading import fetch_weights, looks_like_weights, released_weights
+
+    named = args.weights or (
+        args.checkpoint if args.checkpoint and not os.path.exists(args.checkpoint) else None
+    )
+    if named is not None and (args.weights or looks_like_weights(named)):  # --checkpoint URL: the same
+        from train.checkpoint import CheckpointError
+
+        try:
+            args.checkpoint = str(fetch_weights(released_weights(named, args.arch)))
+        except CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     if not args.checkpoint:
         parser.print_usage(sys.stderr)
-        print("error: give --checkpoint PATH (or --reference, or --report RUN_DIR...)", file=sys.stderr)
+        print(
+            "error: give --checkpoint PATH or --weights NAME (or --reference, or --report RUN_DIR...)",
+            file=sys.stderr,
+        )
         return 2
     if args.predict:
         given = [flag for flag, name in NOT_FOR_PREDICT if getattr(args, name) not in (None, False)]

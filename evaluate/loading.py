@@ -29,7 +29,17 @@ from train.checkpoint import CheckpointError, extract_state_dict, load_checkpoin
 from train.config import Config, ConfigError, from_dict
 from train.models import ARCHS, build_features, build_model, build_model_from_config
 
-__all__ = ["LoadedModel", "ModelSpec", "file_sha256", "infer_spec", "load_model"]
+__all__ = [
+    "LoadedModel",
+    "ModelSpec",
+    "ReleasedWeights",
+    "fetch_weights",
+    "file_sha256",
+    "infer_spec",
+    "load_model",
+    "looks_like_weights",
+    "released_weights",
+]
 
 _BN_COUNTER = "num_batches_tracked"
 
@@ -65,12 +75,132 @@ class LoadedModel:
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file (torchvision's weight file names carry its first 8 hex digits)."""
+    """Hex sha256 of a file (torchvision's weight file names carry its first 8 hex digits). Remembered per
+    (path, size, mtime): a released weight file's hash is checked before loading and recorded after."""
+    st = os.stat(path)
+    return _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------- torchvision's released weights
+
+
+@dataclass(frozen=True)
+class ReleasedWeights:
+    """One of torchvision's released VGG weight files, and where torch.hub caches it."""
+
+    name: str  # "VGG16_BN_Weights.IMAGENET1K_V1", or the URL it was given as
+    url: str
+    path: Path  # <torch.hub.get_dir()>/checkpoints/<file name>, as torchvision's own loading puts it
+    arch: str | None  # None for a URL (read off the weights' shapes once loaded)
+    hash_prefix: str | None  # the sha256 prefix in the file name (torch.hub's HASH_REGEX)
+
+
+def looks_like_weights(text: str) -> bool:
+    """Whether ``text`` names released weights rather than a file: a URL, ``DEFAULT``, or ``<X>_Weights.<NAME>``."""
+    return (
+        "://" in text
+        or text in ("DEFAULT", "default")
+        or "_Weights." in text
+        or text.startswith("IMAGENET1K_")
+    )
+
+
+def _vgg_weight_names() -> list[str]:
+    from torchvision.models import get_model_weights
+
+    return [f"{get_model_weights(a).__name__}.{m}" for a in ARCHS if ARCHS[a].in_torchvision
+            for m in get_model_weights(a).__members__]  # fmt: skip
+
+
+def released_weights(name: str, arch: str | None = None) -> ReleasedWeights:
+    """torchvision's weights named as its enums name them (``VGG16_BN_Weights.IMAGENET1K_V1``,
+    ``VGG16_BN_Weights.DEFAULT``; ``DEFAULT`` or ``IMAGENET1K_V1`` with ``arch``), or their URL. CheckpointError
+    (one line, with "did you mean" for a misspelt name) otherwise."""
+    from urllib.parse import urlparse
+
+    from torchvision.models import get_model_weights, get_weight
+
+    from train.flags import did_you_mean
+
+    if "://" in name:
+        url, enum_arch = name, None
+    else:
+        if "." not in name:  # DEFAULT / IMAGENET1K_V1: the arch's enum
+            if arch is None:
+                raise CheckpointError(f"--weights {name} needs --arch (vgg11, vgg11_bn, ..., vgg19_bn)")
+            if arch not in ARCHS or not ARCHS[arch].in_torchvision:
+                raise CheckpointError(f"--arch {arch}: torchvision released no weights for it")
+            name = f"{get_model_weights(arch).__name__}.{name.upper()}"
+        try:
+            weights = get_weight(name)
+        except (ValueError, KeyError, AttributeError):
+            hint = did_you_mean(name, _vgg_weight_names())
+            also = f" (did you mean {hint}?)" if hint else "; e.g. VGG16_BN_Weights.IMAGENET1K_V1"
+            raise CheckpointError(f"--weights {name}: not one of torchvision's weights{also}") from None
+        enum_arch = type(weights).__name__.removesuffix("_Weights").lower()
+        if enum_arch not in ARCHS:
+            raise CheckpointError(f"--weights {name}: not a VGG (this project evaluates vgg11 ... vgg19_bn)")
+        if not weights.meta.get("categories"):
+            raise CheckpointError(
+                f"--weights {weights}: only the conv trunk (its classifier is not trained; a detection backbone): "
+                f"use {type(weights).__name__}.IMAGENET1K_V1"
+            )
+        if arch is not None and arch != enum_arch:
+            raise CheckpointError(f"--arch {arch} but --weights {weights} is a {enum_arch}")
+        url, name = weights.url, str(weights)
+    file_name = os.path.basename(urlparse(url).path)
+    if not file_name:
+        raise CheckpointError(f"--weights {url}: the URL names no file")
+    match = torch.hub.HASH_REGEX.search(file_name)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    return ReleasedWeights(name, url, path, enum_arch, match.group(1) if match and match.group(1) else None)
+
+
+def fetch_weights(weights: ReleasedWeights, timeout_s: float = 60.0) -> Path:
+    """The weight file in torch.hub's cache, downloaded there first when missing (sha256 prefix checked as
+    torchvision's loading checks it). Offline: CheckpointError, one line naming the URL and the path to put the
+    file at. torch.hub checks the hash only when it downloads; a cached file whose sha256 does not start with the
+    name's prefix is not torchvision's: said in a warning on stderr (its numbers are not the release's)."""
+    import socket
+    import sys
+    import urllib.error
+
+    path = weights.path
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout_s)  # urllib's connect and reads: no wait of minutes on a firewall
+        try:
+            torch.hub.download_url_to_file(
+                weights.url, str(path), weights.hash_prefix, progress=sys.stderr.isatty()
+            )
+        except (OSError, urllib.error.URLError, RuntimeError) as e:  # RuntimeError: torch.hub's hash mismatch
+            text = str(getattr(e, "reason", None) or e).strip()
+            reason = text.splitlines()[0] if text else type(e).__name__
+            raise CheckpointError(
+                f"cannot download {weights.url} ({reason}); offline, put that file at {path} (torch.hub's cache: "
+                "$TORCH_HOME/hub/checkpoints) and run this again"
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+    elif weights.hash_prefix and not file_sha256(path).startswith(weights.hash_prefix):
+        print(
+            f"warning: {path}: sha256 {file_sha256(path)[:12]}... does not start with {weights.hash_prefix} as "
+            "torchvision's file name says: not the released file (torch.hub checks the hash only when it "
+            "downloads), so its numbers are not the release's; delete it to download the released one",
+            file=sys.stderr,
+            flush=True,
+        )
+    return path
 
 
 @functools.cache

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluate.reference import PAPER_CONFIG, TORCHVISION
-from train.report import format_duration, plot_runs
+from train.report import best_epoch, format_duration, plot_runs
 
 log = logging.getLogger("evaluate")
 
@@ -86,7 +86,14 @@ class RunRow:
     usage_source: str | None = None
     wandb_id: str | None = None
     wandb: str | None = None  # offline | online | none
+    name: str = (
+        ""  # the run's one name in the table and the plot: its folder's (parent/folder when two share it)
+    )
     curve: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.run_dir).name
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -340,8 +347,17 @@ def evaluate_run(run: Path, protocol: str, data: str | None, batch_size: int | N
 # ------------------------------------------------------------------------------------------------- rows
 
 
-def build_row(run: Path, data: str | None = None, batch_size: int | None = None) -> RunRow:
-    """The report's row for one run folder; evaluates best.pth when done and its eval.json is not current."""
+def run_names(runs: list[Path]) -> list[str]:
+    """One name per run: its folder's name, or parent/folder where two runs' folders have the same name."""
+    counts = {n: [r.name for r in runs].count(n) for n in {r.name for r in runs}}
+    return [r.name if counts[r.name] == 1 else f"{r.parent.name}/{r.name}" for r in runs]
+
+
+def build_row(
+    run: Path, data: str | None = None, batch_size: int | None = None, name: str | None = None
+) -> RunRow:
+    """The report's row for one run folder (``name``: its name in the table and plot, default the folder's);
+    evaluates best.pth when done and its eval.json is not current."""
     from slurm.usage import read_usage
 
     cfg = _load_config(run)
@@ -351,9 +367,10 @@ def build_row(run: Path, data: str | None = None, batch_size: int | None = None)
     epochs_done = last_epoch if last_epoch is not None else (curve[-1]["epoch"] if curve else 0)
     state, progress = _state(run, cfg, epochs_done, last_epoch)
     row = RunRow(str(run), arch, recipe, state, progress, epochs_done, cfg.sched.epochs if cfg else None)
+    row.name = name or run.name
     row.curve = curve
-    if curve:
-        best = min(curve, key=lambda r: (r["val_top1_err"], r["epoch"]))
+    best = best_epoch(curve)  # the plot stars the same epoch
+    if best is not None:
         row.best_epoch, row.best_val_top1_err = best["epoch"], best["val_top1_err"]
     tv = TORCHVISION.get(arch)
     if tv is not None:
@@ -405,7 +422,7 @@ def _verdict(row: RunRow) -> str:
 
 
 def format_markdown(rows: list[RunRow], title: str) -> str:
-    head = ("| arch | recipe | state | epochs | protocol | top-1 err | top-5 err | torchvision top-1 / top-5 | "
+    head = ("| run | arch | recipe | state | epochs | protocol | top-1 err | top-5 err | torchvision top-1 / top-5 | "
             "paper top-1 / top-5 | diff top-1 | result | best epoch | wall time | GPU-h | W&B run |")  # fmt: skip
     lines = [f"# {title}", "", head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     for r in rows:
@@ -425,7 +442,7 @@ def format_markdown(rows: list[RunRow], title: str) -> str:
         wall = "–" if r.wall_s is None else format_duration(r.wall_s)
         wandb = f"{r.wandb_id} ({r.wandb})" if r.wandb_id else "–"
         lines.append(
-            f"| {r.arch} | {r.recipe} | {r.state} | {r.progress} | {r.protocol or '–'} | {_num(r.top1_err)} | "
+            f"| {r.label} | {r.arch} | {r.recipe} | {r.state} | {r.progress} | {r.protocol or '–'} | {_num(r.top1_err)} | "
             f"{_num(r.top5_err)} | {tv} | {paper} | {_num(r.diff_top1, '+.2f')} | {_verdict(r)} | "
             f"{r.best_epoch if r.best_epoch is not None else '–'} | {wall} | {hours} | {wandb} |"
         )
@@ -442,7 +459,7 @@ def format_markdown(rows: list[RunRow], title: str) -> str:
             )
         if r.usage_source:
             bits.append(f"time from {r.usage_source}")
-        lines.append(f"- **{r.arch}** ({r.run_dir}): " + "; ".join(bits) if bits else f"- **{r.arch}**: –")
+        lines.append(f"- **{r.label}** ({r.run_dir}): " + "; ".join(bits) if bits else f"- **{r.label}**: –")
     lines += [
         "",
         "Errors in %, over every val image exactly once; diff = ours − the reference the result compares with. "
@@ -453,13 +470,14 @@ def format_markdown(rows: list[RunRow], title: str) -> str:
 
 
 def format_console(rows: list[RunRow]) -> str:
-    header = (f"{'arch':<10} {'state':<11} {'epochs':>7} {'top-1':>7} {'top-5':>7} {'tv top-1':>8} {'paper':>6} "
+    w = max([len(r.label) for r in rows] + [3])
+    header = (f"{'run':<{w}} {'arch':<10} {'state':<11} {'epochs':>7} {'top-1':>7} {'top-5':>7} {'tv top-1':>8} {'paper':>6} "
               f"{'diff':>7} {'result':<17} {'best ep':>7} {'wall':>8} {'GPU-h':>8}  W&B")  # fmt: skip
     lines = [header, "-" * len(header)]
     for r in rows:
         epochs = f"{r.epochs_done}/{r.epochs if r.epochs is not None else '?'}"
         lines.append(
-            f"{r.arch:<10} {r.state:<11} {epochs:>7} {_num(r.top1_err):>7} {_num(r.top5_err):>7} "
+            f"{r.label:<{w}} {r.arch:<10} {r.state:<11} {epochs:>7} {_num(r.top1_err):>7} {_num(r.top5_err):>7} "
             f"{_num(r.torchvision_top1_err):>8} {_num(r.paper_top1_err, '.1f'):>6} {_num(r.diff_top1, '+.2f'):>7} "
             f"{_verdict(r):<17} {r.best_epoch if r.best_epoch is not None else '–':>7} "
             f"{format_duration(r.wall_s) if r.wall_s is not None else '–':>8} "
@@ -467,7 +485,7 @@ def format_console(rows: list[RunRow]) -> str:
         )
     for r in rows:
         if r.state != "done":
-            lines.append(f"{r.arch}: {r.state}, {r.progress}")
+            lines.append(f"{r.label}: {r.state}, {r.progress}")
     return "\n".join(lines)
 
 
@@ -485,7 +503,7 @@ def write_report(rows: list[RunRow], out_dir: Path, title: str) -> dict[str, Pat
     }
     js = atomic_write_text(out_dir / "report.json", json.dumps(record, indent=2) + "\n")
     paths = {"md": md, "json": js}
-    png = plot_runs([(f"{r.recipe}-{r.arch}", r.curve) for r in rows], out_dir / "report.png", title)
+    png = plot_runs([(r.label, r.curve) for r in rows], out_dir / "report.png", title)
     if png is not None:
         paths["png"] = png
     return paths
@@ -495,7 +513,7 @@ def run_report(patterns: list[str], out_dir: str | None = None, data: str | None
                batch_size: int | None = None) -> int:  # fmt: skip
     """``python evaluate --report``: rows for every run, the files written, the exit status."""
     runs = find_runs(patterns)
-    rows = [build_row(run, data, batch_size) for run in runs]
+    rows = [build_row(run, data, batch_size, name) for run, name in zip(runs, run_names(runs), strict=True)]
     target = Path(out_dir) if out_dir else Path(os.path.commonpath([str(r.parent) for r in runs]))
     title = f"VGG sweep report: {target.name or target}"
     paths = write_report(rows, target, title)

@@ -32,6 +32,14 @@ One training per run folder: while a SLURM job launched into the same ``--run-di
 (``squeue``), or a training holds ``<run_dir>/.lock``, the launch is refused in one line (``error: run_dir X
 already has SLURM job 1234 (RUNNING); scancel 1234 first or use another run_dir``). ``--force`` submits anyway; the
 training itself still refuses to start while another one holds the folder.
+
+Nothing submitted that must fail: before submitting, the data root (``train/``/``val/`` class folders, or a pack's
+``manifest.json``), its class count against ``model.num_classes`` and ``<run_dir>/last.pth`` (the training's own
+resume check) are checked on this host; each is one ``error:`` line, exit status 2 (``--dry-run``: a warning).
+``--force`` skips them (a login node that cannot see the data). A SLURM job's run folder or interpreter on
+node-local storage (``/tmp``) is refused whatever ``--force`` says. ``--setup``, ``--sbatch``, ``--srun``,
+``--container-image`` and ``--python`` (``launch.*`` keys) add what a site needs around the job. Familiar flags from
+other trainers (``--epochs``, ``--lr``, ``--output-dir``, ...) are answered with the key or flag to use instead.
 """
 
 from __future__ import annotations
@@ -80,6 +88,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time", help="time limit per job, [D-]HH:MM:SS [72:00:00]; requeued jobs continue")
     p.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 64G (sbatch --mem = this × GPUs per node)")
     p.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task [10]")
+    p.add_argument(
+        "--setup",
+        action="append",
+        metavar="LINE",
+        help="launch.setup: a shell line the sbatch script runs before srun, e.g. 'module load cuda/12.4' or "
+        "'source /shared/env/bin/activate' (repeatable)",
+    )
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="OPT[=VALUE]",
+        help="launch.sbatch_args: another #SBATCH option, e.g. exclusive, reservation=r1, gres=gpu:a100:8 (repeatable)",
+    )
+    p.add_argument(
+        "--srun",
+        action="append",
+        metavar="=--OPT[=VALUE]",
+        help="launch.srun_args: another srun option, e.g. --srun=--cpu-bind=cores (repeatable)",
+    )
+    p.add_argument(
+        "--container-image",
+        help="launch.container_image: run the tasks in this image (pyxis/enroot: srun --container-image); "
+        "name its interpreter with --python, and mount shared paths with --srun=--container-mounts=...",
+    )
+    p.add_argument(
+        "--python",
+        help="launch.python: the interpreter the tasks run [this one]; it must exist on every node",
+    )
     p.add_argument("--data", help="data.root: ImageNet root with train/ and val/")
     p.add_argument("--run-dir", help="run_dir: config, checkpoints, logs (on storage shared by all nodes)")
     p.add_argument("--cluster", choices=["slurm", "local", "debug"], help="where to run [recipe's; slurm]")
@@ -91,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="submit without the checks on this host: a job of this run_dir queued/running or a training holding "
         "its lock; the data root (train/, val/ or a pack's manifest), its class count against model.num_classes and "
         "the run folder's last.pth (arch, recipe). For a login node that cannot see the data (the training's lock "
-        "still refuses to run two at once, and the job still checks the rest when it starts)",
+        "still refuses to run two at once, and the job still checks the rest when it starts; a node-local run "
+        "folder or interpreter is refused even so)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
@@ -111,10 +148,17 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     for flag, key in [("partition", "launch.partition"), ("account", "launch.account"), ("qos", "launch.qos"),
                       ("constraint", "launch.constraint"), ("time", "launch.time"),
                       ("mem_per_gpu", "launch.mem_per_gpu"), ("cluster", "launch.cluster"),
-                      ("data", "data.root"), ("run_dir", "run_dir")]:  # fmt: skip
+                      ("data", "data.root"), ("run_dir", "run_dir"), ("container_image", "launch.container_image"),
+                      ("python", "launch.python"), ("setup", "launch.setup"), ("srun", "launch.srun_args")]:  # fmt: skip
         value = getattr(args, flag)
         if value is not None:
             out.append(f"{key}={json.dumps(value)}")
+    if args.sbatch:
+        options = {}
+        for item in args.sbatch:  # exclusive | reservation=r1 | --gres=gpu:a100:8
+            name, sep, value = item.lstrip("-").partition("=")
+            options[name.replace("-", "_")] = value if sep else True
+        out.append(f"launch.sbatch_args={json.dumps(options)}")
     return out
 
 

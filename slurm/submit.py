@@ -214,17 +214,20 @@ def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
             f"{cfg.data.batch_size} stays the same"
         )
     if cfg.launch.cluster == "slurm":
-        where = node_local_storage(cfg.run_dir)
-        if where:
-            warnings.append(
-                f"run folder {cfg.run_dir} is on node-local storage ({where}): other nodes cannot write "
-                f"checkpoints or logs there and submitit cannot read results back; use shared storage (--run-dir)"
+        python = cfg.launch.python or sys.executable
+        # its folder, not the file: a venv's bin/python links to the system interpreter wherever the venv is
+        where = node_local_storage(os.path.dirname(python)) if os.path.isabs(python) else None
+        if where:  # the tasks run this path on every node: it must be there
+            raise LaunchError(
+                f"the job's interpreter {python} is on node-local storage ({where}): the compute nodes cannot run "
+                f"it; install the environment on storage every node sees, or name one with --python"
             )
     elif not Path(cfg.data.root).is_dir():
         raise LaunchError(
             f"data root {cfg.data.root!r} does not exist (expected train/<wnid>/*.JPEG and val/...; "
             f"`python -m data_pipeline demo {cfg.data.root}` makes the demo dataset)"
         )
+    extra_sbatch_options(cfg)  # refused now, not while the script is rendered
     timeout_min = parse_time_min(la.time)
     if cfg.launch.cluster != "debug" and timeout_min * 60 <= la.signal_delay_s:
         raise LaunchError(
@@ -279,6 +282,46 @@ def slurm_parameters(plan: Plan) -> dict[str, Any]:
     return params
 
 
+# sbatch options the launcher sets itself: launch.sbatch_args may not set them (the flag that does is named)
+MANAGED_SBATCH = {"nodes": "--nodes", "ntasks_per_node": "--gpus", "gpus_per_node": "--gpus", "time": "--time",
+                  "cpus_per_task": "--cpus-per-gpu", "mem": "--mem-per-gpu", "partition": "--partition",
+                  "account": "--account", "qos": "--qos", "constraint": "--constraint", "signal": "launch.signal_delay_s",
+                  "job_name": "--run-dir", "output": "--run-dir", "error": "--run-dir", "requeue": None,
+                  "dependency": None, "open_mode": None}  # fmt: skip
+
+
+def extra_sbatch_options(cfg: Config) -> dict[str, Any]:
+    """``launch.sbatch_args`` as submitit's ``additional_parameters``; LaunchError (one line) for an option the
+    launcher sets itself (naming the flag that does)."""
+    extra = {str(k).replace("-", "_").lstrip("_"): v for k, v in cfg.launch.sbatch_args.items()}
+    for key in extra:
+        if key in MANAGED_SBATCH:
+            flag = MANAGED_SBATCH[key]
+            how = f"use {flag}" if flag else "the launcher sets it"
+            raise LaunchError(
+                f"launch.sbatch_args.{key}: the launcher sets #SBATCH --{key.replace('_', '-')}; {how}"
+            )
+    return extra
+
+
+def site_parameters(plan: Plan, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (:func:`slurm_parameters`) with the site's options added: ``launch.setup`` (shell lines before
+    srun: submitit's ``setup``), ``launch.sbatch_args`` (more ``#SBATCH`` lines), ``launch.srun_args`` and
+    ``launch.container_image`` (pyxis: ``srun --container-image=IMAGE``), after any srun options of ``params``.
+    LaunchError (one line) for an sbatch option the launcher sets itself."""
+    la = plan.cfg.launch
+    out = dict(params)
+    extra_sbatch = extra_sbatch_options(plan.cfg)
+    if extra_sbatch:
+        out["additional_parameters"] = {**params.get("additional_parameters", {}), **extra_sbatch}
+    if la.setup:
+        out["setup"] = [*params.get("setup", []), *la.setup]
+    srun = [*la.srun_args, *([f"--container-image={la.container_image}"] if la.container_image else [])]
+    if srun:
+        out["srun_args"] = [*params.get("srun_args", []), *srun]
+    return out
+
+
 class _PlanOnlySlurmExecutor(SlurmExecutor):
     """submitit's SlurmExecutor without its ``srun`` check, used only to render the sbatch script (dry run)."""
 
@@ -289,8 +332,9 @@ class _PlanOnlySlurmExecutor(SlurmExecutor):
 
 def sbatch_script(plan: Plan) -> str:
     """The sbatch script submitit would submit for this plan (rendered by submitit itself; nothing runs)."""
-    executor = _PlanOnlySlurmExecutor(plan.folder, max_num_timeout=plan.cfg.launch.max_num_timeout)
-    executor.update_parameters(**slurm_parameters(plan))
+    la = plan.cfg.launch
+    executor = _PlanOnlySlurmExecutor(plan.folder, max_num_timeout=la.max_num_timeout, python=la.python)
+    executor.update_parameters(**site_parameters(plan, slurm_parameters(plan)))
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
@@ -309,8 +353,10 @@ def make_executor(plan: Plan) -> submitit.Executor:
     la = plan.cfg.launch
     if plan.cluster == "slurm":
         require_slurm_clients()
-        executor: submitit.Executor = submitit.SlurmExecutor(plan.folder, max_num_timeout=la.max_num_timeout)
-        executor.update_parameters(**slurm_parameters(plan))
+        executor: submitit.Executor = submitit.SlurmExecutor(
+            plan.folder, max_num_timeout=la.max_num_timeout, python=la.python
+        )
+        executor.update_parameters(**site_parameters(plan, slurm_parameters(plan)))
     elif plan.cluster == "local":
         executor = submitit.LocalExecutor(plan.folder, max_num_timeout=la.max_num_timeout)
         executor.update_parameters(
@@ -547,9 +593,9 @@ def dry_run(plan: Plan, out: TextIO | None = None, force: bool = False) -> int:
     out = out or sys.stdout
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    problem = None if force else presubmit_problem(plan.cfg)
-    if problem:
-        print(f"warning: the launch would refuse this: {problem}", file=sys.stderr)
+    for problem in (node_local_problem(plan.cfg), None if force else presubmit_problem(plan.cfg)):
+        if problem:
+            print(f"warning: the launch would refuse this: {problem}", file=sys.stderr)
     print(
         f"# resolved config (written to {plan.cfg.run_dir}/config.yaml by the job once it starts training)",
         file=out,
@@ -669,6 +715,27 @@ def _ctrl_c_raises():
         signal.signal(signal.SIGINT, previous)
 
 
+ONE_MACHINE_VAR = (
+    "VGG_ONE_MACHINE_CLUSTER"  # =1: every node is this machine, its /tmp is theirs (test clusters)
+)
+
+
+def node_local_problem(cfg: Config) -> str | None:
+    """Why a SLURM job cannot use its run folder: on node-local storage (/tmp, a tmpfs), where the nodes it runs on
+    cannot write checkpoints and logs for each other and submitit cannot read results back; None otherwise, for
+    other clusters, or where every node is this machine (``VGG_ONE_MACHINE_CLUSTER=1``: the test clusters)."""
+    if cfg.launch.cluster != "slurm" or os.environ.get(ONE_MACHINE_VAR) == "1":
+        return None
+    where = node_local_storage(cfg.run_dir)
+    if not where:
+        return None
+    return (
+        f"run folder {cfg.run_dir} is on node-local storage ({where}): the job's nodes cannot write checkpoints and "
+        f"logs there for each other, and submitit cannot read results back; use shared storage (--run-dir) (a "
+        f"cluster whose every node is this machine: {ONE_MACHINE_VAR}=1)"
+    )
+
+
 def data_problem(cfg: Config) -> str | None:
     """What makes ``data.root`` unusable for this config, in one line naming the fix, or None. Cheap at ImageNet
     scale: the class folders of ``train/`` and ``val/`` are listed (one directory each) and one class folder of
@@ -772,7 +839,7 @@ def check_run_dir(plan: Plan, out: TextIO | None = None, force: bool = False) ->
             check_run_dir_free(cfg.run_dir)  # a training holds it now (this node, or any node on NFS)
     except RunError as e:
         raise LaunchError(str(e)) from None
-    problem = None if force else presubmit_problem(cfg)
+    problem = node_local_problem(cfg) or (None if force else presubmit_problem(cfg))
     if problem:  # the job would fail as soon as it starts, after its queue wait: submit nothing
         raise LaunchError(problem)
     done = finished_epoch(cfg)
@@ -926,6 +993,7 @@ __all__ = [
     "make_executor",
     "make_plan",
     "memory_per_node",
+    "node_local_problem",
     "node_local_storage",
     "parse_time_min",
     "presubmit_problem",
@@ -933,6 +1001,7 @@ __all__ = [
     "report",
     "require_slurm_clients",
     "sbatch_script",
+    "site_parameters",
     "slurm_job_ids",
     "slurm_parameters",
     "start",

@@ -39,6 +39,7 @@ from slurm.submit import (
     check_run_dir,
     follow_to_end,
     make_plan,
+    node_local_problem,
     presubmit_problem,
     sbatch_script,
     start,
@@ -165,7 +166,8 @@ def dry_run_sweep(jobs: list[SweepJob], out: TextIO | None = None, force: bool =
           f"W&B group {first.cfg.log.group!r} (dry run: nothing submitted)", file=out)  # fmt: skip
     for w in dict.fromkeys(w for j in jobs for w in j.plan.warnings):
         print(f"warning: {w}", file=sys.stderr)
-    problems = {} if force else {j.arch: presubmit_problem(j.plan.cfg) for j in jobs}
+    problems = {j.arch: node_local_problem(j.plan.cfg) or (None if force else presubmit_problem(j.plan.cfg))
+                for j in jobs}  # fmt: skip
     for problem in dict.fromkeys(p for p in problems.values() if p):  # the same data root: said once
         print(f"warning: the launch would refuse this: {problem}", file=sys.stderr)
     for j in jobs:

@@ -272,6 +272,9 @@ def slurm_env(slurm_cluster: SlurmCluster, monkeypatch: pytest.MonkeyPatch) -> S
     runs ``sbatch``/``sacct`` with the process environment, and jobs inherit it)."""
     for key in ("SLURM_CONF", "PYTHONPATH"):
         monkeypatch.setenv(key, slurm_cluster.env[key])
+    monkeypatch.setenv(
+        "VGG_ONE_MACHINE_CLUSTER", "1"
+    )  # its node is this machine: /tmp run folders are shared
     return slurm_cluster
 
 
@@ -280,4 +283,7 @@ def slurm2_env(slurm_cluster2: SlurmCluster, monkeypatch: pytest.MonkeyPatch) ->
     """``slurm_env`` for the two-node cluster."""
     for key in ("SLURM_CONF", "PYTHONPATH"):
         monkeypatch.setenv(key, slurm_cluster2.env[key])
+    monkeypatch.setenv(
+        "VGG_ONE_MACHINE_CLUSTER", "1"
+    )  # both nodes are this machine (namespaces): /tmp is shared
     return slurm_cluster2

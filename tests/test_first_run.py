@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 import train.__main__ as train_cli
 from data_pipeline.shards import pack
+from evaluate.__main__ import main as evaluate_main
 from evaluate.report import build_row, format_console
 from slurm import launch
 from slurm.submit import checkpoint_problem, data_problem
@@ -239,13 +241,9 @@ def test_slurm_missing_data_root_submits_nothing_and_a_job_that_fails_anyway_is_
             "data.workers=0", "launch.cpus_per_gpu=1", "dist.device=cpu")  # fmt: skip
     code, out, err = run_main(capsys, launch.main, *args)
     assert code == 2 and out == ""
-    *warnings, error = (
-        err.splitlines()
-    )  # (the warning: a /tmp run folder, shared here, not on a real cluster)
-    assert all(w.startswith(f"warning: run folder {run_dir} is on node-local storage") for w in warnings), err
-    assert error == (
+    assert err == (
         f"error: data root {missing} does not exist on this host: check --data (on a login node that cannot see the "
-        "data, --force submits without the checks)"
+        "data, --force submits without the checks)\n"
     )
     job_name = f"vgg-{name}"
     assert slurm_env.run("squeue", "-h", "-n", job_name, "-o", "%i").stdout.strip() == ""
@@ -267,3 +265,191 @@ def test_slurm_missing_data_root_submits_nothing_and_a_job_that_fails_anyway_is_
         f"not exist (expected {missing}/train/<wnid>/*.JPEG); log: {log_path})"
     )
     assert f"{row.arch}: failed, {row.progress}" in format_console([row])
+
+
+# ------------------------------------------------------------------------------------- released weights by name
+
+VGG11_FILE = (
+    "vgg11-8a719046.pth"  # torchvision's file name for VGG11_Weights.IMAGENET1K_V1 (sha256 prefix in it)
+)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch.hub cache (TORCH_HOME) and no way out: every https request goes to a closed local port, a
+    real connection refusal, so nothing is downloaded here even where the machine has internet."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_released_weights_by_name_offline_name_the_url_and_the_cache_path(capsys, offline_hub):
+    code, out, err = run_main(capsys, evaluate_main, "--weights", "VGG16_BN_Weights.IMAGENET1K_V1")
+    url = "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"
+    assert code == 2 and out == ""
+    assert re.fullmatch(
+        rf"error: cannot download {re.escape(url)} \(.+\); offline, put that file at "
+        rf"{re.escape(str(offline_hub / 'vgg16_bn-6c64b313.pth'))} \(torch.hub's cache: \$TORCH_HOME/hub/checkpoints\) "
+        r"and run this again\n",
+        err,
+    ), err
+    # the arch's default weights, and the URL itself (--checkpoint URL too: not mangled to https:/...)
+    for args in (("--arch", "vgg16_bn", "--weights", "DEFAULT"), ("--weights", url), ("--checkpoint", url)):
+        code, _, err = run_main(capsys, evaluate_main, *args)
+        assert code == 2 and err.startswith(f"error: cannot download {url} (") and err.count("\n") == 1, err
+    assert [p.name for p in offline_hub.iterdir()] == []  # no partial download left behind
+    code, _, err = run_main(capsys, evaluate_main, "--weights", "VGG16BN_Weights.IMAGENET1K_V1")
+    assert code == 2 and err == (
+        "error: --weights VGG16BN_Weights.IMAGENET1K_V1: not one of torchvision's weights (did you mean "
+        "VGG16_BN_Weights.IMAGENET1K_V1?)\n"
+    )
+
+
+def test_released_weights_load_from_torch_hubs_cache(capsys, offline_hub, small_tree):
+    """A real vgg11 weight file (zeros: the numbers are not the point) under torchvision's file name in the cache:
+    loaded from there with no network. torch.hub verifies the sha256 prefix in the name only when it downloads, so
+    a cached file is used as it is; ours is not torchvision's release, and a warning says so."""
+    with torch.device("meta"):
+        shapes = torchvision.models.vgg11().state_dict()
+    offline_hub.mkdir(parents=True)
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, offline_hub / VGG11_FILE)
+    image = next((small_tree / "val").rglob("*.JPEG"))
+    code, out, err = run_main(capsys, evaluate_main, "--weights", "VGG11_Weights.IMAGENET1K_V1", "--predict",
+                              str(image))  # fmt: skip
+    assert code == 0, err
+    assert out.startswith(f"{image}:") and "tench" in out  # ImageNet's class names: a 1000-class vgg11 ran
+    assert re.fullmatch(
+        rf"warning: {re.escape(str(offline_hub / VGG11_FILE))}: sha256 [0-9a-f]{{12}}\.\.\. does not start with "
+        r"8a719046 as torchvision's file name says: not the released file \(torch.hub checks the hash only when it "
+        r"downloads\), so its numbers are not the release's; delete it to download the released one\n",
+        err,
+    ), err
+    assert sorted(p.name for p in offline_hub.iterdir()) == [VGG11_FILE]
+
+
+# ------------------------------------------------------------------------------------------------------- plots
+
+
+def _epoch(n: int, top1: float) -> dict[str, float]:
+    return {"epoch": n, "train_loss": 2.0 / n, "val_loss": 2.2 / n, "train_top1_err": top1 - 5,
+            "val_top1_err": top1, "train_top5_err": top1 / 4, "val_top5_err": top1 / 3}  # fmt: skip
+
+
+def _visible(line) -> bool:
+    """A line shows something: a marker, or a line style over two or more points."""
+    return line.get_marker() not in (None, "None", "", " ") or (
+        len(line.get_xdata()) > 1 and line.get_linestyle() not in ("None", "", " ")
+    )
+
+
+def test_curves_one_colour_per_series_best_epoch_marked_single_points_visible():
+    import matplotlib.pyplot as plt
+
+    from train.report import curves_figure
+
+    epochs = [_epoch(1, 60.0), _epoch(2, 40.0), _epoch(3, 40.0), _epoch(4, 45.0)]
+    steps = [{"epoch_float": 0.5, "loss": 2.5}, {"epoch_float": 1.0, "loss": 2.1}]
+    fig, (ax_loss, ax_err) = curves_figure(epochs, steps)
+    colours: dict[str, set] = {"train": set(), "val": set()}
+    for ax in (ax_loss, ax_err):
+        for line in ax.get_lines():
+            series = line.get_label().split()[0]
+            if series in colours:
+                colours[series].add(line.get_color())
+    assert len(colours["train"]) == 1 and len(colours["val"]) == 1 and colours["train"] != colours["val"]
+    (best,) = [ln for ln in ax_err.get_lines() if ln.get_label().startswith("best")]
+    assert (list(best.get_xdata()), list(best.get_ydata())) == ([2], [40.0])  # the earliest of equal errors
+    assert best.get_label() == "best: epoch 2, val top-1 40.00 %"
+    assert all(any(ln.get_xdata()[0] == 2 for ln in ax.get_lines() if list(ln.get_xdata()) == [2, 2])
+               for ax in (ax_loss, ax_err))  # the best epoch ruled on both panels  # fmt: skip
+    plt.close(fig)
+    # a 1-epoch run (one step logged): every series still shows its point
+    fig, axes = curves_figure([_epoch(1, 70.0)], [{"epoch_float": 1.0, "loss": 2.3}])
+    lines = [ln for ax in axes for ln in ax.get_lines() if len(ln.get_xdata()) == 1]
+    assert len(lines) == 1 + 2 + 4 + 1 and all(_visible(ln) for ln in lines)
+    assert axes[0].get_xlim() == (0.0, 2.0)
+    plt.close(fig)
+
+
+def test_report_one_name_per_run_in_the_table_and_the_plot(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from evaluate.report import RunRow, format_console, format_markdown, run_names
+    from train.report import runs_figure
+
+    runs = [
+        tmp_path / "a" / "demo-vgg11_bn",
+        tmp_path / "b" / "demo-vgg11_bn",
+        tmp_path / "a" / "demo-vgg13_bn",
+    ]
+    names = run_names(runs)
+    assert names == ["a/demo-vgg11_bn", "b/demo-vgg11_bn", "demo-vgg13_bn"]
+    rows = [RunRow(run_dir=str(r), arch=r.name[5:], recipe="demo", state="stopped", progress="1/3 epochs",
+                   epochs_done=1, epochs=3, name=n, curve=[_epoch(1, 50.0 + i)])
+            for i, (r, n) in enumerate(zip(runs, names, strict=True))]  # fmt: skip
+    md, console = format_markdown(rows, "t"), format_console(rows)
+    for n, r in zip(names, rows, strict=True):
+        assert f"| {n} | {r.arch} | demo | stopped |" in md and f"- **{n}**" in md
+        assert console.count(f"{n} ") >= 1 and f"{n}: stopped, 1/3 epochs" in console
+    fig, (ax_err, ax_loss) = runs_figure([(r.label, r.curve) for r in rows])
+    for ax in (ax_err, ax_loss):
+        labelled = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        assert [ln.get_label() for ln in labelled] == names  # one entry per run, its table name
+        # one colour per run across panels
+        assert [ln.get_color() for ln in labelled] == ["C0", "C1", "C2"]
+    singles = [ln for ax in (ax_err, ax_loss) for ln in ax.get_lines()]
+    assert all(_visible(ln) for ln in singles)  # 1-epoch runs: every point shows
+    stars = [ln for ln in ax_err.get_lines() if ln.get_marker() == "*"]
+    assert [(ln.get_color(), list(ln.get_xdata())) for ln in stars] == [("C0", [1]), ("C1", [1]), ("C2", [1])]
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ what real sites need around the job
+
+
+def test_setup_lines_sbatch_and_srun_options_and_a_container_in_the_sbatch_script(capsys, imagenet_layout):
+    common = ("--arch", "vgg16_bn", "--gpus", "8", "--run-dir", "/shared/runs/v16", "--data", str(imagenet_layout),
+              "--dry-run")  # fmt: skip
+    code, out, err = run_main(capsys, launch.main, *common, "--setup", "module load cuda/12.4", "--setup",
+                              "source /shared/env/bin/activate", "--sbatch", "exclusive", "--sbatch",
+                              "reservation=r1", "--sbatch=--gres=gpu:a100:8", "--srun=--cpu-bind=cores",
+                              "--container-image", "nvcr.io/nvidia/pytorch:24.10-py3", "--python", "python3",
+                              "launch.sbatch_args.comment=first")  # fmt: skip
+    assert code == 0, err
+    script = out.split("# sbatch script submitit would submit")[1]
+    for line in ("#SBATCH --exclusive\n", "#SBATCH --reservation=r1\n", "#SBATCH --gres=gpu:a100:8\n",
+                 "#SBATCH --comment=first\n", "#SBATCH --nodes=1\n"):  # fmt: skip
+        assert line in script
+    assert "# setup\nmodule load cuda/12.4\nsource /shared/env/bin/activate\n" in script
+    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    assert srun.endswith(
+        " --cpu-bind=cores --container-image=nvcr.io/nvidia/pytorch:24.10-py3 python3 -u -m submitit.core._submit "
+        "/shared/runs/v16/slurm/%j"
+    )
+    # the resolved config holds them as launch.* keys
+    assert "setup: [module load cuda/12.4, source /shared/env/bin/activate]" in out
+    assert "container_image: nvcr.io/nvidia/pytorch:24.10-py3" in out
+    code, out, err = run_main(capsys, launch.main, *common, "--sbatch", "time=10")
+    assert (
+        code == 2 and err == "error: launch.sbatch_args.time: the launcher sets #SBATCH --time; use --time\n"
+    )
+
+
+def test_an_interpreter_on_node_local_storage_is_refused_for_slurm(capsys, imagenet_layout):
+    common = ("--arch", "vgg16_bn", "--gpus", "8", "--run-dir", "/shared/runs/v16", "--data", str(imagenet_layout),
+              "--dry-run", "--python", "/tmp/env/bin/python")  # fmt: skip
+    code, out, err = run_main(capsys, launch.main, *common)
+    assert (
+        code == 2
+        and out == ""
+        and err
+        == (
+            "error: the job's interpreter /tmp/env/bin/python is on node-local storage (/tmp): the compute nodes cannot "
+            "run it; install the environment on storage every node sees, or name one with --python\n"
+        )
+    )
+    code, out, err = run_main(capsys, launch.main, *common, "--cluster", "local")  # this machine: fine
+    assert code == 0, err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,14 +215,23 @@ def test_no_sbatch_suggests_cluster_local(tmp_path, tree):
     assert not (tmp_path / "r").exists()
 
 
-def test_run_folder_on_tmp_is_a_warning(capsys, imagenet_layout):
+def test_run_folder_on_tmp_is_refused_for_slurm(capsys, imagenet_layout, monkeypatch):
+    monkeypatch.delenv("VGG_ONE_MACHINE_CLUSTER", raising=False)
+    message = (
+        "run folder /tmp/vgg-run is on node-local storage (/tmp): the job's nodes cannot write checkpoints and logs "
+        "there for each other, and submitit cannot read results back; use shared storage (--run-dir) (a cluster "
+        "whose every node is this machine: VGG_ONE_MACHINE_CLUSTER=1)"
+    )
     code, out, err = main_output(capsys, "--arch", "vgg16", "--gpus", "8", "--run-dir", "/tmp/vgg-run",
                                  "--data", str(imagenet_layout), "--dry-run")  # fmt: skip
     assert code == 0 and "#SBATCH --nodes=1" in out
-    assert err.strip() == (
-        "warning: run folder /tmp/vgg-run is on node-local storage (/tmp): other nodes cannot write checkpoints or "
-        "logs there and submitit cannot read results back; use shared storage (--run-dir)"
-    )
+    assert err == f"warning: the launch would refuse this: {message}\n"
+    # the launch itself: one line, nothing written (where sbatch is on PATH: the check comes after that one)
+    if shutil.which("sbatch") and shutil.which("srun"):
+        code, out, err = main_output(capsys, "--arch", "vgg16", "--gpus", "8", "--run-dir", "/tmp/vgg-run",
+                                     "--data", str(imagenet_layout))  # fmt: skip
+        assert code == 2 and out == "" and err == f"error: {message}\n"
+        assert not Path("/tmp/vgg-run").exists()
     # local and debug runs stay on this machine: /tmp is fine there
     code, out, err = main_output(capsys, "--arch", "vgg16", "--gpus", "8", "--run-dir", "/tmp/vgg-run",
                                  "--data", str(imagenet_layout), "--cluster", "local", "--dry-run")  # fmt: skip

@@ -274,7 +274,7 @@ def test_report_numbers_are_each_runs_eval_json(reported):
         wandb_id = (run / "wandb_id.txt").read_text().strip()
         assert (row["wandb_id"], row["wandb"]) == (wandb_id, "offline")
         assert list(run.glob(f"wandb/offline-run-*-{wandb_id}"))
-        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {arch} |"))
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| demo-{arch} | {arch} |"))
         assert f"| {ev['top1_err']:.2f} | {ev['top5_err']:.2f} |" in line and f"{wandb_id} (offline)" in line
         assert f"| {2 * seconds / 3600:.3f} (CPU) |" in line
     with Image.open(run_dir / "report.png") as png:  # the learning curves open as a PNG
@@ -328,7 +328,7 @@ def test_report_lists_unfinished_runs_with_their_progress(sweep, tmp_path):
     }
     assert rows["demo-training"]["progress"] == "1/3 epochs (training)"
     assert (
-        "vgg11_bn: stopped, 1/3 epochs (stopped: nothing runs; the same launch command resumes it)"
+        "demo-stopped: stopped, 1/3 epochs (stopped: nothing runs; the same launch command resumes it)"
         in out.stdout
     )
     assert not (table / "demo-stopped" / "eval.json").exists()  # unfinished: not evaluated

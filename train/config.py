@@ -169,6 +169,16 @@ class LaunchConfig:
     cpus_per_gpu: int = 10
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
     max_num_timeout: int = 20
+    # What real sites need around the job (slurm/launch.py --setup, --sbatch, --srun, --container-image, --python):
+    setup: list[str] = field(
+        default_factory=list
+    )  # shell lines before srun: module load ..., conda activate ...
+    sbatch_args: dict[str, Any] = field(
+        default_factory=dict
+    )  # more #SBATCH options: {exclusive: true, gres: ...}
+    srun_args: list[str] = field(default_factory=list)  # more srun options: [--cpu-bind=cores, --mpi=pmix]
+    container_image: str | None = None  # pyxis/enroot: srun --container-image=IMAGE
+    python: str | None = None  # the interpreter the tasks run (default: the launcher's own, sys.executable)
 
 
 @dataclass
@@ -409,7 +419,7 @@ def _check_keys(raw: Any, schema: Any, source: str, prefix: str = "") -> None:
                     f"{source}: {full!r} is a section (keys: {', '.join(_field_names(child))}), not a value"
                 )
             _check_keys(value, child, source, f"{full}.")
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and not isinstance(child, dict):  # (a dict-valued key takes a dict)
             raise ConfigError(f"{source}: {full!r} is a value, not a section")
 
 

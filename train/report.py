@@ -109,6 +109,17 @@ class JsonLines:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
+TRAIN_COLOR, VAL_COLOR = "C0", "C1"  # one colour per series in both panels: train blue, val orange
+BEST_STYLE = dict(
+    marker="*", ms=14, color="C3", ls="none", zorder=5
+)  # the best epoch (lowest val top-1 error)
+
+
+def best_epoch(epochs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The epoch record with the lowest val top-1 error (the earliest of equals, as best.pth is kept)."""
+    return min(epochs, key=lambda e: (e["val_top1_err"], e["epoch"])) if epochs else None
+
+
 def plot_curves(
     epochs: list[dict[str, Any]], steps: list[dict[str, Any]], path: Path, title: str
 ) -> Path | None:
@@ -121,22 +132,41 @@ def plot_curves(
         return None
 
     matplotlib.use("Agg")
+    fig, axes = curves_figure(epochs, steps)
+    return _save_figure(fig, axes, title, path, legend_size=8)
+
+
+def curves_figure(epochs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> tuple[Any, tuple[Any, ...]]:
+    """The figure of :func:`plot_curves`: train in one colour and val in another on both panels (top-1 solid, top-5
+    dotted), every series with markers (a 1-epoch run shows its points), the best epoch starred and ruled."""
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
-        ax_loss.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.6,
+        ax_loss.plot([s["epoch_float"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.4,
+                     color=TRAIN_COLOR, marker="." if len(steps) == 1 else None,
                      label="train (logged intervals)")  # fmt: skip
     if epochs:
         x = [e["epoch"] for e in epochs]
-        ax_loss.plot(x, [e["train_loss"] for e in epochs], "o-", label="train (epoch mean)")
-        ax_loss.plot(x, [e["val_loss"] for e in epochs], "s-", label="val")
-        for key, style in (("train_top1_err", "o--"), ("val_top1_err", "s-"), ("train_top5_err", "o:"),
-                           ("val_top5_err", "s:")):  # fmt: skip
-            ax_err.plot(x, [e[key] for e in epochs], style, label=key.replace("_", " "))
+        ax_loss.plot(
+            x, [e["train_loss"] for e in epochs], "o-", color=TRAIN_COLOR, label="train (epoch mean)"
+        )
+        ax_loss.plot(x, [e["val_loss"] for e in epochs], "s-", color=VAL_COLOR, label="val")
+        for key, style, color in (("train_top1_err", "o-", TRAIN_COLOR), ("val_top1_err", "s-", VAL_COLOR),
+                                  ("train_top5_err", "o:", TRAIN_COLOR), ("val_top5_err", "s:", VAL_COLOR)):  # fmt: skip
+            ax_err.plot(x, [e[key] for e in epochs], style, color=color, ms=4, label=key.replace("_", " "))
+        best = best_epoch(epochs)
+        assert best is not None
+        for ax in (ax_loss, ax_err):
+            ax.axvline(best["epoch"], color=BEST_STYLE["color"], lw=0.8, ls="--", alpha=0.6)
+        ax_err.plot([best["epoch"]], [best["val_top1_err"]], **BEST_STYLE,
+                    label=f"best: epoch {best['epoch']}, val top-1 {best['val_top1_err']:.2f} %")  # fmt: skip
+        if len(set(x)) == 1:  # one epoch: a readable x range around it, not matplotlib's ±0.05
+            for ax in (ax_loss, ax_err):
+                ax.set_xlim(x[0] - 1, x[0] + 1)
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
-    ax_err.set(xlabel="epoch", ylabel="error (%)", title="top-1 / top-5 error")
-    return _save_figure(fig, (ax_loss, ax_err), title, path, legend_size=8)
+    ax_err.set(xlabel="epoch", ylabel="error (%)", title="top-1 (solid) / top-5 (dotted) error")
+    return fig, (ax_loss, ax_err)
 
 
 def _save_figure(fig: Any, axes: tuple[Any, ...], title: str, path: Path, legend_size: int) -> Path:
@@ -156,26 +186,40 @@ def _save_figure(fig: Any, axes: tuple[Any, ...], title: str, path: Path, legend
 
 def plot_runs(runs: list[tuple[str, list[dict[str, Any]]]], path: Path, title: str) -> Path | None:
     """The learning curves of several runs on one plot: val top-1 error and train loss per epoch, one line per run
-    (``runs``: (label, metrics.jsonl records)). None when no run has a finished epoch."""
+    (``runs``: (name, metrics.jsonl records); the name is the one the report's table uses). None when no run has a
+    finished epoch."""
     runs = [(label, epochs) for label, epochs in runs if epochs]
     if not runs:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
+    fig, axes = runs_figure(runs)
+    return _save_figure(fig, axes, title, path, legend_size=7)
+
+
+def runs_figure(runs: list[tuple[str, list[dict[str, Any]]]]) -> tuple[Any, tuple[Any, ...]]:
+    """The figure of :func:`plot_runs`: one colour per run on both panels, named once in each legend; every series
+    with markers (a 1-epoch run shows its points); each run's best epoch (lowest val top-1) starred."""
     import matplotlib.pyplot as plt
 
     fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, epochs in runs:
+    for i, (name, epochs) in enumerate(runs):
+        color = f"C{i % 10}"
         x = [e["epoch"] for e in epochs]
-        (line,) = ax_err.plot(x, [e["val_top1_err"] for e in epochs], "o-", ms=3, label=f"{label} val top-1")
-        ax_err.plot(x, [e["val_top5_err"] for e in epochs], ":", color=line.get_color(), lw=1)
-        ax_loss.plot(
-            x, [e["train_loss"] for e in epochs], "o-", ms=3, color=line.get_color(), label=f"{label} train"
-        )
-        ax_loss.plot(
-            x, [e["val_loss"] for e in epochs], "--", color=line.get_color(), lw=1, label=f"{label} val"
-        )
-    ax_err.set(xlabel="epoch", ylabel="val error (%)", title="val top-1 (solid) / top-5 (dotted) error")
+        ax_err.plot(x, [e["val_top1_err"] for e in epochs], "o-", ms=3, color=color, label=name)
+        ax_err.plot(x, [e["val_top5_err"] for e in epochs], "o:", ms=2, color=color, lw=1)
+        best = best_epoch(epochs)
+        assert best is not None
+        ax_err.plot([best["epoch"]], [best["val_top1_err"]], **{**BEST_STYLE, "color": color, "ms": 11})
+        ax_loss.plot(x, [e["train_loss"] for e in epochs], "o-", ms=3, color=color, label=name)
+        ax_loss.plot(x, [e["val_loss"] for e in epochs], "s--", ms=2, color=color, lw=1)
+    if len({e["epoch"] for _, epochs in runs for e in epochs}) == 1:  # 1-epoch runs: a readable x range
+        only = runs[0][1][0]["epoch"]
+        for ax in (ax_err, ax_loss):
+            ax.set_xlim(only - 1, only + 1)
+    ax_err.set(
+        xlabel="epoch", ylabel="val error (%)", title="val top-1 (solid) / top-5 (dotted) error; * best"
+    )
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss: train (solid), val (dashed)")
-    return _save_figure(fig, (ax_err, ax_loss), title, path, legend_size=7)
+    return fig, (ax_err, ax_loss)
