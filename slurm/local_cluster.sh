@@ -416,6 +416,8 @@ write_configs() {
 		# configuration source".
 		export SLURM_CONF=$CONF
 		export SLURM_LOCAL_DIR=$STATE
+		# every node of this cluster is this machine: its /tmp is theirs (slurm/launch.py accepts a /tmp run folder)
+		export VGG_ONE_MACHINE_CLUSTER=1
 		case ":\$PATH:" in *:/usr/sbin:*) ;; *) export PATH="\$PATH:/usr/sbin" ;; esac
 	EOF
 }
