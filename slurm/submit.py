@@ -272,11 +272,23 @@ def slurm_parameters(plan: Plan) -> dict[str, Any]:
     }
     if plan.dependency:
         params["additional_parameters"].update(dependency=plan.dependency, kill_on_invalid_dep="yes")
+    # Faults (slurm/retry.py): one task's bad exit (crash, SIGKILL, a hang named by train.watchdog) ends the whole
+    # step at once, instead of the others waiting in a collective (NCCL: up to dist.timeout_min); then the batch
+    # script's last lines requeue a failed job (up to launch.max_failures), unless the failure will repeat.
+    params["srun_args"] = [*params["srun_args"], "--kill-on-bad-exit=1"]
+    params["teardown"] = retry_teardown(plan)
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(la, key)
         if value:
             params[key] = value
     return params
+
+
+def retry_teardown(plan: Plan) -> list[str]:
+    """The sbatch script's lines after srun: ``slurm.retry`` decides whether a failed job requeues itself."""
+    from slurm.retry import teardown_lines
+
+    return teardown_lines(plan.cfg.run_dir, plan.cfg.launch.max_failures)
 
 
 class _PlanOnlySlurmExecutor(SlurmExecutor):
