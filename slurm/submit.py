@@ -625,10 +625,30 @@ def follow(
         ):
             last_sacct = time.monotonic()  # a job that died without a result: ask SLURM now, not on backoff
             finished = job.watcher.is_done(job.job_id, mode="force")
+        if finished and isinstance(job, submitit.SlurmJob) and still_queued(job):
+            finished = False  # SLURM requeued it (node failure): submitit's watcher took that run's end for the job's
+            time.sleep(sacct_every_s)
         tail.copy_new(out)
         if finished:
             return
         time.sleep(poll_s)
+
+
+def still_queued(job: submitit.SlurmJob) -> bool:
+    """A job submitit thinks ended (its watcher keeps the first ended run's state, e.g. NODE_FAIL) that has no
+    result yet and that SLURM still lists as not ended: it requeued it, and it comes back by itself."""
+    if job.paths.result_pickle.exists():
+        return False
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    state = proc.stdout.strip().split()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
+    if state and state not in SLURM_ENDED_STATES:
+        job.watcher._finished.discard(str(job.job_id))  # ask sacct again next time
+        return True
+    return False
 
 
 def _failure(e: BaseException) -> str:
