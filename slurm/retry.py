@@ -39,6 +39,9 @@ from typing import Any
 
 RETRIES = "retries.jsonl"
 FAULTS = "faults"
+NOT_RETRIED = (
+    "a configuration, data or checkpoint error (or submitit's time-out count) fails again: not retried"
+)
 
 
 def fault_path(run_dir: str | os.PathLike[str], job_id: str, restart: int, rank: int) -> Path:
@@ -121,7 +124,7 @@ def diagnose(run_dir: Path, folder: Path, job_id: str, restart: int, rc: int) ->
     srun = srun_culprit(_log_path(folder, job_id, 0, "err"))
     if fatal:
         f = fatal[0]
-        return {"cause": "configuration", "retry": False, **_pick(f)}
+        return {"cause": "fatal", "retry": False, **_pick(f)}
     if hang:
         return {"cause": "hang", "retry": True, **_pick(hang[0])}
     if srun is not None:
@@ -150,7 +153,10 @@ def _pick(f: dict[str, Any]) -> dict[str, Any]:
 def decide(run_dir: Path, job_id: str, found: dict[str, Any], max_failures: int) -> tuple[str, str]:
     """(action, why): "requeued", or "stopped" with the reason."""
     if not found["retry"]:
-        return "stopped", "a configuration error fails again: not retried"
+        return (
+            "stopped",
+            "a configuration, data or checkpoint error (or submitit's time-out count) fails again: not retried",
+        )
     rows = read_retries(run_dir)
     failures = [r for r in rows if r.get("action") != "skipped"]
     if failures:

@@ -177,9 +177,12 @@ def test_configuration_error_is_not_retried(slurm_env: SlurmCluster, tree: Path,
     slurm_env.wait_for("sacct FAILED", lambda: slurm_env.sacct_states(job_id)[-1:] == ["FAILED"], 60)
     assert slurm_env.sacct_states(job_id, duplicates=True) == ["FAILED"]
     (row,) = retry.read_retries(run_dir)
-    assert (row["cause"], row["action"]) == ("configuration", "stopped")
+    assert (row["cause"], row["action"]) == ("fatal", "stopped")
     assert row["error"].startswith(f"CheckpointError: {run_dir}/last.pth is not")
-    assert "a configuration error fails again: not retried" in out.stdout
+    assert (
+        "a configuration, data or checkpoint error (or submitit's time-out count) fails again: not retried"
+        in out.stdout
+    )
 
 
 def test_report_shows_a_runs_retries(tmp_path: Path) -> None:
