@@ -204,3 +204,21 @@ def test_report_shows_a_runs_retries(tmp_path: Path) -> None:
     assert f"vgg11: faults: {text}" in format_console([row])
     assert f"faults: {text}" in format_markdown([row], "t")
     assert retries_text(tmp_path / "none") == ""
+
+
+def test_a_rank_stuck_reading_is_named_before_those_waiting_for_it() -> None:
+    """Every thread still beats (nothing is frozen): the rank still waiting for its batch holds up the ranks that
+    are in the step's all-reduce; with nothing to tell them apart, every rank is named."""
+    from train.watchdog import culprits
+
+    now = 1000.0
+    beat = {"host": "n", "pid": 1, "beat": now - 0.1, "step": 7}
+    beats = [{**beat, "rank": 0, "phase": "step", "progress": now - 30},
+             {**beat, "rank": 1, "phase": "data", "progress": now - 30.5},
+             {**beat, "rank": 2, "phase": "step", "progress": now - 29}]  # fmt: skip
+    named, why = culprits(beats, now, interval_s=1.0)
+    assert [b["rank"] for b in named] == [1] and "waits for its next batch" in why
+    named, why = culprits([{**b, "phase": "step", "progress": now - 30} for b in beats], now, interval_s=1.0)
+    assert [b["rank"] for b in named] == [0, 1, 2] and why == "every rank stalled at the same time"
+    frozen = [{**beats[0], "beat": now - 5}, *beats[1:]]
+    assert [b["rank"] for b in culprits(frozen, now, interval_s=1.0)[0]] == [0]

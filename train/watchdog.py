@@ -8,8 +8,9 @@ Every ``interval_s`` each rank's thread writes ``<run_dir>/heartbeat/rank<R>.jso
 last step and phase, when the loop last made progress (``progress``) and when the thread last ran (``beat``).
 A rank whose loop made no progress for ``timeout_s`` (once armed by the start's first step) is stalled: it is
 either the hung rank or waiting for it in a collective. It reads every rank's file and names the culprit: a
-rank whose thread stopped beating (a frozen or dead process: SIGSTOP, a stuck node), else the ranks that made
-progress last longest ago (stuck reading a batch while the others wait in the step's all-reduce). It prints one
+rank whose thread stopped beating (a frozen or dead process: SIGSTOP, a stuck node), else the ranks still reading
+their next batch while the others are in the step (a stuck read: their all-reduce waits for it), else the ranks
+that made progress longest ago. It prints one
 line, writes the job's fault record (``on_hang``) and ends its own process with :data:`HANG_EXIT`; srun's
 ``--kill-on-bad-exit`` then ends every other task of the step, the frozen one included (SIGKILL).
 
@@ -57,13 +58,17 @@ def read_beats(folder: Path) -> list[dict[str, Any]]:
 
 
 def culprits(beats: list[dict[str, Any]], now: float, interval_s: float) -> tuple[list[dict[str, Any]], str]:
-    """Which ranks hold the others up, and why: frozen (no heartbeat for 3 intervals), else least recent
-    progress (within one interval of the oldest)."""
+    """Which ranks hold the others up, and why: frozen (no heartbeat for 3 intervals), else still reading their
+    next batch while others are in the step (its collective waits for them), else least recent progress (within
+    one interval of the oldest)."""
     frozen = [b for b in beats if now - b["beat"] > 3 * interval_s]
     if frozen:
         return frozen, "its process stopped running (no heartbeat)"
     if not beats:
         return [], ""
+    reading = [b for b in beats if b["phase"] == "data"]
+    if reading and len(reading) < len(beats) and any(b["phase"] == "step" for b in beats):
+        return reading, "it waits for its next batch while the others wait in the step's all-reduce"
     oldest = min(b["progress"] for b in beats)
     behind = [b for b in beats if b["progress"] - oldest <= interval_s]
     if len(behind) == len(beats):
