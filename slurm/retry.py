@@ -153,14 +153,10 @@ def _pick(f: dict[str, Any]) -> dict[str, Any]:
 def decide(run_dir: Path, job_id: str, found: dict[str, Any], max_failures: int) -> tuple[str, str]:
     """(action, why): "requeued", or "stopped" with the reason."""
     if not found["retry"]:
-        return (
-            "stopped",
-            "a configuration, data or checkpoint error (or submitit's time-out count) fails again: not retried",
-        )
+        return "stopped", NOT_RETRIED
     rows = read_retries(run_dir)
-    failures = [r for r in rows if r.get("action") != "skipped"]
-    if failures:
-        prev = failures[-1]
+    if rows:
+        prev = rows[-1]
         if (
             prev.get("error") == found["error"]
             and prev.get("step") == found["step"]

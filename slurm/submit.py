@@ -626,7 +626,8 @@ def follow(
             last_sacct = time.monotonic()  # a job that died without a result: ask SLURM now, not on backoff
             finished = job.watcher.is_done(job.job_id, mode="force")
         if finished and isinstance(job, submitit.SlurmJob) and still_queued(job):
-            finished = False  # SLURM requeued it (node failure): submitit's watcher took that run's end for the job's
+            # requeued (node failure, slurm.retry): submitit's watcher took the ended run for the job's end
+            finished = False
             time.sleep(sacct_every_s)
         tail.copy_new(out)
         if finished:
@@ -634,19 +635,26 @@ def follow(
         time.sleep(poll_s)
 
 
-def still_queued(job: submitit.SlurmJob) -> bool:
-    """A job submitit thinks ended (its watcher keeps the first ended run's state, e.g. NODE_FAIL) that has no
-    result yet and that SLURM still lists as not ended: it requeued it, and it comes back by itself."""
+def still_queued(job: submitit.SlurmJob, wait_s: float = 120.0) -> bool:
+    """Whether a job submitit takes for ended goes on: SLURM requeued it (a node failure: submitit's watcher keeps
+    that run's NODE_FAIL), or the batch script's last step (``slurm.retry``) is requeueing it after a failed start.
+    First waits (up to ``wait_s``) for the batch script to end: a rank's error result can be on disk before that
+    step removes it and requeues."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            proc = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True,
+                                  text=True, timeout=60)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        state = proc.stdout.strip().split()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
+        if state not in ("RUNNING", "COMPLETING") or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     if job.paths.result_pickle.exists():
         return False
-    try:
-        proc = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    state = proc.stdout.strip().split()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
     if state and state not in SLURM_ENDED_STATES:
-        job.watcher._finished.discard(str(job.job_id))  # ask sacct again next time
+        job.watcher._finished.discard(str(job.job_id))  # ask sacct again (its cache holds the ended run)
         return True
     return False
 
