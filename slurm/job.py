@@ -176,13 +176,11 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         try:
             return self._call()
-        except (
-            Exception
-        ) as e:  # recorded for slurm.retry (the batch script's decision), then submitit's report
-            self._record_fault(e)
+        except Exception as e:
+            self._record_fault(e)  # for slurm.retry, the batch script's decision; then submitit's own report
             raise
 
-    def _record_fault(self, e: BaseException, step: int | None = None) -> None:
+    def _record_fault(self, e: BaseException) -> None:
         """This task's fault record: whether retrying may help (not for a configuration error) and where."""
         from slurm.retry import write_fault
 
@@ -193,8 +191,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             return
         text = str(e).strip().splitlines()
         error = f"{type(e).__name__}: {text[0] if text else ''}"
-        trainer = getattr(self, "_trainer", None)
-        step = step if step is not None else getattr(trainer, "step", None)
+        step = getattr(getattr(self, "_trainer", None), "step", None)
         with contextlib.suppress(Exception):
             write_fault(self.config["run_dir"], job_id, restart_count(), rank,
                         {"cause": "error", "retry": retriable(e), "step": step, "error": error,
