@@ -51,7 +51,9 @@ def test_a_frozen_rank_is_named_by_the_others_heartbeat(tmp_path: Path) -> None:
         time.sleep(0.05)
     r0.stop()
     assert exits == [HANG_EXIT]
-    assert 1.0 < time.monotonic() - t0 < 3.0  # the timeout (1.5 s from the last tick) plus one beat
+    assert (
+        1.0 < time.monotonic() - t0 < 5.0
+    )  # the timeout (1.5 s from the last tick) plus a beat (0.2 s), + load
     (rec,) = records
     assert (rec["cause"], rec["rank"], rec["step"]) == ("hang", 1, 3)
     assert rec["last_line"] == "epoch 1/2  step 3/7  loss 1.3"
