@@ -168,11 +168,13 @@ def test_killed_then_hung_rank_job_requeues_itself_and_ends_with_the_same_weight
 
 @pytest.mark.slurm
 def test_configuration_error_is_not_retried(slurm_env: SlurmCluster, tree: Path, tmp_path: Path) -> None:
-    """A job whose last.pth is corrupt fails on every rank with a CheckpointError: recorded, not requeued."""
+    """A job whose last.pth is corrupt fails on every rank with a CheckpointError: recorded, not requeued. (The
+    launcher refuses such a folder before submitting; --force submits it anyway, as a folder damaged between
+    submission and start would be.)"""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "last.pth").write_bytes(b"not a checkpoint")
-    args = small(tree, run_dir, "--cluster", "slurm", "--partition", slurm_env.partition, "--wait")
+    args = small(tree, run_dir, "--cluster", "slurm", "--partition", slurm_env.partition, "--wait", "--force")
     out = run_cli(LAUNCH, *args, env=clean_env(), timeout=300)
     assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
     job_id = submitted(out.stdout)
@@ -221,3 +223,21 @@ def test_a_rank_stuck_reading_is_named_before_those_waiting_for_it() -> None:
     assert [b["rank"] for b in named] == [0, 1, 2] and why == "every rank stalled at the same time"
     frozen = [{**beats[0], "beat": now - 5}, *beats[1:]]
     assert [b["rank"] for b in culprits(frozen, now, interval_s=1.0)[0]] == [0]
+
+
+def test_the_sbatch_script_ends_the_step_on_a_bad_exit_and_decides_the_retry(tmp_path: Path) -> None:
+    """What the submitted script holds (rendered by submitit, as --dry-run shows it): srun's --kill-on-bad-exit,
+    then srun's status handed to slurm.retry with the run folder and launch.max_failures, and kept as the exit."""
+    from slurm.submit import make_plan, sbatch_script
+    from train.config import load_config
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("demo", [f"run_dir={run_dir}", f"data.root={tmp_path}", "launch.cluster=slurm",
+                               "launch.gpus=2", "launch.max_failures=5"])  # fmt: skip
+    lines = sbatch_script(make_plan(cfg)).splitlines()
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert " --kill-on-bad-exit=1 " in srun
+    after = lines[lines.index(srun) + 1 :]
+    body = [line for line in after if line.strip() and not line.startswith("#")]
+    assert body[0] == "rc=$?" and body[-1] == "exit $rc"
+    assert body[1].endswith(f"-m slurm.retry --run-dir {run_dir} --max-failures 5 --rc $rc")
