@@ -89,6 +89,9 @@ class RunRow:
     name: str = (
         ""  # the run's one name in the table and the plot: its folder's (parent/folder when two share it)
     )
+    retries: str = (
+        ""  # the run's automatic retries after faults (<run>/retries.jsonl, slurm/retry.py), in words
+    )
     curve: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     @property
@@ -380,6 +383,7 @@ def build_row(
         row.wall_s, row.process_hours = usage.wall_s, usage.process_hours
         row.device, row.usage_source = usage.device, usage.source
     row.wandb_id, row.wandb = _wandb(run)
+    row.retries = retries_text(run)
     if state != "done":
         return row
     if not (run / "best.pth").is_file():
@@ -402,6 +406,23 @@ def build_row(
     elif recipe == "paper" and arch in PAPER_CONFIG:
         row.paper = f"no paper row: {row.note}" if row.note else None
     return row
+
+
+def retries_text(run: Path) -> str:
+    """The faults a run's jobs met and what was done, in words ('' when none): from ``<run>/retries.jsonl``."""
+    from slurm.retry import read_retries
+
+    rows = read_retries(run)
+    if not rows:
+        return ""
+    requeued = sum(1 for r in rows if r.get("action") == "requeued")
+    last = rows[-1]
+    who = (
+        f"rank {last['rank']} on {last.get('rank_host')}" if last.get("rank") is not None else "no rank named"
+    )
+    what = f"{last.get('cause')} of {who} at step {last.get('step')} (job {last.get('job_id')}, {last.get('time')})"
+    stopped = f"; not retried: {last.get('why')}" if last.get("action") != "requeued" else ""
+    return f"{len(rows)} fault(s), {requeued} automatic retr{'y' if requeued == 1 else 'ies'}; last: {what}{stopped}"
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -459,6 +480,8 @@ def format_markdown(rows: list[RunRow], title: str) -> str:
             )
         if r.usage_source:
             bits.append(f"time from {r.usage_source}")
+        if r.retries:
+            bits.append(f"faults: {r.retries}")
         lines.append(f"- **{r.label}** ({r.run_dir}): " + "; ".join(bits) if bits else f"- **{r.label}**: –")
     lines += [
         "",
@@ -486,6 +509,9 @@ def format_console(rows: list[RunRow]) -> str:
     for r in rows:
         if r.state != "done":
             lines.append(f"{r.label}: {r.state}, {r.progress}")
+    for r in rows:
+        if r.retries:
+            lines.append(f"{r.label}: faults: {r.retries}")
     return "\n".join(lines)
 
 

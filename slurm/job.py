@@ -174,6 +174,30 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainJob(config))
 
     def __call__(self) -> dict[str, Any]:
+        try:
+            return self._call()
+        except Exception as e:
+            self._record_fault(e)  # for slurm.retry, the batch script's decision; then submitit's own report
+            raise
+
+    def _record_fault(self, e: BaseException) -> None:
+        """This task's fault record: whether retrying may help (not for a configuration error) and where."""
+        from slurm.retry import write_fault
+
+        try:
+            job_env = submitit.JobEnvironment()
+            rank, job_id = job_env.global_rank, str(job_env.job_id)
+        except Exception:
+            return
+        text = str(e).strip().splitlines()
+        error = f"{type(e).__name__}: {text[0] if text else ''}"
+        step = getattr(getattr(self, "_trainer", None), "step", None)
+        with contextlib.suppress(Exception):
+            write_fault(self.config["run_dir"], job_id, restart_count(), rank,
+                        {"cause": "error", "retry": retriable(e), "step": step, "error": error,
+                         "last_line": error})  # fmt: skip
+
+    def _call(self) -> dict[str, Any]:
         from train.config import from_dict
 
         cfg = from_dict(self.config)
@@ -223,7 +247,9 @@ class TrainJob(submitit.helpers.Checkpointable):
             info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min, device=cfg.dist.device)
             try:
                 trainer = Trainer(cfg, info)
+                self._trainer = trainer
                 stop.attach(trainer)
+                self._watch(trainer, cfg)
                 result = trainer.run()
             finally:
                 distributed.cleanup()
@@ -232,6 +258,23 @@ class TrainJob(submitit.helpers.Checkpointable):
             return result
         finally:
             stop.restore()
+
+    def _watch(self, trainer: Any, cfg: Any) -> None:
+        """The hang watchdog names this task's log and writes the job's fault record before ending the task."""
+        hb = trainer.heartbeat
+        if hb is None:
+            return
+        job_env = submitit.JobEnvironment()
+        with contextlib.suppress(Exception):
+            hb.log = str(job_env.paths.stdout)
+        job_id, rank, restart = str(job_env.job_id), job_env.global_rank, restart_count()
+
+        def on_hang(record: dict[str, Any]) -> None:
+            from slurm.retry import write_fault
+
+            write_fault(cfg.run_dir, job_id, restart, rank, {**record, "retry": True})
+
+        hb.on_hang = on_hang
 
     def _after_interrupt(self, stop: StopOnSignal, rank: int, run_dir: str) -> None:
         """All ranks saved last.pth and left the process group: requeue (rank 0) or end this task."""
@@ -265,6 +308,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         )
 
 
+def retriable(e: BaseException) -> bool:
+    """False for errors that fail the same way again (configuration, data, checkpoint, a non-finite loss, the
+    time-out count): retrying only spends GPU-hours. A crashed or unreachable peer, an I/O error: True."""
+    from submitit.core.utils import UncompletedJobError
+
+    from data_pipeline.layout import DataError
+    from train.checkpoint import CheckpointError
+    from train.config import ConfigError
+    from train.distributed import DistError
+    from train.engine import NonFiniteLoss
+    from train.run import RunError
+
+    fatal = (ConfigError, DataError, CheckpointError, RunError, DistError, NonFiniteLoss, UncompletedJobError)
+    return not isinstance(e, fatal)
+
+
 __all__ = [
     "CTRL_C_STOP",
     "StopOnSignal",
@@ -273,4 +332,5 @@ __all__ = [
     "cpu_threads",
     "export_distributed_env",
     "rank_place",
+    "retriable",
 ]

@@ -275,6 +275,11 @@ def slurm_parameters(plan: Plan) -> dict[str, Any]:
     }
     if plan.dependency:
         params["additional_parameters"].update(dependency=plan.dependency, kill_on_invalid_dep="yes")
+    # Faults (slurm/retry.py): one task's bad exit (crash, SIGKILL, a hang named by train.watchdog) ends the whole
+    # step at once, instead of the others waiting in a collective (NCCL: up to dist.timeout_min); then the batch
+    # script's last lines requeue a failed job (up to launch.max_failures), unless the failure will repeat.
+    params["srun_args"] = [*params["srun_args"], "--kill-on-bad-exit=1"]
+    params["teardown"] = retry_teardown(plan)
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(la, key)
         if value:
@@ -320,6 +325,13 @@ def site_parameters(plan: Plan, params: dict[str, Any]) -> dict[str, Any]:
     if srun:
         out["srun_args"] = [*params.get("srun_args", []), *srun]
     return out
+
+
+def retry_teardown(plan: Plan) -> list[str]:
+    """The sbatch script's lines after srun: ``slurm.retry`` decides whether a failed job requeues itself."""
+    from slurm.retry import teardown_lines
+
+    return teardown_lines(plan.cfg.run_dir, plan.cfg.launch.max_failures, plan.cfg.launch.python)
 
 
 class _PlanOnlySlurmExecutor(SlurmExecutor):
@@ -659,10 +671,38 @@ def follow(
         ):
             last_sacct = time.monotonic()  # a job that died without a result: ask SLURM now, not on backoff
             finished = job.watcher.is_done(job.job_id, mode="force")
+        if finished and isinstance(job, submitit.SlurmJob) and still_queued(job):
+            # requeued (node failure, slurm.retry): submitit's watcher took the ended run for the job's end
+            finished = False
+            time.sleep(sacct_every_s)
         tail.copy_new(out)
         if finished:
             return
         time.sleep(poll_s)
+
+
+def still_queued(job: submitit.SlurmJob, wait_s: float = 120.0) -> bool:
+    """Whether a job submitit takes for ended goes on: SLURM requeued it (a node failure: submitit's watcher keeps
+    that run's NODE_FAIL), or the batch script's last step (``slurm.retry``) is requeueing it after a failed start.
+    First waits (up to ``wait_s``) for the batch script to end: a rank's error result can be on disk before that
+    step removes it and requeues."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            proc = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True,
+                                  text=True, timeout=60)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        state = proc.stdout.strip().split()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
+        if state not in ("RUNNING", "COMPLETING") or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    if job.paths.result_pickle.exists():
+        return False
+    if state and state not in SLURM_ENDED_STATES:
+        job.watcher._finished.discard(str(job.job_id))  # ask sacct again (its cache holds the ended run)
+        return True
+    return False
 
 
 def _failure(e: BaseException) -> str:

@@ -234,8 +234,8 @@ def test_node_failure_ends_the_job_and_it_resumes_once_the_node_is_back(
     step daemons and task; no signal reaches the job). Rank 0 on node1 waits in a collective that cannot
     finish; SLURM's node-failure handling ends it: node2 is DOWN after SlurmdTimeout (10 s here), the job run
     ends NODE_FAIL and SLURM requeues it (the launcher submits with --requeue). The run folder keeps an intact
-    last.pth from the last save and whole metrics rows; once node2 is back, the same launch command resumes from
-    that last.pth on both nodes and finishes."""
+    last.pth from the last save and whole metrics rows; once node2 is back the requeued job resumes from that
+    last.pth on both nodes and finishes, without a user's command."""
     run_dir = tmp_path / "run"
     epochs, steps_per_epoch = 3, STEPS // 2
     args = small(tree, run_dir, "--cluster", "slurm", "--nodes", "2", "--partition", slurm2_env.partition,
@@ -274,28 +274,44 @@ def test_node_failure_ends_the_job_and_it_resumes_once_the_node_is_back(
     assert [r["epoch"] for r in rows] == list(range(1, saved // steps_per_epoch + 1))
     assert (run_dir / "metrics.jsonl").read_text().endswith("\n")
     # SLURM requeued it (still queued: COMPLETING until it gives up on node2's steps, then PENDING, held back by
-    # the requeue delay). Here the user takes over instead: cancel it, bring the node back, launch again.
+    # the requeue delay). Nobody cancels or relaunches it: once node2 is back (responding, not only registered) the
+    # requeued job starts by itself (here moved to now instead of after SLURM's ~120 s delay), resumes from that
+    # last.pth on both nodes and finishes.
     assert slurm2_env.squeue_state(job_id) in {"COMPLETING", "PENDING"}
-    slurm2_env.run("scancel", job_id)
-    slurm2_env.wait_for("the job to leave the queue", lambda: not slurm2_env.squeue_state(job_id), 120)
     back = _script_args(slurm2_env, "node-back", "2")
     assert back.returncode == 0, back.stdout + back.stderr
-
-    # the same launch command resumes from that last.pth on both nodes and finishes
-    again = run_cli(LAUNCH, *args, "--wait", env=clean_env(), timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    new_id = submitted(again.stdout)
-    assert new_id != job_id
+    t_back, state_back = time.monotonic(), _node_state(slurm2_env, "node2")
+    slurm2_env.wait_for("node2 responding", lambda: _responding(slurm2_env, "node2"), timeout=60)
+    print(f"node-back: node2 {state_back}, responding {time.monotonic() - t_back:.1f} s later")
+    slurm2_env.start_requeued_now(job_id, timeout=120)
+    # submitit's watcher takes the first run's NODE_FAIL for the job's end: wait for accounting's COMPLETED
+    slurm2_env.wait_for("sacct COMPLETED", lambda: slurm2_env.sacct_states(job_id)[-1:] == ["COMPLETED"], 300)
+    print(f"node2 killed → job COMPLETED by itself after {time.monotonic() - t_fail:.1f} s")
+    assert slurm2_env.sacct_states(job_id, duplicates=True) == ["NODE_FAIL", "COMPLETED"]
+    results = submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id, tasks=[0, 1]).results()
+    assert [(r["status"], r["epoch"], r["step"]) for r in results] == [
+        ("done", epochs, STEPS // 2 * epochs)
+    ] * 2
+    folder = run_dir / "slurm" / job_id
+    log = (folder / f"{job_id}_0_log.out").read_text()
     assert re.search(rf"resumed from .*last\.pth at the end of epoch {saved // steps_per_epoch} \(step {saved}\)",
-                     again.stdout), again.stdout[-3000:]  # fmt: skip
-    assert (
-        again.stdout.rstrip()
-        .splitlines()[-1]
-        .startswith(f"job {new_id} done: epoch {epochs}, step {STEPS // 2 * epochs}")
-    )
-    rank1 = (run_dir / "slurm" / new_id / f"{new_id}_1_log.out").read_text()
-    assert re.findall(r"^rank 1/2: host (\S+) ", rank1, re.M) == ["node2"]
+                     log), log[-3000:]  # fmt: skip
+    rank1 = (folder / f"{job_id}_1_log.out").read_text()
+    assert re.findall(r"^rank 1/2: host (\S+) ", rank1, re.M) == ["node2", "node2"]
     assert [r["epoch"] for r in metrics(run_dir)] == list(range(1, epochs + 1))
+    assert not (run_dir / "retries.jsonl").exists()  # SLURM's requeue, not a retry of ours
+
+
+def _responding(cluster: SlurmCluster, node: str) -> bool:
+    """The node is up and answering slurmctld's pings: a step on a node still flagged NOT_RESPONDING is refused
+    with "Requested nodes are busy" (srun then waits and retries)."""
+    state = _node_state(cluster, node)
+    return "NOT_RESPONDING" not in state and "DOWN" not in state and not state.endswith("*")
+
+
+def _node_state(cluster: SlurmCluster, node: str) -> str:
+    m = re.search(r"State=(\S+)", cluster.run("scontrol", "show", "node", node).stdout)
+    return m[1] if m else ""
 
 
 def _script_args(cluster: SlurmCluster, *argv: str) -> subprocess.CompletedProcess:

@@ -44,6 +44,7 @@ from train.config import Config, to_dict, validate
 from train.optim import Schedule, build_optimizer
 from train.report import ETA, JsonLines, format_duration, max_memory_gb, plot_curves, setup_logging
 from train.run import RunError, agreed, claim_run_dir, write_run_config
+from train.watchdog import Heartbeat
 
 
 class NonFiniteLoss(RuntimeError):
@@ -255,6 +256,11 @@ class Trainer:
             )
         self.stop_requested = False
         self.stop_vote = StopVote(self.device, self.dist.world_size)
+        # a hung rank ends the job in bounded time, named (train.watchdog); slurm.job sets its log and fault record
+        self.heartbeat: Heartbeat | None = None
+        if dist_info.distributed and cfg.dist.hang_timeout_s > 0:
+            self.heartbeat = Heartbeat(run_dir, dist_info.rank, dist_info.world_size, cfg.dist.hang_timeout_s)
+        self.last_save = time.monotonic()  # ckpt.every_minutes counts from here and from each save
 
     # ------------------------------------------------------------------------------------------ resume
 
@@ -357,10 +363,18 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to cfg.sched.epochs, or to an agreed stop ("interrupted"); releases the run folder's lock at the
         end, also when it raises."""
+        if self.heartbeat is not None:
+            self.heartbeat.start()
         try:
             return self._run()
         finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             self.close()
+
+    def _tick(self, phase: str, arm: bool = False) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.tick(self.step, phase, arm)
 
     def _run(self) -> dict[str, Any]:
         cfg, log = self.cfg, self.log
@@ -421,8 +435,10 @@ class Trainer:
         interval_n, data_time, t0 = 0, 0.0, time.perf_counter()
         per_rank_batch = cfg.data.batch_size // self.dist.world_size
         end = time.perf_counter()
+        self._tick("data")
         for i, (images, labels) in enumerate(self.train_loader, start=skip):
             data_time += time.perf_counter() - end
+            self._tick("step")
             logits, loss = train_step(
                 cfg, self.forward, self.model, self.optimizer, self.scaler, images, labels
             )
@@ -437,13 +453,14 @@ class Trainer:
                 c5 += b
                 n += labels.numel()
             interval_n += 1
+            self._tick("data", arm=True)
             stop_now = self.stop_vote(self.stop_requested)  # the same answer on every rank at this step
             if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch or stop_now:
                 # The only host sync of the loop, once per print interval (no .item() per step): the interval's
                 # loss averaged over all ranks and the live stop flag, in one all-reduce, so every rank sees the
                 # same values and stops (or raises on a non-finite loss) at the same step. The live flag matters
                 # at the epoch's last step, which StopVote's lag cannot reach: a stop there skips validation.
-                mean_loss, stop = self._interval_agreed(interval_loss, interval_n)
+                mean_loss, stop, save_due = self._interval_agreed(interval_loss, interval_n)
                 stop = stop or stop_now
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLoss(
@@ -476,6 +493,14 @@ class Trainer:
                     self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
                     self._save_interrupt()
                     return "interrupted"
+                every = cfg.ckpt.every_steps
+                if i + 1 < steps_per_epoch and (save_due or (every and self.step % every == 0)):
+                    # mid-epoch last.pth (ckpt.every_steps / every_minutes): a crash loses at most the interval
+                    self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
+                    self._save_interrupt("periodic save")
+            elif cfg.ckpt.every_steps and self.step % cfg.ckpt.every_steps == 0 and i + 1 < steps_per_epoch:
+                self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
+                self._save_interrupt("periodic save")
             end = time.perf_counter()
         self.train_counts = reduce_counts(c1, c5, n, loss_sum)
         self.epoch_time = time.perf_counter() - t0  # a resumed epoch: the part run since the resume
@@ -488,13 +513,17 @@ class Trainer:
         flag = torch.tensor([float(self.stop_requested)], device=self.device)
         return distributed.all_reduce_sum(flag).item() > 0
 
-    def _interval_agreed(self, interval_loss: torch.Tensor, steps: int) -> tuple[float, bool]:
-        """(the interval's mean loss over all ranks, whether any rank was asked to stop), the same on every rank:
-        one all-reduce of [loss sum, stop flag]."""
-        packed = torch.stack([interval_loss.double(), interval_loss.new_tensor(float(self.stop_requested))])
+    def _interval_agreed(self, interval_loss: torch.Tensor, steps: int) -> tuple[float, bool, bool]:
+        """(the interval's mean loss over all ranks, whether any rank was asked to stop, whether rank 0's clock
+        says a ``ckpt.every_minutes`` save is due), the same on every rank: one all-reduce of [loss sum, stop flag,
+        save flag]."""
+        minutes = self.cfg.ckpt.every_minutes
+        due = self.dist.is_main and minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
+        packed = torch.stack([interval_loss.double(), interval_loss.new_tensor(float(self.stop_requested)),
+                              interval_loss.new_tensor(float(due))])  # fmt: skip
         distributed.all_reduce_sum(packed)
-        loss_sum, flag = packed.tolist()
-        return loss_sum / (steps * self.dist.world_size), flag > 0
+        loss_sum, flag, save = packed.tolist()
+        return loss_sum / (steps * self.dist.world_size), flag > 0, save > 0
 
     def _end_epoch(self) -> None:
         cfg, log = self.cfg, self.log
@@ -503,8 +532,8 @@ class Trainer:
         distributed.broadcast_buffers(self.model)
         # The evaluator's own count (python evaluate runs the same function), plus the loss; on the bare model,
         # not DDP: val shards may differ by a batch between ranks.
-        val = count_loader(self.model, self.val_loader, self.device, cfg.train.precision, cfg.train.channels_last,
-                           with_loss=True)  # fmt: skip
+        val = count_loader(self.model, self._ticking(self.val_loader, "val"), self.device, cfg.train.precision,
+                           cfg.train.channels_last, with_loss=True)  # fmt: skip
         train = self.train_counts
         bad = [(what, x) for what, x in (("train", train.loss), ("val", val.loss)) if not math.isfinite(x)]
         if bad:  # both all-reduced: every rank stops here, before anything of this epoch is saved
@@ -547,6 +576,9 @@ class Trainer:
             if (self.epoch % cfg.ckpt.every_epochs == 0 or self.epoch == cfg.sched.epochs)
             else None
         )
+        if state is not None:
+            self.last_save = time.monotonic()
+        self._tick("save")
         if self.dist.is_main:
             self.epochs_log.append(record)
             if state is not None:
@@ -557,14 +589,34 @@ class Trainer:
             plot_curves(self.epochs_log.read(), self.steps_log.read(), self.run_dir / "curves.png",
                         f"{cfg.model.arch} ({cfg.recipe} recipe)")  # fmt: skip
         distributed.barrier()
+        self._tick("save")
 
-    def _save_interrupt(self) -> None:
+    def _ticking(self, loader: Any, phase: str):
+        """``loader`` (its length too), with a heartbeat tick at each batch."""
+        trainer = self
+
+        class Ticking:
+            def __len__(self) -> int:
+                return len(loader)
+
+            def __iter__(self):
+                for batch in loader:
+                    trainer._tick(phase)
+                    yield batch
+
+        return Ticking()
+
+    def _save_interrupt(self, why: str = "stop requested") -> None:
+        self._tick("save")
+        started = time.perf_counter()
         state = self._state()
         if self.dist.is_main:
             self.ckpts.save_interrupt(state)
-            self.log.info("stop requested: saved %s at epoch %d, batch %d", self.ckpts.last, self.epoch + 1,
-                          self.batch_in_epoch)  # fmt: skip
+            self.log.info("%s: saved %s at epoch %d, batch %d (%.1f s)", why, self.ckpts.last, self.epoch + 1,
+                          self.batch_in_epoch, time.perf_counter() - started)  # fmt: skip
         distributed.barrier()
+        self.last_save = time.monotonic()
+        self._tick("save")
 
     def _finish(self, status: str) -> dict[str, Any]:
         records = self.epochs_log.read() if self.dist.is_main else []
