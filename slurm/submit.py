@@ -215,8 +215,13 @@ def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
         )
     if cfg.launch.cluster == "slurm":
         python = cfg.launch.python or sys.executable
-        # its folder, not the file: a venv's bin/python links to the system interpreter wherever the venv is
-        where = node_local_storage(os.path.dirname(python)) if os.path.isabs(python) else None
+        # its folder, not the file: a venv's bin/python links to the system interpreter wherever the venv is; a
+        # cluster whose every node is this machine (ONE_MACHINE_VAR) runs it from there
+        where = (
+            node_local_storage(os.path.dirname(python))
+            if os.path.isabs(python) and os.environ.get(ONE_MACHINE_VAR) != "1"
+            else None
+        )
         if where:  # the tasks run this path on every node: it must be there
             raise LaunchError(
                 f"the job's interpreter {python} is on node-local storage ({where}): the compute nodes cannot run "

@@ -12,6 +12,10 @@ import pytest
 from tests.slurm_cluster import slurm2_env, slurm_cluster, slurm_cluster2, slurm_env  # noqa: F401  (fixtures for @pytest.mark.slurm tests)
 
 REPO = Path(__file__).resolve().parent.parent
+# Every SLURM cluster the tests start is this machine (slurm/local_cluster.sh): its /tmp is every node's, so a
+# clone, interpreter or run folder there is fine (slurm.submit refuses node-local paths for SLURM jobs otherwise).
+# The tests of those refusals remove it.
+os.environ.setdefault("VGG_ONE_MACHINE_CLUSTER", "1")
 
 try:
     import submitit  # noqa: F401

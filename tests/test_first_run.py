@@ -438,7 +438,8 @@ def test_setup_lines_sbatch_and_srun_options_and_a_container_in_the_sbatch_scrip
     )
 
 
-def test_an_interpreter_on_node_local_storage_is_refused_for_slurm(capsys, imagenet_layout):
+def test_an_interpreter_on_node_local_storage_is_refused_for_slurm(capsys, imagenet_layout, monkeypatch):
+    monkeypatch.delenv("VGG_ONE_MACHINE_CLUSTER", raising=False)
     common = ("--arch", "vgg16_bn", "--gpus", "8", "--run-dir", "/shared/runs/v16", "--data", str(imagenet_layout),
               "--dry-run", "--python", "/tmp/env/bin/python")  # fmt: skip
     code, out, err = run_main(capsys, launch.main, *common)
