@@ -64,6 +64,14 @@ def cpu_details() -> dict:
     }
 
 
+# Keys that do not move a run's numbers: the device choice (the demo runs on CPUs either way), fault handling,
+# periodic saves (a save changes no state: the bitwise resume tests), site options of the launcher, GPU decoding
+# memory hints.
+OPERATIONAL_KEYS = ("dist.device", "dist.hang_timeout_s", "ckpt.every_steps", "ckpt.every_minutes",
+                    "launch.max_failures", "launch.setup", "launch.sbatch_args", "launch.srun_args",
+                    "launch.container_image", "launch.python", "data.dali_nvjpeg_prealloc")  # fmt: skip
+
+
 def recipe_digest() -> str:
     """sha256 of the resolved demo recipe (configs/demo.yaml with its bases, as ``load_config`` gives it), without
     its ``log`` section and ``run_dir`` (where and what it logs does not move the result; a new logging key must
@@ -73,12 +81,19 @@ def recipe_digest() -> str:
 
     import yaml
 
-    from train.config import load_config, to_dict
+    from train.config import Config, load_config, to_dict
 
     recipe = {k: v for k, v in to_dict(load_config("demo")).items() if k not in ("log", "run_dir")}
     # folder: the format the band was measured on, before the key existed
     if recipe["data"].get("format") == "folder":
         del recipe["data"]["format"]
+    # keys added after the band was measured that say where and how a run is kept going, not what it computes,
+    # left out at their defaults (a new such key must not void the band)
+    defaults = to_dict(Config())
+    for key in OPERATIONAL_KEYS:
+        section, name = key.split(".")
+        if recipe.get(section, {}).get(name, "absent") == defaults[section][name]:
+            del recipe[section][name]
     text = yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=110)
     return hashlib.sha256(text.encode()).hexdigest()
 
