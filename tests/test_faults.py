@@ -201,7 +201,9 @@ def test_report_shows_a_runs_retries(tmp_path: Path) -> None:
         "2 fault(s), 1 automatic retry; last: hang of rank 3 on n4 at step 9 (job 7, T2); not retried: the same "
         "error at the same step (9) twice: deterministic, not retried"
     )
-    row = RunRow(str(tmp_path), "vgg11", "demo", "stopped", "1/2 epochs", 1, 2, retries=text, name="demo-vgg11")
+    row = RunRow(
+        str(tmp_path), "vgg11", "demo", "stopped", "1/2 epochs", 1, 2, retries=text, name="demo-vgg11"
+    )
     assert f"demo-vgg11: faults: {text}" in format_console([row])  # the run's one name (its folder's)
     assert f"faults: {text}" in format_markdown([row], "t")
     assert retries_text(tmp_path / "none") == ""
