@@ -113,7 +113,9 @@ def test_two_node_demo_equals_two_processes_on_one_node(
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job_id = submitted(out.stdout)
     print(f"2 processes on one node (--cluster local): {t_ref:.1f} s; 2 nodes (submit → done): {t_run:.1f} s")
-    assert "note: 2 GPUs on 8-GPU nodes: using 2 nodes × 1 GPUs each" in out.stdout
+    assert "2 node(s) × 1 GPU(s) = 2 task(s)" in out.stdout
+    # --nodes 2 was the user's choice, not the launcher's: no note about choosing it
+    assert "note: 2 GPUs on 8-GPU nodes" not in out.stdout
     assert "2 task(s) on 2 node(s)" in out.stdout  # rank 0's log, followed by --wait
 
     # who ran where, from each task's own log
