@@ -80,9 +80,11 @@ def test_two_nodes_with_their_own_hostnames_and_addresses(
 
 
 def _rank_lines(log: Path) -> dict[str, str]:
-    """``rank R/W: host H (A), node N, local rank L; MASTER_ADDR M = A'`` from a task's log, as a dict."""
+    """``rank R/W: host H (A), node N, local rank L; MASTER_ADDR M = A'; CPUs C (n), T intra-op thread(s)`` from a
+    task's log, as a dict."""
     m = re.search(
-        r"^rank (\d+)/(\d+): host (\S+) \((\S+)\), node (\d+), local rank (\d+); MASTER_ADDR (\S+) = (\S+)$",
+        r"^rank (\d+)/(\d+): host (\S+) \((\S+)\), node (\d+), local rank (\d+); MASTER_ADDR (\S+) = (\S+); "
+        r"CPUs [\d,-]+ \(\d+\), \d+ intra-op thread\(s\)$",
         log.read_text(),
         re.M,
     )
