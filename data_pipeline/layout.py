@@ -121,6 +121,18 @@ def _check_nested_dirs(folder: Path, classes: list[str], samples: list[tuple[str
             raise DataError(f"{found[0]} {found[1]}")
 
 
+def class_folders_differ(root: str | Path, train: list[str], val: list[str]) -> str | None:
+    """One line saying how the class folders of ``root``'s train/ and val/ differ, or None when they are the same
+    (the loaders' labels would not match otherwise). The loaders and the launcher's pre-submit check say it alike."""
+    if train == val:
+        return None
+    only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    return (
+        f"train/ and val/ class folders differ under {root}: {len(only_train)} only in train {only_train[:5]}, "
+        f"{len(only_val)} only in val {only_val[:5]}"
+    )
+
+
 def index_split(root: str | Path, split: str) -> SplitIndex:
     """List ``root/split/<class>/<image>`` files (extensions as torchvision's ImageFolder accepts them).
 

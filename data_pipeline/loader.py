@@ -69,7 +69,7 @@ from data_pipeline.base import (
     val_shard,
     worker_error_line,
 )
-from data_pipeline.layout import DataError, SplitIndex, index_split
+from data_pipeline.layout import DataError, SplitIndex, class_folders_differ, index_split
 from data_pipeline.shard_reader import MANIFEST, ShardIndex, is_pack, open_shards
 from data_pipeline.transforms import TransformSpec
 
@@ -105,13 +105,10 @@ def _index(root: str, split: str, fmt: str = "folder") -> SplitIndex | ShardInde
             other_classes, _ = find_classes(str(other))
         except FileNotFoundError:
             raise DataError(f"{other} has no class folders") from None
-        if other_classes != index.classes:
-            mine, theirs = set(index.classes), set(other_classes)
-            raise DataError(
-                f"train/ and val/ class folders differ under {root}: {len(mine - theirs)} only in {split} "
-                f"{sorted(mine - theirs)[:5]}, {len(theirs - mine)} only in {other.name} "
-                f"{sorted(theirs - mine)[:5]}"
-            )
+        train, val = (index.classes, other_classes) if split == "train" else (other_classes, index.classes)
+        differ = class_folders_differ(root, train, val)
+        if differ:
+            raise DataError(differ)
     return index
 
 

@@ -785,7 +785,7 @@ def data_problem(cfg: Config) -> str | None:
     """What makes ``data.root`` unusable for this config, in one line naming the fix, or None. Cheap at ImageNet
     scale: the class folders of ``train/`` and ``val/`` are listed (one directory each) and one class folder of
     each is looked into, never the 1.28 M files; a pack (``data.format=shards``) is judged by its manifest."""
-    from data_pipeline.layout import DataError
+    from data_pipeline.layout import DataError, class_folders_differ
     from data_pipeline.shard_reader import MANIFEST, is_pack, load_manifest
 
     root, want = Path(cfg.data.root), cfg.model.num_classes
@@ -828,13 +828,9 @@ def data_problem(cfg: Config) -> str | None:
             with os.scandir(first) as entries:
                 if next((e for e in entries if not e.name.startswith(".")), None) is None:
                     return f"class folder {first} is empty"
-        if found["train"] != found["val"]:
-            only_train = sorted(set(found["train"]) - set(found["val"]))
-            only_val = sorted(set(found["val"]) - set(found["train"]))
-            return (
-                f"train/ and val/ class folders differ under {root}: {len(only_train)} only in train "
-                f"{only_train[:3]}, {len(only_val)} only in val {only_val[:3]}"
-            )
+        differ = class_folders_differ(root, found["train"], found["val"])
+        if differ:
+            return differ
         classes = len(found["train"])
         where = f"{root} has {classes} class folders in train/ and val/"
     if classes != want:

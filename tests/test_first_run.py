@@ -64,14 +64,20 @@ BOTH = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("command", ["launch", "train"])
-@pytest.mark.parametrize(("args", "message"), BOTH, ids=[" ".join(a) for a, _ in BOTH])
-def test_familiar_flags_and_typos_name_what_to_write(capsys, tmp_path, command, args, message):
+def _one_error_line(capsys, tmp_path, command: str, args: tuple[str, ...], message: str) -> str:
+    """``command`` (launch or train) with ``args`` exits 2 with one line starting ``error: message``; that line."""
     main = launch.main if command == "launch" else train_cli.main
     extra = ("--dry-run",) if command == "launch" else ("--print-config",)
     code, out, err = run_main(capsys, main, *args, "--data", str(tmp_path), *extra)
     assert code == 2 and out == ""
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["launch", "train"])
+@pytest.mark.parametrize(("args", "message"), BOTH, ids=[" ".join(a) for a, _ in BOTH])
+def test_familiar_flags_and_typos_name_what_to_write(capsys, tmp_path, command, args, message):
+    _one_error_line(capsys, tmp_path, command, args, message)
 
 
 @pytest.mark.parametrize(
@@ -92,11 +98,7 @@ def test_familiar_flags_and_typos_name_what_to_write(capsys, tmp_path, command, 
     ids=["gpu", "ngpus", "timeout", "partiton", "sweep-arch", "train-gpus", "config", "paper-config", "model.arch"],
 )  # fmt: skip
 def test_command_specific_mistakes(capsys, tmp_path, command, args, message):
-    main = launch.main if command == "launch" else train_cli.main
-    extra = ("--dry-run",) if command == "launch" else ("--print-config",)
-    code, out, err = run_main(capsys, main, *args, "--data", str(tmp_path), *extra)
-    assert code == 2 and out == ""
-    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    err = _one_error_line(capsys, tmp_path, command, args, message)
     if "model.arch" in message:
         assert err.rstrip().endswith("(did you mean vgg13_bn?)")
 

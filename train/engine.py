@@ -455,6 +455,7 @@ class Trainer:
             interval_n += 1
             self._tick("data", arm=True)
             stop_now = self.stop_vote(self.stop_requested)  # the same answer on every rank at this step
+            save_due = False  # rank 0's ckpt.every_minutes clock, agreed at print intervals
             if interval_n == cfg.train.print_every or i + 1 == steps_per_epoch or stop_now:
                 # The only host sync of the loop, once per print interval (no .item() per step): the interval's
                 # loss averaged over all ranks and the live stop flag, in one all-reduce, so every rank sees the
@@ -493,12 +494,9 @@ class Trainer:
                     self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
                     self._save_interrupt()
                     return "interrupted"
-                every = cfg.ckpt.every_steps
-                if i + 1 < steps_per_epoch and (save_due or (every and self.step % every == 0)):
-                    # mid-epoch last.pth (ckpt.every_steps / every_minutes): a crash loses at most the interval
-                    self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
-                    self._save_interrupt("periodic save")
-            elif cfg.ckpt.every_steps and self.step % cfg.ckpt.every_steps == 0 and i + 1 < steps_per_epoch:
+            every = cfg.ckpt.every_steps
+            if i + 1 < steps_per_epoch and (save_due or (every and self.step % every == 0)):
+                # mid-epoch last.pth (ckpt.every_steps / every_minutes): a crash loses at most the interval
                 self.partial_counts = (loss_sum.item(), int(c1), int(c5), int(n))
                 self._save_interrupt("periodic save")
             end = time.perf_counter()
