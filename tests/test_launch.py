@@ -387,7 +387,9 @@ def test_slurm_interrupt_requeues_and_resumes_to_the_same_weights(
     assert (
         len(re.findall(r"^rank 0/2: host .*; CPUs [\d,-]+ \(\d+\), 1 intra-op thread\(s\)$", text, re.M)) == 3
     )
-    assert text.count("Requeued job") == 2 and "restart 1" in text and "restart 2" in text
+    # not submitit's "Requeued job" line: it is logged after `scontrol requeue` returns, when SLURM may already have
+    # ended the step (sacct's two REQUEUED states above are the proof of both requeues)
+    assert "restart 1" in text and "restart 2" in text
     # each start resumed exactly where the previous one saved: same epoch, batch and step
     resumed = [
         int(m[1])
