@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -80,6 +80,8 @@ class Plan:
     # sbatch --dependency (a sweep's B–E on net A: "afterok:<A's job id>"), with --kill-on-invalid-dep=yes so a
     # job whose dependency can never be met (A failed or was cancelled) leaves the queue instead of pending forever
     dependency: str | None = None
+    # where CPUs and memory per task came from, one line each ("cpus per task: 8 (sinfo: partition gpu, ...)")
+    resources: tuple[str, ...] = ()
 
     @property
     def cluster(self) -> str:
@@ -244,15 +246,29 @@ def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
             f"launch.time={la.time} is 10 minutes or less: submitit then counts every signal, a preemption too, "
             f"as a timeout (against launch.max_num_timeout={la.max_num_timeout})"
         )
+    # CPUs and memory per task: the user's or the recipe's, checked against the partition's nodes (sinfo); the
+    # rest derived from them (slurm/resources.py)
+    from slurm.resources import ResourceError, plan_resources
+
+    try:
+        res = plan_resources(cfg, tasks, nodes, given)
+    except ResourceError as e:
+        raise LaunchError(str(e)) from None
+    cfg = replace(cfg, launch=replace(la, cpus_per_gpu=res.cpus_per_gpu, mem_per_gpu=res.mem_per_gpu))
+    notes.extend(res.notes)
     return Plan(
         cfg=cfg,
         nodes=nodes,
         tasks_per_node=tasks,
         timeout_min=timeout_min,
-        mem=memory_per_node(la.mem_per_gpu, tasks),
+        mem=memory_per_node(res.mem_per_gpu, tasks),
         folder=Path(cfg.run_dir) / "slurm" / "%j",
         notes=tuple(notes),
         warnings=tuple(warnings),
+        resources=(
+            f"cpus per task: {res.cpus_per_gpu} ({res.cpus_source})",
+            f"memory: {res.mem_per_gpu} per GPU, {memory_per_node(res.mem_per_gpu, tasks)} per node ({res.mem_source})",
+        ),
     )
 
 
@@ -621,6 +637,8 @@ def dry_run(plan: Plan, out: TextIO | None = None, force: bool = False) -> int:
     print(f"# plan: {plan.summary()}", file=out)
     for n in plan.notes:
         print(f"# note: {n}", file=out)
+    for r in plan.resources:
+        print(f"# {r}", file=out)
     if plan.cluster == "slurm":
         print(
             f"# sbatch script submitit would submit (dry run: nothing submitted); job folder {plan.folder}",
@@ -982,6 +1000,8 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
         print(f"warning: {w}", file=sys.stderr)
     for n in plan.notes:
         print(f"note: {n}", file=out)
+    for r in plan.resources if plan.cluster == "slurm" else ():
+        print(f"resources: {r}", file=out)
     if not check_run_dir(plan, out, force=force):
         return 0
     job = start(plan, out)
