@@ -192,6 +192,11 @@ def format_mb(mb: int) -> str:
     return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
 
 
+def _span(values: list[int]) -> str:
+    """``64`` when all are 64, else ``40-128``."""
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
 def _round_down_mb(mb: int) -> int:
     """Whole GB from 1 GB up (a request reads better and still fits), MB below."""
     return mb // 1024 * 1024 if mb >= 1024 else mb
@@ -219,9 +224,10 @@ def read_nodes(partition: str | None, timeout_s: float = SINFO_TIMEOUT_S) -> tup
             ["sinfo", "-N", "-h", "-o", SINFO_FORMAT], timeout_s))})  # fmt: skip
         if partition not in {k.rstrip("*") for k in known}:
             choices = ", ".join(known) or "none"
+            name = known[0].rstrip("*") if len(known) == 1 else "NAME"
             raise ResourceError(
                 f"partition {partition!r} does not exist (sinfo lists: {choices}; * is the default): use "
-                f"--partition NAME (launch.partition=NAME)"
+                f"--partition {name} (launch.partition={name})"
             )
         raise ResourceError(
             f"partition {partition!r} has no nodes (sinfo -p {partition}): use another --partition"
@@ -292,7 +298,8 @@ def fit(
     )
     if not pool:
         raise ResourceError(
-            f"no node of partition {partition} has the features --constraint {constraint}: use another"
+            f"no node of partition {partition} has the features --constraint {constraint}: use another --constraint "
+            f"(sinfo -p {partition} -o '%N %f' lists the nodes' features)"
         )
     most_gpus = max(n.gpus for n in pool)
     if most_gpus == 0:
@@ -308,87 +315,91 @@ def fit(
     hosts = [n for n in pool if n.gpus >= tasks_per_node]  # the nodes that can run the job
     if len(hosts) < nodes_needed:
         raise ResourceError(
-            f"the job needs {nodes_needed} nodes with {tasks_per_node} GPUs, but {where} has {len(hosts)}: use "
+            f"the job needs {nodes_needed} nodes with {tasks_per_node}+ GPUs, but {where} has {len(hosts)}: use "
             f"--gpus {len(hosts) * tasks_per_node} or fewer"
         )
-    mixed = len({(n.cpus, n.mem_mb, n.gpus) for n in hosts}) > 1
-    smallest_cpus = min(hosts, key=lambda n: n.cpus // n.gpus)
-    smallest_mem = min(hosts, key=lambda n: n.mem_mb // n.gpus)
-    sized = (
-        f"{len(hosts)} of {len(pool)} nodes have {tasks_per_node}+ GPUs; " if len(hosts) < len(pool) else ""
-    )
+    # each node's fair share per GPU: a job on some of a node's GPUs leaves the others their CPUs and memory
+    least_cpus = min(hosts, key=lambda n: (n.cpus // n.gpus, n.cpus))
+    least_mem = min(hosts, key=lambda n: (n.mem_mb // n.gpus, n.mem_mb))
+    if len({(n.cpus, n.mem_mb, n.gpus) for n in pool}) > 1:
+        smallest = sorted(
+            {least_cpus.name: least_cpus, least_mem.name: least_mem}.values(), key=lambda n: n.name
+        )
+        notes.append(
+            f"mixed partition: {len(hosts)} of the {len(pool)} nodes of {where} can run {tasks_per_node} tasks "
+            f"({tasks_per_node}+ GPUs); sized to fit each of them, the smallest share per GPU being "
+            + " and ".join(f"{n.name} ({n.cpus} CPUs, {n.mem_mb} MB, {n.gpus} GPUs)" for n in smallest)
+        )
 
-    def kth_largest(values: list[int]) -> int:  # what nodes_needed nodes all have
-        return sorted(values, reverse=True)[nodes_needed - 1]
+    def at_most(values: list[int]) -> str:  # what the nodes_needed biggest nodes all have
+        value = sorted(values, reverse=True)[nodes_needed - 1]
+        return f"at most {value}" if nodes_needed == 1 else f"{nodes_needed} nodes with at most {value}"
 
     if cpus_per_gpu is None:
-        cpus = max(1, smallest_cpus.cpus // smallest_cpus.gpus)
-        if cpus * tasks_per_node > smallest_cpus.cpus:  # fewer CPUs than GPUs: one each still too many
-            raise ResourceError(
-                f"{tasks_per_node} tasks per node, but node {smallest_cpus.name} of {where} has "
-                f"{smallest_cpus.cpus} CPUs: use --gpus-per-node {smallest_cpus.cpus}"
-            )
-        cpus_source = f"sinfo: {where}, {smallest_cpus.cpus} CPUs / {smallest_cpus.gpus} GPUs per node" + (
-            f"; mixed partition: {sized}sized for the smallest, {smallest_cpus.name}" if mixed else ""
-        )
+        cpus = least_cpus.cpus // least_cpus.gpus
+        if cpus < 1:  # fewer CPUs than GPUs: then one CPU per task, if there are enough
+            cpus = 1
+            if least_cpus.cpus < tasks_per_node:
+                raise ResourceError(
+                    f"node {least_cpus.name} of {where} has {least_cpus.cpus} CPUs for {tasks_per_node} tasks: use "
+                    f"--gpus-per-node {least_cpus.cpus} (launch.gpus_per_node={least_cpus.cpus})"
+                )
+        cpus_source = f"sinfo: {where}, {least_cpus.cpus} CPUs / {least_cpus.gpus} GPUs per node"
     else:
-        cpus = cpus_per_gpu
-        need = cpus * tasks_per_node
+        cpus, need = cpus_per_gpu, cpus_per_gpu * tasks_per_node
         if sum(n.cpus >= need for n in hosts) < nodes_needed:
-            most = kth_largest([n.cpus for n in hosts])
-            fits = most // tasks_per_node
-            raise ResourceError(
-                f"{cpus} CPUs per GPU ({chosen_by[0]}) × {tasks_per_node} tasks per node = {need} CPUs, but the nodes of {where} have "
-                f"{'at most' if nodes_needed == 1 else f'{nodes_needed} nodes with at most'} {most}: use "
+            fits = sorted((n.cpus for n in hosts), reverse=True)[nodes_needed - 1] // tasks_per_node
+            fix = (
                 f"--cpus-per-gpu {fits} (launch.cpus_per_gpu={fits})"
+                if fits >= 1
+                else "fewer --gpus-per-node (launch.gpus_per_node)"
             )
-        least = min(n.cpus for n in hosts)
-        cpus_source = f"{chosen_by[0]}; fits {where}: {least}{'+' if mixed else ''} CPUs per node"
+            raise ResourceError(
+                f"{cpus} CPUs per GPU ({chosen_by[0]}) × {tasks_per_node} tasks per node = {need} CPUs, but the "
+                f"nodes of {where} have {at_most([n.cpus for n in hosts])}: use {fix}"
+            )
+        cpus_source = f"{chosen_by[0]}; fits {where}: {_span([n.cpus for n in hosts])} CPUs per node"
 
     if mem_per_gpu is None:
-        per_gpu_mb = _round_down_mb(int(smallest_mem.mem_mb * (1 - MEM_MARGIN)) // smallest_mem.gpus)
+        per_gpu_mb = _round_down_mb(int(least_mem.mem_mb * (1 - MEM_MARGIN)) // least_mem.gpus)
         if per_gpu_mb < 1:
             raise ResourceError(
-                f"node {smallest_mem.name} of {where} reports {smallest_mem.mem_mb} MB (RealMemory unset?): give "
+                f"node {least_mem.name} of {where} reports {least_mem.mem_mb} MB (RealMemory unset?): give "
                 f"--mem-per-gpu SIZE (launch.mem_per_gpu=SIZE) that the site allows"
             )
         mem = format_mb(per_gpu_mb)
         mem_source = (
-            f"sinfo: {where}, {format_mb(smallest_mem.mem_mb)} per node less {MEM_MARGIN:.0%} / "
-            f"{smallest_mem.gpus} GPUs"
-            + (f"; mixed partition: sized for the smallest, {smallest_mem.name}" if mixed else "")
+            f"sinfo: {where}, {least_mem.mem_mb} MB per node less {MEM_MARGIN:.0%}, / {least_mem.gpus} GPUs"
         )
     else:
-        mem = mem_per_gpu
-        per_gpu_mb = size_mb(mem_per_gpu)
+        mem, per_gpu_mb = mem_per_gpu, size_mb(mem_per_gpu)
         if per_gpu_mb is None:
             raise ResourceError(f"launch.mem_per_gpu={mem_per_gpu!r} is not a size like 64G or 500M")
         need_mb = per_gpu_mb * tasks_per_node
         if sum(n.mem_mb >= need_mb for n in hosts) < nodes_needed:
-            most = kth_largest([n.mem_mb for n in hosts])
+            most = sorted((n.mem_mb for n in hosts), reverse=True)[nodes_needed - 1]
             fits = format_mb(_round_down_mb(most // tasks_per_node))
             raise ResourceError(
-                f"{mem} per GPU ({chosen_by[1]}) × {tasks_per_node} tasks per node = {format_mb(need_mb)}, but the nodes of {where} "
-                f"have {'at most' if nodes_needed == 1 else f'{nodes_needed} nodes with at most'} "
-                f"{format_mb(most)} (sinfo %m): use --mem-per-gpu {fits} (launch.mem_per_gpu={fits})"
+                f"{mem} per GPU ({chosen_by[1]}) × {tasks_per_node} tasks per node = {format_mb(need_mb)}, but the nodes "
+                f"of {where} have {at_most([n.mem_mb for n in hosts])} MB (sinfo %m): use --mem-per-gpu {fits} "
+                f"(launch.mem_per_gpu={fits})"
             )
-        least = min(n.mem_mb for n in hosts)
-        mem_source = f"{chosen_by[1]}; fits {where}: {format_mb(least)}{'+' if mixed else ''} per node"
+        mem_source = f"{chosen_by[1]}; fits {where}: {_span([n.mem_mb for n in hosts])} MB per node"
 
     both = [n for n in hosts if n.cpus >= cpus * tasks_per_node and n.mem_mb >= per_gpu_mb * tasks_per_node]
     if (
         len(both) < nodes_needed
-    ):  # mixed partition: enough nodes with the CPUs, enough with the memory, not both
+    ):  # mixed: enough nodes with the CPUs, enough with the memory, too few with both
         raise ResourceError(
-            f"{cpus} CPUs and {format_mb(per_gpu_mb)} per GPU × {tasks_per_node} tasks fit {len(both)} node(s) of "
-            f"{where}, the job needs {nodes_needed}: lower --cpus-per-gpu or --mem-per-gpu"
+            f"{cpus} CPUs and {mem} per GPU × {tasks_per_node} tasks per node fit {len(both)} node(s) of {where}, "
+            f"the job needs {nodes_needed}: lower --cpus-per-gpu or --mem-per-gpu"
         )
     up = [n for n in both if n.usable]
     if len(up) < nodes_needed:
         down = ", ".join(f"{n.name} ({n.state})" for n in both if not n.usable)
         notes.append(
-            f"only {len(up)} of the {len(both)} node(s) of {where} that fit the job are up (others: {down}): it "
-            f"waits until {nodes_needed} are"
+            f"only {len(up)} of the {len(both)} node(s) of {where} that fit the job are up (the others: {down}): "
+            f"it waits until {nodes_needed} are"
         )
     return Resources(cpus, mem, cpus_source, mem_source, tuple(notes))
 
