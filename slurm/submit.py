@@ -1000,10 +1000,10 @@ def launch(plan: Plan, wait: bool = False, out: TextIO | None = None, force: boo
         print(f"warning: {w}", file=sys.stderr)
     for n in plan.notes:
         print(f"note: {n}", file=out)
-    for r in plan.resources if plan.cluster == "slurm" else ():
-        print(f"resources: {r}", file=out)
     if not check_run_dir(plan, out, force=force):
         return 0
+    for r in plan.resources if plan.cluster == "slurm" else ():
+        print(f"resources: {r}", file=out)
     job = start(plan, out)
     return follow_to_end(plan, job, wait=wait, out=out)
 

@@ -147,7 +147,9 @@ def test_dry_run_shows_the_sbatch_script_and_submits_nothing(capsys, imagenet_la
     assert "warning" not in err
 
 
-def test_layout_one_task_per_gpu_and_even_split(capsys, tmp_path):
+def test_layout_one_task_per_gpu_and_even_split(capsys, tmp_path, monkeypatch):
+    # no SLURM client on PATH: the default 64G per GPU (a cluster's sinfo sizes it: tests/test_resources.py)
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
     common = ("--arch", "vgg16_bn", "--run-dir", str(tmp_path / "r"), "--data", str(tmp_path), "--dry-run")
     code, out, _ = main_output(capsys, *common, "--gpus", "16")
     assert code == 0
