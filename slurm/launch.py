@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="submit without the checks on this host: a job of this run_dir queued/running or a training holding "
         "its lock; the data root (train/, val/ or a pack's manifest), its class count against model.num_classes and "
-        "the run folder's last.pth (arch, recipe). For a login node that cannot see the data (the training's lock "
+        "the run folder's last.pth (arch, recipe); CPUs, memory or GPUs per node that sinfo says no node has. "
+        "For a login node that cannot see the data (the training's lock "
         "still refuses to run two at once, and the job still checks the rest when it starts; a node-local run "
         "folder or interpreter is refused even so)",
     )
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*flags, *([] if args.config else extra), *args.overrides]
         cfg = absolute_paths(load_config(args.config or name, overrides, batch_split=False))
         _check_batch_split(cfg, args)
-        plan = make_plan(cfg, given={o.partition("=")[0].strip() for o in overrides})
+        plan = make_plan(cfg, given={o.partition("=")[0].strip() for o in overrides}, force=args.force)
     except (ConfigError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -98,6 +98,7 @@ class Resources:
     cpus_source: str
     mem_source: str
     notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # a refusal that --force turned into a warning
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -407,11 +408,14 @@ def fit(
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan_resources(cfg, tasks_per_node: int, nodes_needed: int, given: Collection[str] = ()) -> Resources:
+def plan_resources(
+    cfg, tasks_per_node: int, nodes_needed: int, given: Collection[str] = (), force: bool = False
+) -> Resources:
     """The job's CPUs and memory per task for a config (``train.config.Config``): a value the user gave
     (``given``: the keys they set) or the recipe set (other than ``LaunchConfig``'s default) is kept and checked;
     the rest is derived from the partition's nodes. ``--cluster local/debug`` and a sinfo that cannot answer keep
-    the configured values. ResourceError (one line) when the request cannot fit."""
+    the configured values. ResourceError (one line) when the request cannot fit; with ``force`` that is a warning
+    and the configured values go to sbatch as they are (a site whose sbatch accepts what sinfo does not show)."""
     from train.config import LaunchConfig
 
     la, default = cfg.launch, LaunchConfig()
@@ -439,13 +443,25 @@ def plan_resources(cfg, tasks_per_node: int, nodes_needed: int, given: Collectio
             who[0] or f"default; sinfo unavailable: {e}",
             who[1] or f"default; sinfo unavailable: {e}",
         )
-    return fit(
-        partition,
-        nodes,
-        tasks_per_node,
-        nodes_needed,
-        la.cpus_per_gpu if who[0] else None,
-        la.mem_per_gpu if who[1] else None,
-        la.constraint,
-        (who[0] or "", who[1] or ""),
-    )
+    try:
+        return fit(
+            partition,
+            nodes,
+            tasks_per_node,
+            nodes_needed,
+            la.cpus_per_gpu if who[0] else None,
+            la.mem_per_gpu if who[1] else None,
+            la.constraint,
+            (who[0] or "", who[1] or ""),
+        )
+    except ResourceError as e:
+        if not force:
+            raise
+        unchecked = "--force: not fitted to sinfo"
+        return Resources(
+            la.cpus_per_gpu,
+            la.mem_per_gpu,
+            f"{who[0] or 'default'}; {unchecked}",
+            f"{who[1] or 'default'}; {unchecked}",
+            warnings=(f"{e} (--force: submitted as asked; sbatch or the scheduler decides)",),
+        )

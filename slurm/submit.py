@@ -171,9 +171,10 @@ def node_local_storage(path: str | Path) -> str | None:
     return f"{best} ({fstype})" if fstype in NODE_LOCAL_FS else None
 
 
-def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
+def make_plan(cfg: Config, given: Collection[str] = (), force: bool = False) -> Plan:
     """Decide the job layout for a validated config (``load_config`` already checked the batch divides).
-    ``given``: the config keys the user set (flags or key=value); what they chose is not reported as derived."""
+    ``given``: the config keys the user set (flags or key=value); what they chose is not reported as derived.
+    CPUs and memory per task: :func:`slurm.resources.plan_resources` (``force``: what cannot fit is a warning)."""
     la = cfg.launch
     nodes, gpus = la.nodes, la.gpus
     notes: list[str] = []
@@ -251,11 +252,12 @@ def make_plan(cfg: Config, given: Collection[str] = ()) -> Plan:
     from slurm.resources import ResourceError, plan_resources
 
     try:
-        res = plan_resources(cfg, tasks, nodes, given)
+        res = plan_resources(cfg, tasks, nodes, given, force=force)
     except ResourceError as e:
         raise LaunchError(str(e)) from None
     cfg = replace(cfg, launch=replace(la, cpus_per_gpu=res.cpus_per_gpu, mem_per_gpu=res.mem_per_gpu))
     notes.extend(res.notes)
+    warnings.extend(res.warnings)
     return Plan(
         cfg=cfg,
         nodes=nodes,

@@ -527,22 +527,32 @@ def test_slurm_timeout_limit_stops_the_job_and_the_same_command_resumes(
 
 
 @pytest.mark.slurm
-def test_slurm_unknown_partition_is_sbatch_error_in_one_line(slurm_env: SlurmCluster, tree, tmp_path):
-    args = small(tree, tmp_path / "r", "--cluster", "slurm", "--partition", "nope", "log.wandb_mode=offline")
-    out = run_cli(LAUNCH, *args, env=clean_env())
+def test_slurm_unknown_partition_and_sbatch_errors_in_one_line(slurm_env: SlurmCluster, tree, tmp_path):
+    # a partition sinfo does not list: refused before anything is written (slurm/resources.py)
+    args = small(tree, tmp_path / "r", "--cluster", "slurm", "log.wandb_mode=offline")
+    out = run_cli(LAUNCH, *args, "--partition", "nope", env=clean_env())
+    assert (out.returncode, out.stderr) == (2, (
+        "error: partition 'nope' does not exist (sinfo lists: debug*; * is the default): use --partition debug "
+        "(launch.partition=debug)\n"))  # fmt: skip
+    assert not (tmp_path / "r").exists()
+    # what only sbatch knows (a reservation): its own words, on one line
+    out = run_cli(LAUNCH, *args, "--sbatch", "reservation=nope", env=clean_env())
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
-        "error: sbatch: invalid partition specified: nope; Batch job submission failed: Invalid partition name "
-        "specified"
+        "error: sbatch: Batch job submission failed: Requested reservation is invalid"
     )
     assert not (tmp_path / "r" / "wandb_id.txt").exists()  # no run was started under the id it had fixed
 
 
 @pytest.mark.slurm
 def test_slurm_job_over_the_partitions_limits_is_warned_about(slurm_env: SlurmCluster, tree, tmp_path):
-    """The test cluster has one node: a 2-node job is queued (no EnforcePartLimits) but never starts."""
+    """The test cluster has one node: a 2-node job is refused before submission (sinfo); with --force it is
+    queued (no EnforcePartLimits) but never starts, and the launch says so."""
     args = small(tree, tmp_path / "r", "--cluster", "slurm", "--partition", slurm_env.partition)
     out = run_cli(LAUNCH, *args, "--gpus", "16", "data.batch_size=16", env=clean_env())
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", (
+        "error: the job needs 2 nodes with 8+ GPUs, but partition debug has 1: use --gpus 8 or fewer\n"))  # fmt: skip
+    out = run_cli(LAUNCH, *args, "--gpus", "16", "data.batch_size=16", "--force", env=clean_env())
     job_id = submitted(out.stdout)
     subprocess.run(["scancel", job_id], check=True)
     assert out.returncode == 0, out.stderr
