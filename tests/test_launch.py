@@ -527,30 +527,34 @@ def test_slurm_timeout_limit_stops_the_job_and_the_same_command_resumes(
 
 
 @pytest.mark.slurm
-def test_slurm_unknown_partition_and_sbatch_errors_in_one_line(slurm_env: SlurmCluster, tree, tmp_path):
+def test_slurm_unknown_partition_and_sbatch_errors_in_one_line(
+    capsys, slurm_env: SlurmCluster, tree, tmp_path, monkeypatch
+):
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:
+        monkeypatch.delenv(key)
     # a partition sinfo does not list: refused before anything is written (slurm/resources.py)
     args = small(tree, tmp_path / "r", "--cluster", "slurm", "log.wandb_mode=offline")
-    out = run_cli(LAUNCH, *args, "--partition", "nope", env=clean_env())
-    assert (out.returncode, out.stderr) == (2, (
+    assert main_output(capsys, *args, "--partition", "nope") == (2, "", (
         "error: partition 'nope' does not exist (sinfo lists: debug*; * is the default): use --partition debug "
         "(launch.partition=debug)\n"))  # fmt: skip
     assert not (tmp_path / "r").exists()
     # what only sbatch knows (a reservation): its own words, on one line
-    out = run_cli(LAUNCH, *args, "--sbatch", "reservation=nope", env=clean_env())
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == (
-        "error: sbatch: Batch job submission failed: Requested reservation is invalid"
+    code, _, err = main_output(capsys, *args, "--sbatch", "reservation=nope")
+    assert (code, err) == (
+        2,
+        "error: sbatch: Batch job submission failed: Requested reservation is invalid\n",
     )
     assert not (tmp_path / "r" / "wandb_id.txt").exists()  # no run was started under the id it had fixed
 
 
 @pytest.mark.slurm
-def test_slurm_job_over_the_partitions_limits_is_warned_about(slurm_env: SlurmCluster, tree, tmp_path):
+def test_slurm_job_over_the_partitions_limits_is_warned_about(
+    capsys, slurm_env: SlurmCluster, tree, tmp_path
+):
     """The test cluster has one node: a 2-node job is refused before submission (sinfo); with --force it is
     queued (no EnforcePartLimits) but never starts, and the launch says so."""
     args = small(tree, tmp_path / "r", "--cluster", "slurm", "--partition", slurm_env.partition)
-    out = run_cli(LAUNCH, *args, "--gpus", "16", "data.batch_size=16", env=clean_env())
-    assert (out.returncode, out.stdout, out.stderr) == (2, "", (
+    assert main_output(capsys, *args, "--gpus", "16", "data.batch_size=16") == (2, "", (
         "error: the job needs 2 nodes with 8+ GPUs, but partition debug has 1: use --gpus 8 or fewer\n"))  # fmt: skip
     out = run_cli(LAUNCH, *args, "--gpus", "16", "data.batch_size=16", "--force", env=clean_env())
     job_id = submitted(out.stdout)
