@@ -336,7 +336,8 @@ def retry_teardown(plan: Plan) -> list[str]:
     """The sbatch script's lines after srun: ``slurm.retry`` decides whether a failed job requeues itself."""
     from slurm.retry import teardown_lines
 
-    return teardown_lines(plan.cfg.run_dir, plan.cfg.launch.max_failures, plan.cfg.launch.python)
+    la = plan.cfg.launch
+    return teardown_lines(plan.cfg.run_dir, la.max_failures, la.python, la.container_image)
 
 
 class _PlanOnlySlurmExecutor(SlurmExecutor):
