@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from train.files import atomic_write_text
+
 RETRIES = "retries.jsonl"
 FAULTS = "faults"
 NOT_RETRIED = (
@@ -55,9 +57,7 @@ def write_fault(
     path = fault_path(run_dir, job_id, restart, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "host": socket.gethostname(), **record}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record) + "\n")
 
 
 def read_faults(run_dir: str | os.PathLike[str], job_id: str, restart: int) -> list[dict[str, Any]]:
