@@ -56,7 +56,9 @@ def test_launch_without_slurm_suggests_cluster_local(tmp_path):
 
 
 def test_launch_dry_run_plan():
-    out = run_cli("slurm/launch.py", "--arch", "vgg16_bn", "--gpus", "16", "--dry-run")
+    # no SLURM client on PATH: where a sourced local cluster answered sinfo, its one node would refuse 2 nodes
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    out = run_cli("slurm/launch.py", "--arch", "vgg16_bn", "--gpus", "16", "--dry-run", env=env)
     assert out.returncode == 0, out.stderr
     assert "# plan: 2 node(s) × 8 GPU(s) = 16 task(s), one per GPU, on SLURM; global batch 256 = 16 × 16" in (
         out.stdout
