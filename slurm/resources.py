@@ -1,9 +1,10 @@
 """CPUs and memory per task that fit the partition's nodes, read from SLURM (``sinfo``) before anything is submitted.
 
-    from slurm.resources import read_nodes, fit
-    nodes = read_nodes("gpu")                       # sinfo -p gpu -N -h -o '%P|%N|%c|%m|%G|%T|%f'
-    res = fit(nodes, tasks_per_node=8, nodes_needed=1, cpus_per_gpu=None, mem_per_gpu=None)
-    res.cpus_per_gpu, res.mem_per_gpu               # 8, '57G' on 64-CPU, 512 GB (RealMemory 515000), 8-GPU nodes
+    from slurm.resources import fit, read_nodes
+    [(name, nodes)] = read_nodes("gpu")             # sinfo -N -h -o '%P|%N|%c|%m|%G|%T|%f' -p gpu
+    res = fit(name, nodes, tasks_per_node=8, nodes_needed=1, cpus_per_gpu=None, mem_per_gpu=None)
+    res.cpus_per_gpu, res.mem_per_gpu, res.cpus_source   # 8, '56G', 'sinfo: partition gpu, 64 CPUs / 8 GPUs per node'
+                                                         # on 64-CPU, RealMemory=515000 (MB), gpu:8 nodes
 
 A number nobody chose (not the user's flag or key, not the recipe's) is derived from the nodes: CPUs per task =
 node CPUs // the node's GPUs (its fair share: a job on half the GPUs leaves the other half their CPUs), memory per
@@ -23,7 +24,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SINFO_FORMAT = "%P|%N|%c|%m|%G|%T|%f"  # partition|node|CPUs|memory (MB)|GRES|state|features; '|' is in none
 MEM_MARGIN = 0.10  # of a node's memory left out of a derived request
@@ -206,37 +207,39 @@ def _round_down_mb(mb: int) -> int:
 # ------------------------------------------------------------------------------------------------ sinfo
 
 
-def read_nodes(partition: str | None, timeout_s: float = SINFO_TIMEOUT_S) -> tuple[str, list[Node]]:
-    """``(partition, nodes)`` of ``partition`` (None: the cluster's default partition) from one sinfo call.
+def read_nodes(partition: str | None, timeout_s: float = SINFO_TIMEOUT_S) -> list[tuple[str, list[Node]]]:
+    """``[(partition, nodes), ...]`` for ``partition`` (``gpu``; ``a,b``: sbatch's list, in its order; None: the
+    cluster's default partition) from one sinfo call.
 
-    ResourceError when the partition does not exist or has no nodes; SinfoUnavailable when sinfo cannot answer."""
+    ResourceError when a partition does not exist or has no nodes; SinfoUnavailable when sinfo cannot answer."""
     cmd = ["sinfo", "-N", "-h", "-o", SINFO_FORMAT, *(["-p", partition] if partition else [])]
     nodes = parse_sinfo(_sinfo(cmd, timeout_s))
     if partition:
-        mine = [n for n in nodes if n.partition == partition]
+        names = [p.strip() for p in partition.split(",") if p.strip()]
     else:
-        defaults = sorted({n.partition for n in nodes if n.default})
-        if not defaults:
+        names = sorted({n.partition for n in nodes if n.default})[:1]
+        if not names:
             raise SinfoUnavailable("sinfo names no default partition (give --partition)")
-        partition = defaults[0]
-        mine = [n for n in nodes if n.partition == partition]
-    if not mine:
-        known = sorted({n.partition + ("*" if n.default else "") for n in parse_sinfo(_sinfo(
-            ["sinfo", "-N", "-h", "-o", SINFO_FORMAT], timeout_s))})  # fmt: skip
-        if partition not in {k.rstrip("*") for k in known}:
-            choices = ", ".join(known) or "none"
-            name = known[0].rstrip("*") if len(known) == 1 else "NAME"
-            raise ResourceError(
-                f"partition {partition!r} does not exist (sinfo lists: {choices}; * is the default): use "
-                f"--partition {name} (launch.partition={name})"
-            )
+    found: dict[str, dict[str, Node]] = {name: {} for name in names}  # node name → node, once per partition
+    for n in nodes:
+        if n.partition in found:
+            found[n.partition].setdefault(n.name, n)
+    empty = [name for name in names if not found[name]]
+    if empty:
+        lines = _sinfo(["sinfo", "-h", "-o", "%P"], timeout_s).split()
+        known = list(dict.fromkeys(p.strip() for p in lines if p.strip()))
+        for name in empty:
+            if name not in {k.rstrip("*") for k in known}:
+                choices = ", ".join(known) or "none"
+                fix = known[0].rstrip("*") if len(known) == 1 else "NAME"
+                raise ResourceError(
+                    f"partition {name!r} does not exist (sinfo lists: {choices}; * is the default): use "
+                    f"--partition {fix} (launch.partition={fix})"
+                )
         raise ResourceError(
-            f"partition {partition!r} has no nodes (sinfo -p {partition}): use another --partition"
+            f"partition {empty[0]!r} has no nodes (sinfo -p {empty[0]}): use another --partition"
         )
-    seen: dict[str, Node] = {}
-    for n in mine:
-        seen.setdefault(n.name, n)
-    return partition, list(seen.values())
+    return [(name, list(found[name].values())) for name in names]
 
 
 def _sinfo(cmd: list[str], timeout_s: float) -> str:
@@ -435,7 +438,7 @@ def plan_resources(
             la.cpus_per_gpu, la.mem_per_gpu, who[0] or f"default; {why}", who[1] or f"default; {why}"
         )
     try:
-        partition, nodes = read_nodes(la.partition)
+        partitions = read_nodes(la.partition)
     except SinfoUnavailable as e:  # sbatch judges whether the configured numbers fit
         return Resources(
             la.cpus_per_gpu,
@@ -443,25 +446,36 @@ def plan_resources(
             who[0] or f"default; sinfo unavailable: {e}",
             who[1] or f"default; sinfo unavailable: {e}",
         )
-    try:
-        return fit(
-            partition,
-            nodes,
-            tasks_per_node,
-            nodes_needed,
-            la.cpus_per_gpu if who[0] else None,
-            la.mem_per_gpu if who[1] else None,
-            la.constraint,
-            (who[0] or "", who[1] or ""),
-        )
-    except ResourceError as e:
-        if not force:
-            raise
-        unchecked = "--force: not fitted to sinfo"
-        return Resources(
-            la.cpus_per_gpu,
-            la.mem_per_gpu,
-            f"{who[0] or 'default'}; {unchecked}",
-            f"{who[1] or 'default'}; {unchecked}",
-            warnings=(f"{e} (--force: submitted as asked; sbatch or the scheduler decides)",),
-        )
+    errors: list[ResourceError] = []
+    for (
+        partition,
+        nodes,
+    ) in partitions:  # sbatch -p a,b: the job runs in one of them; sized for the first that fits
+        try:
+            res = fit(
+                partition,
+                nodes,
+                tasks_per_node,
+                nodes_needed,
+                la.cpus_per_gpu if who[0] else None,
+                la.mem_per_gpu if who[1] else None,
+                la.constraint,
+                (who[0] or "", who[1] or ""),
+            )
+        except ResourceError as e:
+            errors.append(e)
+            continue
+        if len(partitions) > 1:
+            why = f" ({', '.join(p for p, _ in partitions[: len(errors)])} cannot hold it)" if errors else ""
+            return replace(res, notes=(*res.notes, f"--partition {la.partition}: sized for {partition}{why}"))
+        return res
+    if not force:
+        raise errors[0]
+    unchecked = "--force: not fitted to sinfo"
+    return Resources(
+        la.cpus_per_gpu,
+        la.mem_per_gpu,
+        f"{who[0] or 'default'}; {unchecked}",
+        f"{who[1] or 'default'}; {unchecked}",
+        warnings=(f"{errors[0]} (--force: submitted as asked; sbatch or the scheduler decides)",),
+    )

@@ -184,7 +184,8 @@ def test_local_cluster_sinfo_sizes_the_job_and_refuses_what_cannot_fit(
     for extra, fix in [(("--gpus", "8", "--cpus-per-gpu", "10"), "use --cpus-per-gpu 8 (launch.cpus_per_gpu=8)"),
                        (("--mem-per-gpu", "600G"), "use --mem-per-gpu 512G (launch.mem_per_gpu=512G)"),
                        (("--gpus", "16", "--gpus-per-node", "16"), "use --gpus-per-node 8"),
-                       (("--partition", "nosuch"), "partition 'nosuch' does not exist (sinfo lists: debug*; * is the default): use --partition debug")]:  # fmt: skip
+                       (("--partition", "nosuch"), "partition 'nosuch' does not exist (sinfo lists: debug*; * is the default): use --partition debug"),
+                       (("--partition", "debug,nosuch"), "partition 'nosuch' does not exist")]:  # fmt: skip
         code, out, err = _main(capsys, *args, *extra, "--run-dir", str(too_big))
         assert code == 2 and out == "" and err.count("\n") == 1 and fix in err, err
     assert not too_big.exists()
