@@ -37,8 +37,11 @@ Nothing submitted that must fail: before submitting, the data root (``train/``/`
 ``manifest.json``), its class count against ``model.num_classes`` and ``<run_dir>/last.pth`` (the training's own
 resume check) are checked on this host; each is one ``error:`` line, exit status 2 (``--dry-run``: a warning).
 ``--force`` skips them (a login node that cannot see the data). A SLURM job's run folder or interpreter on
-node-local storage (``/tmp``) is refused whatever ``--force`` says. ``--setup``, ``--sbatch``, ``--srun``,
-``--container-image`` and ``--python`` (``launch.*`` keys) add what a site needs around the job. Familiar flags from
+node-local storage (``/tmp``) is refused whatever ``--force`` says. CPUs and memory per task not given
+(``--cpus-per-gpu``, ``--mem-per-gpu``) are each GPU's share of the partition's nodes, read with ``sinfo``
+(``slurm/resources.py``); a request no node can hold (CPUs, memory, GPUs per node, an unknown partition) is one
+``error:`` line naming the flag and the value that fits, exit status 2 (``--force`` submits a request that sinfo
+says does not fit, with a warning). ``--setup``, ``--sbatch``, ``--srun``, ``--container-image`` and ``--python`` (``launch.*`` keys) add what a site needs around the job. Familiar flags from
 other trainers (``--epochs``, ``--lr``, ``--output-dir``, ...) are answered with the key or flag to use instead.
 """
 
@@ -86,8 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qos", help="SLURM quality of service")
     p.add_argument("--constraint", help="SLURM node features, e.g. a100")
     p.add_argument("--time", help="time limit per job, [D-]HH:MM:SS [72:00:00]; requeued jobs continue")
-    p.add_argument("--mem-per-gpu", help="memory per GPU, e.g. 64G (sbatch --mem = this × GPUs per node)")
-    p.add_argument("--cpus-per-gpu", type=int, help="CPU cores per task [10]")
+    p.add_argument(
+        "--mem-per-gpu",
+        help="memory per GPU, e.g. 64G (sbatch --mem = this × GPUs per node) [each GPU's share of the partition's "
+        "nodes less 10%%, from sinfo; 64G without sinfo]",
+    )
+    p.add_argument(
+        "--cpus-per-gpu",
+        type=int,
+        help="CPU cores per task [node CPUs / node GPUs of the partition, from sinfo; 10 without sinfo]",
+    )
     p.add_argument(
         "--setup",
         action="append",

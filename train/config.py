@@ -177,6 +177,8 @@ class LaunchConfig:
     qos: str | None = None
     constraint: str | None = None
     time: str = "72:00:00"  # per job; requeue continues where it stopped
+    # --cluster slurm: unless the user or the recipe sets them, each GPU's share of the partition's nodes (sinfo:
+    # slurm/resources.py); these where sinfo cannot answer
     mem_per_gpu: str = "64G"
     cpus_per_gpu: int = 10
     signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint and requeue
