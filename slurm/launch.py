@@ -42,7 +42,8 @@ node-local storage (``/tmp``) is refused whatever ``--force`` says. CPUs and mem
 (``slurm/resources.py``); a request no node can hold (CPUs, memory, GPUs per node, an unknown partition) is one
 ``error:`` line naming the flag and the value that fits, exit status 2 (``--force`` submits a request that sinfo
 says does not fit, with a warning). ``--setup``, ``--sbatch``, ``--srun``, ``--container-image`` and ``--python``
-(``launch.*`` keys) add what a site needs around the job. Familiar flags from other trainers (``--epochs``, ``--lr``, ``--output-dir``, ...) are answered with the key or flag to use instead.
+(``launch.*`` keys) add what a site needs around the job. Familiar flags from other trainers (``--epochs``,
+``--lr``, ``--output-dir``, ...) are answered with the key or flag to use instead.
 """
 
 from __future__ import annotations
