@@ -1,20 +1,20 @@
-"""CPUs and memory per task that fit the partition's nodes, read from SLURM (``sinfo``) before anything is submitted.
+"""CPUs and memory per task that fit the partition's nodes, read from SLURM (``sinfo``) before submitting.
 
     from slurm.resources import fit, read_nodes
-    [(name, nodes)] = read_nodes("gpu")             # sinfo -N -h -o '%P|%N|%c|%m|%G|%T|%f' -p gpu
+    [(name, nodes)] = read_nodes("gpu")   # sinfo -N -h -o '%P|%N|%c|%m|%G|%T|%f' -p gpu
     res = fit(name, nodes, tasks_per_node=8, nodes_needed=1, cpus_per_gpu=None, mem_per_gpu=None)
-    res.cpus_per_gpu, res.mem_per_gpu, res.cpus_source   # 8, '56G', 'sinfo: partition gpu, 64 CPUs / 8 GPUs per node'
-                                                         # on 64-CPU, RealMemory=515000 (MB), gpu:8 nodes
+    res.cpus_per_gpu, res.mem_per_gpu     # 8, '56G' on nodes of 64 CPUs, RealMemory=515000 (MB), gpu:8
+    res.cpus_source                       # 'sinfo: partition gpu, 64 CPUs / 8 GPUs per node'
 
 A number nobody chose (not the user's flag or key, not the recipe's) is derived from the nodes: CPUs per task =
-node CPUs // the node's GPUs (its fair share: a job on half the GPUs leaves the other half their CPUs), memory per
-GPU = node memory × (1 - MEM_MARGIN) // the node's GPUs (RealMemory is all SLURM will hand out; the margin keeps
+node CPUs // the node's GPUs (its fair share: a job on half the GPUs leaves the other half their CPUs), memory
+per GPU = node memory × (1 - MEM_MARGIN) // the node's GPUs (RealMemory is all SLURM hands out; the margin keeps
 page cache and the daemons' share off the edge). In a mixed partition only the nodes that can run the job count
-(enough GPUs, the ``--constraint`` features), and the job is sized for the smallest of them, so it fits any.
-A number that was chosen is checked instead: a request no node can hold (more GPUs per node than the nodes have,
-CPUs per task × tasks per node over the node's CPUs, memory over the node's, a partition that does not exist) is a
-:class:`ResourceError` naming the flag and the value that fits. When sinfo cannot answer, nothing is refused here:
-the launcher keeps the configured numbers and says why (:class:`SinfoUnavailable`).
+(enough GPUs, the ``--constraint`` features), and the job is sized for the smallest share among them, so it fits
+any of them. A number that was chosen is checked instead: a request no node can hold (more GPUs per node than
+the nodes have, CPUs per task × tasks per node over the node's CPUs, memory over the node's, a partition that
+does not exist) is a :class:`ResourceError` naming the flag and the value that fits. When sinfo cannot answer,
+nothing is refused here: the launcher keeps the configured numbers and says why (:class:`SinfoUnavailable`).
 """
 
 from __future__ import annotations
@@ -335,9 +335,10 @@ def fit(
             + " and ".join(f"{n.name} ({n.cpus} CPUs, {n.mem_mb} MB, {n.gpus} GPUs)" for n in smallest)
         )
 
-    def at_most(values: list[int]) -> str:  # what the nodes_needed biggest nodes all have
-        value = sorted(values, reverse=True)[nodes_needed - 1]
-        return f"at most {value}" if nodes_needed == 1 else f"{nodes_needed} nodes with at most {value}"
+    def too_few(values: list[int], need: int, unit: str) -> str:  # why `need` fits too few of the hosts
+        if nodes_needed == 1:
+            return f"the nodes of {where} have at most {max(values)}{unit}"
+        return f"{sum(v >= need for v in values)} node(s) of {where} have that many (the job needs {nodes_needed})"
 
     if cpus_per_gpu is None:
         cpus = least_cpus.cpus // least_cpus.gpus
@@ -359,8 +360,8 @@ def fit(
                 else "fewer --gpus-per-node (launch.gpus_per_node)"
             )
             raise ResourceError(
-                f"{cpus} CPUs per GPU ({chosen_by[0]}) × {tasks_per_node} tasks per node = {need} CPUs, but the "
-                f"nodes of {where} have {at_most([n.cpus for n in hosts])}: use {fix}"
+                f"{cpus} CPUs per GPU ({chosen_by[0]}) × {tasks_per_node} tasks per node = {need} CPUs, but "
+                f"{too_few([n.cpus for n in hosts], need, '')}: use {fix}"
             )
         cpus_source = f"{chosen_by[0]}; fits {where}: {_span([n.cpus for n in hosts])} CPUs per node"
 
@@ -384,16 +385,15 @@ def fit(
             most = sorted((n.mem_mb for n in hosts), reverse=True)[nodes_needed - 1]
             fits = format_mb(_round_down_mb(most // tasks_per_node))
             raise ResourceError(
-                f"{mem} per GPU ({chosen_by[1]}) × {tasks_per_node} tasks per node = {format_mb(need_mb)}, but the nodes "
-                f"of {where} have {at_most([n.mem_mb for n in hosts])} MB (sinfo %m): use --mem-per-gpu {fits} "
+                f"{mem} per GPU ({chosen_by[1]}) × {tasks_per_node} tasks per node = {format_mb(need_mb)}, but "
+                f"{too_few([n.mem_mb for n in hosts], need_mb, ' MB (sinfo %m)')}: use --mem-per-gpu {fits} "
                 f"(launch.mem_per_gpu={fits})"
             )
         mem_source = f"{chosen_by[1]}; fits {where}: {_span([n.mem_mb for n in hosts])} MB per node"
 
     both = [n for n in hosts if n.cpus >= cpus * tasks_per_node and n.mem_mb >= per_gpu_mb * tasks_per_node]
-    if (
-        len(both) < nodes_needed
-    ):  # mixed: enough nodes with the CPUs, enough with the memory, too few with both
+    # mixed partition: enough nodes with the CPUs, enough with the memory, too few with both
+    if len(both) < nodes_needed:
         raise ResourceError(
             f"{cpus} CPUs and {mem} per GPU × {tasks_per_node} tasks per node fit {len(both)} node(s) of {where}, "
             f"the job needs {nodes_needed}: lower --cpus-per-gpu or --mem-per-gpu"

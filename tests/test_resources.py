@@ -96,7 +96,8 @@ def test_mixed_partition_sizes_for_the_nodes_that_can_run_the_job():
     assert (r.cpus_per_gpu, r.mem_per_gpu) == (10, "84G")
     assert "3 of the 3 nodes" in r.notes[0] and "v001 (40 CPUs, 384000 MB, 4 GPUs)" in r.notes[0]
     # --constraint a100 (a feature of the node): the V100s are out, nothing mixed
-    tagged = [Node("a001", "gpu", 128, 1031000, 8, "idle", ("a100",)), Node("v001", "gpu", 40, 384000, 4, "idle", ("v100",))]  # fmt: skip
+    tagged = [Node("a001", "gpu", 128, 1031000, 8, "idle", ("a100",)),
+              Node("v001", "gpu", 40, 384000, 4, "idle", ("v100",))]  # fmt: skip
     r = fit("gpu", tagged, 4, 1, None, None, constraint="a100")
     assert (r.cpus_per_gpu, r.notes) == (16, ())
 
@@ -121,7 +122,7 @@ def test_chosen_numbers_are_kept_and_checked():
         ([H100, V100], 8, 2, None, None, "the job needs 2 nodes with 8+ GPUs, but partition gpu has 1: use --gpus 8 "
                                          "or fewer"),
         ([A100, H100], 8, 2, 12, None, "12 CPUs per GPU (you: --cpus-per-gpu) × 8 tasks per node = 96 CPUs, but "
-                                       "the nodes of partition gpu have 2 nodes with at most 64: use --cpus-per-gpu 8 "
+                                       "1 node(s) of partition gpu have that many (the job needs 2): use --cpus-per-gpu 8 "
                                        "(launch.cpus_per_gpu=8)"),
         ([Node("c001", "cpu", 64, 256000, 0, "idle")], 1, 1, None, None, "partition gpu has no GPUs (no gpu GRES on "
                                                                          "its nodes): choose a GPU partition with "
@@ -184,7 +185,8 @@ def test_local_cluster_sinfo_sizes_the_job_and_refuses_what_cannot_fit(
     for extra, fix in [(("--gpus", "8", "--cpus-per-gpu", "10"), "use --cpus-per-gpu 8 (launch.cpus_per_gpu=8)"),
                        (("--mem-per-gpu", "600G"), "use --mem-per-gpu 512G (launch.mem_per_gpu=512G)"),
                        (("--gpus", "16", "--gpus-per-node", "16"), "use --gpus-per-node 8"),
-                       (("--partition", "nosuch"), "partition 'nosuch' does not exist (sinfo lists: debug*; * is the default): use --partition debug"),
+                       (("--partition", "nosuch"), "partition 'nosuch' does not exist (sinfo lists: debug*; * is the "
+                                                   "default): use --partition debug"),
                        (("--partition", "debug,nosuch"), "partition 'nosuch' does not exist")]:  # fmt: skip
         code, out, err = _main(capsys, *args, *extra, "--run-dir", str(too_big))
         assert code == 2 and out == "" and err.count("\n") == 1 and fix in err, err
