@@ -102,6 +102,16 @@ def test_mixed_partition_sizes_for_the_nodes_that_can_run_the_job():
     assert (r.cpus_per_gpu, r.notes) == (16, ())
 
 
+def test_nodes_that_are_down_still_count_and_the_note_says_the_job_waits():
+    drained = Node("h002", "gpu", 64, 515000, 8, "drained")
+    r = fit("gpu", [H100, drained], 8, 2, None, None)
+    assert (r.cpus_per_gpu, r.mem_per_gpu) == (8, "56G")
+    assert r.notes == (
+        "only 1 of the 2 node(s) of partition gpu that fit the job are up (the others: h002 (drained)): it waits "
+        "until 2 are",
+    )
+
+
 def test_chosen_numbers_are_kept_and_checked():
     r = fit("gpu", [H100], 8, 1, 4, "32G", chosen_by=("you: --cpus-per-gpu", "recipe: launch.mem_per_gpu"))
     assert (r.cpus_per_gpu, r.mem_per_gpu) == (4, "32G")
