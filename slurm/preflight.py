@@ -137,7 +137,7 @@ def builds(backend: str) -> dict[str, Any]:
         "driver": nvidia_driver(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn": _cudnn(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None,
         "nccl": None,
         "torchvision": torchvision.__version__,
     }
@@ -145,7 +145,10 @@ def builds(backend: str) -> dict[str, Any]:
         driver = torch._C._cuda_getDriverVersion()  # e.g. 12040
         out["driver_cuda"] = f"{driver // 1000}.{driver % 1000 // 10}"
         with contextlib.suppress(Exception):
-            out["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+            v = torch.cuda.nccl.version()  # (2, 21, 5); an int (2708) in older torch
+            out["nccl"] = (
+                ".".join(map(str, v)) if isinstance(v, tuple) else f"{v // 1000}.{v % 1000 // 100}.{v % 100}"
+            )
     try:
         import nvidia.dali as dali
 
@@ -162,11 +165,23 @@ def builds(backend: str) -> dict[str, Any]:
     return out
 
 
+def _cudnn(v: int | None) -> str | None:
+    """cuDNN's version number as text: 92400 → 9.24.0 (cuDNN 9: M×10000 + m×100 + p), 8902 → 8.9.2 (cuDNN 8)."""
+    if not v:
+        return None
+    return (
+        f"{v // 10000}.{v % 10000 // 100}.{v % 100}"
+        if v >= 90000
+        else f"{v // 1000}.{v % 1000 // 100}.{v % 100}"
+    )
+
+
 def task_view(device: Any, cpus_asked: int) -> dict[str, Any]:
     """What this task sees: host, CPUs it may run on, CUDA devices, the device it uses."""
     import torch
 
     from slurm.job import cpu_affinity
+    from train.distributed import slurm_gpus
 
     view: dict[str, Any] = {
         "host": socket.gethostname(),
@@ -176,6 +191,7 @@ def task_view(device: Any, cpus_asked: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": str(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "slurm_gpus": slurm_gpus(),
         "gpus": [],
     }
     if torch.cuda.is_available():
@@ -373,38 +389,46 @@ class Checks:
     # ----------------------------------------------------------------------------------- bandwidth
 
     def bandwidth(self, tasks: list[dict[str, Any]]) -> dict[str, Any]:
-        """Within each node (all nodes at once, one group per node) and over all ranks."""
+        """Within each node (all nodes at once, one group per node; the slowest node is reported, with each
+        node's figure) and over all ranks (across nodes)."""
         import torch.distributed as dist
 
+        from train import distributed
+
         info, out = self.info, {}
-        world, per_node = info.world_size, info.world_size // self.num_nodes
+        by_node: dict[int, list[int]] = {}
+        for task in tasks:  # the ranks of each node, whatever SLURM's distribution (block, cyclic)
+            by_node.setdefault(task["node"], []).append(task["rank"])
+        hosts = {task["node"]: task["host"] for task in tasks}
         gpu = tasks[0]["gpus"][0]["name"] if info.device.type == "cuda" and tasks[0]["gpus"] else None
         link = link_reference(gpu) if gpu else None
-        nets = [network_reference()]
-        nets = [n for n in itertools.chain.from_iterable(_gather_if(info, nets))]
-        if world == 1:
+        nets = distributed.all_gather_object(network_reference())
+        if info.world_size == 1:
             return {"skipped": "one task: nothing to all-reduce (DDP is not used)"}
-        node_groups = {}
-        if dist.is_initialized() and self.num_nodes > 1 and per_node > 1:
-            for n in range(self.num_nodes):  # every rank creates every group, in the same order
-                node_groups[n] = dist.new_group(list(range(n * per_node, (n + 1) * per_node)))
+        per_node = max(len(ranks) for ranks in by_node.values())
         if per_node == 1:
             out["within_node"] = {"skipped": "1 task per node"}
         else:
-            group = node_groups.get(self.node)  # None: one node, the default group is the node
-            res = all_reduce_busbw(info.device, group)
+            groups = {}
+            if len(by_node) > 1:  # every rank creates every group, in the same order
+                groups = {n: dist.new_group(sorted(by_node[n])) for n in sorted(by_node)}
+            res = all_reduce_busbw(info.device, groups.get(self.node))  # one node: the default group
             res["reference"] = _reference(res["backend"], link, None)
+            every = dict(distributed.all_gather_object((self.node, res)))  # each node's figure
+            slowest = min(every, key=lambda n: every[n]["busbw_gbs"])
+            res = {**every[slowest], "node": hosts[slowest],
+                   "per_node_busbw_gbs": {hosts[n]: every[n]["busbw_gbs"] for n in sorted(every)}}  # fmt: skip
             out["within_node"] = res
-        if self.num_nodes == 1:
+            for group in groups.values():
+                with contextlib.suppress(Exception):
+                    dist.destroy_process_group(group)
+        if len(by_node) == 1:
             out["across_nodes"] = {"skipped": "1 node"}
         else:
             res = all_reduce_busbw(info.device)
-            net = min(nets, key=lambda n: n[0]) if nets and all(n is not None for n in nets) else None
+            net = min(nets, key=lambda n: n[0]) if all(n is not None for n in nets) else None
             res["reference"] = _reference(res["backend"], link if per_node > 1 else None, net)
             out["across_nodes"] = res
-        for group in node_groups.values():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group(group)
         return out
 
     # ---------------------------------------------------------------------------------------- data
@@ -808,6 +832,9 @@ def markdown(r: dict[str, Any]) -> str:
         if "busbw_gbs" in res:
             ref = res["reference"]
             against = f"reference {ref['gbs']:g} GB/s: " if ref["gbs"] else ""
+            if len(res.get("per_node_busbw_gbs", {})) > 1:
+                each = ", ".join(f"{h} {g:.2f}" for h, g in res["per_node_busbw_gbs"].items())
+                name += f" (the slowest node, {res['node']}; each: {each} GB/s)"
             lines.append(
                 f"- {name}: {res['busbw_gbs']:.2f} GB/s busbw ({res['algbw_gbs']:.2f} algbw), {res['backend']}, "
                 f"{res['ranks']} ranks, {res['bytes'] // 2**20} MiB × {res['iters']}; {against}{ref['source']}"
@@ -846,27 +873,27 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         "## Tasks",
         "",
-        "| rank | host | node | CPUs | device | GPUs seen |",
-        "|---|---|---|---|---|---|",
+        "| rank | host | node | CPUs | device | GPUs torch sees | SLURM's GPUs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task in r["tasks_seen"]:
         gpus = ", ".join(g["name"] for g in task["gpus"]) or "none"
         lines.append(f"| {task['rank']} | {task['host']} | {task['node']} | {task['cpu_list']} | {task['device']} | "
-                     f"{gpus} |")  # fmt: skip
+                     f"{gpus} | {task['slurm_gpus'] or 'none'} |")  # fmt: skip
     lines += ["", "## Builds", ""]
-    seen: set[str] = set()
+    builds_of: dict[str, list[str]] = {}  # the same builds on several nodes: one line
     for task in r["tasks_seen"]:
-        b = task["builds"]
-        key = json.dumps(b, sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
+        hosts = builds_of.setdefault(json.dumps(task["builds"], sort_keys=True), [])
+        if task["host"] not in hosts:
+            hosts.append(task["host"])
+    for key, hosts in builds_of.items():
+        b = json.loads(key)
         dali = f"DALI {b['dali']} ({b['dali_cuda']})" if b.get("dali") else f"DALI {b.get('dali_missing')}"
         lines.append(
-            f"- {task['host']}: {b['driver']}"
+            f"- {', '.join(hosts)}: {b['driver']}"
             + (f", driver CUDA {b['driver_cuda']}" if b.get("driver_cuda") else "")
-            + f"; torch {b['torch']} (CUDA {b['torch_cuda'] or 'none: CPU build'}, cuDNN {b['cudnn']}, NCCL "
-            f"{b['nccl']}); torchvision {b['torchvision']}; {dali}; Python {b['python']}"
+            + f"; torch {b['torch']} (CUDA {b['torch_cuda'] or 'none: CPU build'}, cuDNN {b['cudnn'] or 'n/a'}, "
+            f"NCCL {b['nccl'] or 'n/a'}); torchvision {b['torchvision']}; {dali}; Python {b['python']}"
         )
     return "\n".join(lines) + "\n"
 
