@@ -582,7 +582,7 @@ class Checks:
             return {"skipped": why}
         from torchvision.models import get_weight
 
-        expected = 100.0 - get_weight(weights.name).meta["_metrics"]["ImageNet-1K"]["acc@1"]
+        expected = round(100.0 - get_weight(weights.name).meta["_metrics"]["ImageNet-1K"]["acc@1"], 3)
         per_rank = val_loader.batch_size
         batches = max(1, math.ceil(self.options.images / (per_rank * info.world_size)))
         model = load_model(weights.path, arch=arch).model.to(self.info.device)

@@ -168,3 +168,29 @@ def test_suggested_time_has_headroom_and_no_short_limit() -> None:
         suggest_minutes(60) == 15
     )  # over 10 minutes: submitit counts a shorter job's every signal as a timeout
     assert suggest_minutes(50 * 60) == 60 and suggest_minutes(51 * 60) == 90  # 1.2 × 51 min = 61.2 → 1:30
+
+
+def test_released_weights_not_cached_is_skipped_with_the_command(
+    small_tree: Path, tmp_path: Path, monkeypatch
+):
+    """ImageNet's class count but torchvision's weights not in torch.hub's cache: one line naming the file and the
+    command that downloads it (nothing is downloaded by the preflight)."""
+    import time
+    import types
+
+    import torch
+
+    from slurm.preflight import Checks, Options
+    from train.distributed import DistInfo
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = load_config("demo", ["model.arch=vgg11", "model.num_classes=1000", "model.classifier_width=4096",
+                               f"data.root={small_tree}", f"run_dir={tmp_path / 'run'}"])  # fmt: skip
+    info = DistInfo(0, 0, 1, torch.device("cpu"), "single")
+    job = types.SimpleNamespace(job_id="1", cluster="debug", node=0, num_nodes=1)
+    skipped = Checks(cfg, info, Options(), job, 0.0, time.perf_counter()).released_weights(val_loader=None)
+    path = tmp_path / "torch" / "hub" / "checkpoints" / "vgg11-8a719046.pth"
+    assert skipped == {
+        "skipped": f"VGG11_Weights.IMAGENET1K_V1 is not in torch.hub's cache ({path}): `python evaluate --weights "
+        "VGG11_Weights.IMAGENET1K_V1` downloads it"
+    }
