@@ -935,6 +935,7 @@ def run_preflight(plan: Any, options: Options, force: bool = False, out: TextIO 
         _submission_env,
         follow,
         log_paths,
+        never_starts,
         node_local_problem,
         presubmit_problem,
         require_slurm_clients,
@@ -963,6 +964,24 @@ def run_preflight(plan: Any, options: Options, force: bool = False, out: TextIO 
     if plan.cluster != "debug":
         stdout, stderr = log_paths(job)
         print(f"logs: {stdout} (rank 0; stderr: {stderr.name})", file=out, flush=True)
+        reason = never_starts(job.job_id) if plan.cluster == "slurm" else None
+        if reason:  # the real launch would wait forever too: that is the preflight's finding
+            job.cancel(check=False)
+            part = (
+                f"partition {plan.cfg.launch.partition}"
+                if plan.cfg.launch.partition
+                else "the default partition"
+            )
+            print(
+                f"preflight found 1 problem(s): job {job.job_id} was pending for {reason}, which SLURM never starts "
+                f"while it holds (over the limits of {part}, or its nodes are down or drained: scontrol show "
+                f"partition); cancelled it: launch fewer --gpus/--nodes, CPUs or memory, or another --partition",
+                file=out,
+            )
+            return 1
+        if plan.cluster == "slurm":
+            print(f"waiting for job {job.job_id} to start and end (Ctrl-C stops waiting; scancel {job.job_id})",
+                  file=out, flush=True)  # fmt: skip
         try:
             follow(job, out)
         except KeyboardInterrupt:

@@ -8,6 +8,7 @@ bandwidth references and the --time projection as functions.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,24 @@ def test_preflight_one_node(slurm_env: SlurmCluster, small_tree: Path, tmp_path:
         f"{md_duration(p['total_s'])}, launch.max_num_timeout=0 allows 1: give --time {p['time_suggested']} or "
         f"launch.max_num_timeout={p['jobs_at_time_asked']}"
     ]
+
+
+@pytest.mark.slurm
+def test_preflight_that_slurm_never_starts_is_cancelled(
+    slurm_env: SlurmCluster, small_tree: Path, tmp_path: Path, capsys
+) -> None:
+    """16 tasks on the one-node cluster: pending for a partition limit, which the launch would wait on forever;
+    the preflight cancels it and says so (exit 1)."""
+    code, out, err = preflight(capsys, small_tree, tmp_path / "run", "--partition", slurm_env.partition,
+                               "--gpus", "16", "data.batch_size=16")  # fmt: skip
+    assert code == 1, out + err
+    job_id = re.search(r"^submitted preflight job (\d+) to SLURM", out, re.M)[1]
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"preflight found 1 problem\(s\): job {job_id} was pending for Partition\w+, .*", last
+    )
+    assert last.endswith("cancelled it: launch fewer --gpus/--nodes, CPUs or memory, or another --partition")
+    slurm_env.wait_for("the cancelled job to leave the queue", lambda: slurm_env.squeue_state(job_id) == "")
 
 
 def md_duration(seconds: float) -> str:
