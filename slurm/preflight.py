@@ -176,18 +176,20 @@ def _cudnn(v: int | None) -> str | None:
     )
 
 
-def task_view(device: Any, cpus_asked: int) -> dict[str, Any]:
-    """What this task sees: host, CPUs it may run on, CUDA devices, the device it uses."""
+def task_view(device: Any) -> dict[str, Any]:
+    """What this task sees: host, CPUs it may run on (and SLURM's ``--cpus-per-task``), CUDA devices, the device it
+    uses (its UUID: two tasks on one GPU are found by it)."""
     import torch
 
     from slurm.job import cpu_affinity
     from train.distributed import slurm_gpus
 
+    asked = os.environ.get("SLURM_CPUS_PER_TASK", "")
     view: dict[str, Any] = {
         "host": socket.gethostname(),
         "cpus": len(os.sched_getaffinity(0)),
         "cpu_list": cpu_affinity(),
-        "cpus_asked": cpus_asked,
+        "cpus_asked": int(asked) if asked.isdigit() else None,  # what SLURM granted (--cpus-per-task)
         "threads": torch.get_num_threads(),
         "device": str(device),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -198,6 +200,8 @@ def task_view(device: Any, cpus_asked: int) -> dict[str, Any]:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             view["gpus"].append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
+        if device.type == "cuda":
+            view["device_uuid"] = str(getattr(torch.cuda.get_device_properties(device), "uuid", "")) or None
     return view
 
 
@@ -351,7 +355,7 @@ class Checks:
             "rank": info.rank,
             "node": self.node,
             "local_rank": self.local_rank,
-            **task_view(info.device, cfg.launch.cpus_per_gpu),
+            **task_view(info.device),
             "builds": builds(cfg.data.backend),
         }
         tasks = distributed.all_gather_object(mine)
@@ -382,7 +386,7 @@ class Checks:
             return {"rank": info.rank}
         report["startup_s"] = report.get("training", {}).get("startup_s")
         report["projection"] = project(cfg, report, info.world_size)
-        report["problems"] = problems(cfg, report, info.device.type)
+        report["problems"] = problems(cfg, report)
         report["verdict"] = verdict(report["problems"])
         return write_report(self.folder, report)
 
@@ -704,7 +708,7 @@ def project(cfg: Any, report: dict[str, Any], gpus: int) -> dict[str, Any]:
     return out
 
 
-def problems(cfg: Any, r: dict[str, Any], device_type: str) -> list[str]:
+def problems(cfg: Any, r: dict[str, Any]) -> list[str]:
     """Each problem found, in one line naming its fix."""
     out: list[str] = []
     for task in r["tasks_seen"]:
@@ -716,12 +720,22 @@ def problems(cfg: Any, r: dict[str, Any], device_type: str) -> list[str]:
             )
             break
     for task in r["tasks_seen"]:
-        if task["cpus"] < task["cpus_asked"]:
+        if task["cpus_asked"] and task["cpus"] < task["cpus_asked"]:
             out.append(
-                f"rank {task['rank']} on {task['host']} may run on {task['cpus']} CPU(s), --cpus-per-gpu asked "
-                f"{task['cpus_asked']}: srun did not pass --cpus-per-task on; check launch.srun_args/--srun"
+                f"rank {task['rank']} on {task['host']} may run on {task['cpus']} CPU(s), SLURM granted "
+                f"{task['cpus_asked']} (--cpus-per-gpu): srun did not pass --cpus-per-task on; check --srun options"
             )
             break
+    used: dict[tuple[str, str], int] = {}
+    for task in r["tasks_seen"]:
+        key = (task["host"], task.get("device_uuid") or "")
+        if key[1] and key in used:
+            out.append(
+                f"ranks {used[key]} and {task['rank']} on {task['host']} train on the same GPU ({key[1]}): one GPU "
+                "per task (leave CUDA_VISIBLE_DEVICES to SLURM; a site binding GPUs: srun --gpus-per-task=1)"
+            )
+            break
+        used[key] = task["rank"]
     for p in r["run_folder_problems"][:1]:
         out.append(f"run folder not shared by all nodes ({p}): put --run-dir on storage every node mounts")
     for where, res in (r.get("all_reduce") or {}).items():
@@ -754,8 +768,6 @@ def problems(cfg: Any, r: dict[str, Any], device_type: str) -> list[str]:
             f"{p['max_num_timeout'] + 1}: give --time {p['time_suggested']} or "
             f"launch.max_num_timeout={p['jobs_at_time_asked']}"
         )
-    if device_type == "cpu" and any(task["gpus"] for task in r["tasks_seen"]) and cfg.dist.device != "cpu":
-        out.append("GPUs are visible but the tasks trained on the CPU: check dist.device")
     return out
 
 
