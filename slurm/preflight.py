@@ -247,7 +247,7 @@ def all_reduce_busbw(device: Any, group: Any = None) -> dict[str, Any]:
     }
 
 
-def check_shared_folder(folder: Path, job_id: str, node: int, nodes: int, is_node_main: bool) -> list[str]:
+def check_shared_folder(folder: Path, job_id: str, node: int, is_node_main: bool) -> list[str]:
     """Every node's first task writes a file into ``folder``; after a barrier every node reads every other's.
     Returns what this node could not read back (empty: shared)."""
     from train import distributed
@@ -292,9 +292,8 @@ def _endless(loader: Any):
 class PreflightJob:
     """The preflight on one task: ``PreflightJob(to_dict(cfg), Options())()``; rank 0 returns the report."""
 
-    def __init__(self, config: dict[str, Any], options: Options, nodes: int, tasks_per_node: int) -> None:
+    def __init__(self, config: dict[str, Any], options: Options) -> None:
         self.config, self.options = config, options
-        self.nodes, self.tasks_per_node = nodes, tasks_per_node
 
     def __call__(self) -> dict[str, Any]:
         import torch
@@ -337,7 +336,6 @@ class Checks:
         self.local_rank = info.local_rank
         self.started, self.age_s = started, age_s
         self.folder = Path(cfg.run_dir) / PREFLIGHT_DIR
-        self.problems: list[str] = []  # this rank's, each "what: fix"
 
     def say(self, text: str) -> None:
         if self.info.is_main:
@@ -362,9 +360,7 @@ class Checks:
         report["tasks_seen"] = tasks
         self.say(f"{info.world_size} task(s) on {self.num_nodes} node(s), device {info.device}")
         self.say("run folder: written and read back by every node")
-        shared = check_shared_folder(
-            self.folder / "nodes", self.job_id, self.node, self.num_nodes, self.local_rank == 0
-        )
+        shared = check_shared_folder(self.folder / "nodes", self.job_id, self.node, self.local_rank == 0)
         report["run_folder_problems"] = sorted(
             {p for ps in distributed.all_gather_object(shared) for p in ps}
         )
@@ -372,16 +368,27 @@ class Checks:
         report["all_reduce"] = self.bandwidth(tasks)
         self.say("data: listing the tree, decoding a batch")
         loaders, report["data"] = self.data()
-        data_ok = all(distributed.all_gather_object(loaders is not None))
-        if data_ok:
+        errors = distributed.all_gather_object((mine["host"], report["data"].get("error")))
+        failed = [(host, error) for host, error in errors if error]
+        if not failed:
             self.say(f"training: {WARMUP_STEPS} + {self.options.steps} steps")
-            report["training"] = self.training(*loaders)
-            report["weights"] = self.released_weights(loaders[1])
+            try:
+                report["training"] = self.training(*loaders)
+            except (
+                Exception
+            ) as e:  # out of memory, ...: the same on every rank, as the same step runs everywhere
+                report["training"] = {"error": _one_line(e)}
+            if "error" not in report["training"]:
+                report["weights"] = self.released_weights(loaders[1])
+            else:
+                report["weights"] = {"skipped": "the training steps failed"}
             for loader in loaders:
                 loader.close()
         else:
-            report["training"] = {"skipped": "the data check failed on a rank"}
-            report["weights"] = {"skipped": "the data check failed on a rank"}
+            if "error" not in report["data"]:  # another rank's: name it
+                report["data"]["error"] = f"on {failed[0][0]}: {failed[0][1]}"
+            report["training"] = {"skipped": "the data check failed"}
+            report["weights"] = {"skipped": "the data check failed"}
         if not info.is_main:
             return {"rank": info.rank}
         report["startup_s"] = report.get("training", {}).get("startup_s")
@@ -408,7 +415,8 @@ class Checks:
         link = link_reference(gpu) if gpu else None
         nets = distributed.all_gather_object(network_reference())
         if info.world_size == 1:
-            return {"skipped": "one task: nothing to all-reduce (DDP is not used)"}
+            one = {"skipped": "one task: nothing to all-reduce (DDP is not used)"}
+            return {"within_node": one, "across_nodes": one}
         per_node = max(len(ranks) for ranks in by_node.values())
         if per_node == 1:
             out["within_node"] = {"skipped": "1 task per node"}
@@ -439,6 +447,7 @@ class Checks:
 
     def data(self) -> tuple[tuple[Any, Any] | None, dict[str, Any]]:
         from data_pipeline import build_loader
+        from data_pipeline.layout import DataError
 
         cfg, info = self.cfg, self.info
         out: dict[str, Any] = {"backend": cfg.data.backend, "format": cfg.data.format}
@@ -450,7 +459,7 @@ class Checks:
             out.update(loader=train.backend, train_images=train.dataset_size, val_images=val.dataset_size,
                        classes=len(train.classes), steps_per_epoch=len(train), val_batches=len(val))  # fmt: skip
             if len(train.classes) != cfg.model.num_classes:
-                raise ValueError(
+                raise DataError(
                     f"{cfg.data.root} has {len(train.classes)} classes but model.num_classes="
                     f"{cfg.model.num_classes}: set model.num_classes={len(train.classes)}, or check --data"
                 )
@@ -463,8 +472,8 @@ class Checks:
                              "mean": float(images.float().mean()), "std": float(images.float().std())}  # fmt: skip
             self._batches = itertools.chain([(images, labels)], batches)
             return (train, val), out
-        except Exception as e:
-            out["error"] = _one_line(e)
+        except Exception as e:  # DataError: its own line; anything else: with its type
+            out["error"] = str(e) if isinstance(e, DataError) else _one_line(e)
             return None, out
 
     # ------------------------------------------------------------------------------------ training
@@ -748,6 +757,16 @@ def problems(cfg: Any, r: dict[str, Any]) -> list[str]:
             )
     if "error" in r["data"]:
         out.append(f"data: {r['data']['error']}")
+    error = (r.get("training") or {}).get("error")
+    if error:
+        per_gpu = cfg.data.batch_size // max(1, r["tasks"])
+        fix = (
+            f"lower data.batch_size ({per_gpu} per GPU now; the lr stays the recipe's unless "
+            "optim.lr_scaling=linear), or train.precision=bf16"
+            if "out of memory" in error.lower()
+            else "see the job's log for the traceback"
+        )
+        out.append(f"training steps failed: {error}: {fix}")
     t = r.get("training") or {}
     if "data_wait_share" in t and t["data_wait_share"] > 0.2:
         out.append(
@@ -836,7 +855,7 @@ def markdown(r: dict[str, Any]) -> str:
             f"{t['startup_s']:.1f} s (process start to the first step, slowest task)",
         ]
     else:
-        lines.append(f"- skipped: {t.get('skipped')}")
+        lines.append(f"- failed: {t['error']}" if "error" in t else f"- skipped: {t.get('skipped')}")
     lines += ["", "## All-reduce bus bandwidth", "",
               "busbw = algbw × 2(n-1)/n, algbw = message bytes / time of the slowest rank (nccl-tests).", ""]  # fmt: skip
     for where, res in (r.get("all_reduce") or {}).items():
@@ -965,7 +984,7 @@ def run_preflight(plan: Any, options: Options, force: bool = False, out: TextIO 
         raise LaunchError(problem)
     (Path(plan.cfg.run_dir) / PREFLIGHT_DIR).mkdir(parents=True, exist_ok=True)
     executor = make_preflight_executor(plan)
-    job_fn = PreflightJob(to_dict(plan.cfg), options, plan.nodes, plan.tasks_per_node)
+    job_fn = PreflightJob(to_dict(plan.cfg), options)
     try:
         with _submission_env():
             job = executor.submit(job_fn)

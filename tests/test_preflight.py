@@ -212,3 +212,19 @@ def test_released_weights_not_cached_is_skipped_with_the_command(
         "skipped": f"VGG11_Weights.IMAGENET1K_V1 is not in torch.hub's cache ({path}): `python evaluate --weights "
         "VGG11_Weights.IMAGENET1K_V1` downloads it"
     }
+
+
+def test_preflight_names_a_problem_with_its_fix(capsys, small_tree: Path, tmp_path: Path) -> None:
+    """In this process (--cluster debug), past the launcher's own checks (--force): a class count the tree does
+    not have is the verdict's one problem, with its fix, in the verdict line and preflight.md; exit 1."""
+    run_dir = tmp_path / "run"
+    argv = small(small_tree, run_dir, "--cluster", "debug", "--gpus", "1", "model.num_classes=5")
+    code = launch.main([*argv, "--preflight", "--preflight-steps", "1", "--force"])
+    out = capsys.readouterr().out
+    problem = (
+        f"data: {small_tree} has 4 classes but model.num_classes=5: set model.num_classes=4, or check --data"
+    )
+    assert code == 1 and out.strip().splitlines()[-2] == f"preflight found 1 problem(s): {problem}"
+    report, md = read_report(run_dir)
+    assert report["problems"] == [problem] and f"- problem: {problem}\n" in md
+    assert report["training"] == {"skipped": "the data check failed"} and "not projected" in md
