@@ -6,7 +6,7 @@
 
 ``--preflight`` takes the real launch's flags (so the same plan: nodes, tasks, CPUs, memory, partition, setup
 lines, container) and submits :class:`PreflightJob` instead of the training. Every task checks, and rank 0 writes
-``<run_dir>/preflight/preflight.json`` and ``preflight.md`` (the job folder is ``<run_dir>/preflight/slurm/%j``:
+``<run_dir>/preflight/preflight.json`` and ``preflight.md`` (the job folder is ``<run_dir>/preflight/jobs/%j``:
 nothing the real launch looks at, so a launch into the same run folder afterwards is neither refused nor confused):
 
 - builds: NVIDIA driver, torch (its CUDA, cuDNN and NCCL), torchvision, DALI (its CUDA build; absent is a problem
@@ -934,7 +934,9 @@ def markdown(r: dict[str, Any]) -> str:
 
 def preflight_plan(plan: Any) -> Any:
     """The real launch's plan with the preflight's job folder and a short time limit (the same resources)."""
-    folder = Path(plan.cfg.run_dir) / PREFLIGHT_DIR / "slurm" / "%j"
+    folder = (
+        Path(plan.cfg.run_dir) / PREFLIGHT_DIR / "jobs" / "%j"
+    )  # not "slurm": evaluate --report would take it for a run
     return dataclasses.replace(plan, folder=folder, timeout_min=min(plan.timeout_min, PREFLIGHT_TIME_MIN))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from evaluate.report import ReportError, find_runs
 from slurm import launch
 from slurm.preflight import link_reference, network_reference, problems, project, suggest_minutes
 from slurm.submit import slurm_job_ids
@@ -74,9 +75,12 @@ def check_common(report: dict, md: str, stdout: str, tasks: int) -> None:
 
 
 def check_leaves_the_run_folder_to_the_launch(run_dir: Path) -> None:
-    """Nothing a real launch into the same run folder reads: no job of it in <run_dir>/slurm, no config, no lock."""
+    """Nothing a real launch into the same run folder reads (no job of it in <run_dir>/slurm, no config, no lock),
+    nor a run for ``python evaluate --report``."""
     assert slurm_job_ids(run_dir) == []
     assert sorted(p.name for p in run_dir.iterdir()) == ["preflight"]
+    with pytest.raises(ReportError, match="no run folders"):
+        find_runs([str(run_dir)])
 
 
 @pytest.mark.slurm
