@@ -334,6 +334,7 @@ class Checks:
         self.node = job_env.node if self.cluster != "debug" else 0
         self.num_nodes = job_env.num_nodes if self.cluster != "debug" else 1
         self.local_rank = info.local_rank
+        # start-up: the age at `started` + the time since (less the checks a training does not run)
         self.started, self.age_s = started, age_s
         self.folder = Path(cfg.run_dir) / PREFLIGHT_DIR
 
@@ -360,12 +361,14 @@ class Checks:
         report["tasks_seen"] = tasks
         self.say(f"{info.world_size} task(s) on {self.num_nodes} node(s), device {info.device}")
         self.say("run folder: written and read back by every node")
+        t0 = time.perf_counter()  # what a training does not do: not counted in its start-up
         shared = check_shared_folder(self.folder / "nodes", self.job_id, self.node, self.local_rank == 0)
         report["run_folder_problems"] = sorted(
             {p for ps in distributed.all_gather_object(shared) for p in ps}
         )
         self.say("all-reduce bus bandwidth")
         report["all_reduce"] = self.bandwidth(tasks)
+        self.started += time.perf_counter() - t0
         self.say("data: listing the tree, decoding a batch")
         loaders, report["data"] = self.data()
         errors = distributed.all_gather_object((mine["host"], report["data"].get("error")))
