@@ -11,8 +11,8 @@ nothing the real launch looks at, so a launch into the same run folder afterward
 
 - builds: NVIDIA driver, torch (its CUDA, cuDNN and NCCL), torchvision, DALI (its CUDA build; absent is a problem
   only when ``data.backend=dali``);
-- what each task sees: host, CPUs it may run on (``os.sched_getaffinity``) against ``--cpus-per-gpu``, CUDA
-  devices and the one it uses;
+- what each task sees: host, CPUs it may run on (``os.sched_getaffinity``) against what SLURM granted
+  (``--cpus-per-gpu``), the GPUs torch sees and SLURM gave, the one it uses (two tasks on one GPU: a problem);
 - all-reduce bus bandwidth (nccl-tests' definition: busbw = algbw × 2(n-1)/n, algbw = bytes / time of the slowest
   rank) within each node and over all ranks (across nodes), NCCL on GPUs, gloo on CPUs, against a reference
   (:func:`link_reference`, :func:`network_reference`); gloo has none: the number is reported;
@@ -52,11 +52,10 @@ import submitit
 PREFLIGHT_DIR = "preflight"  # <run_dir>/preflight: this job's folder, outputs and node files
 PREFLIGHT_TIME_MIN = 30  # the preflight job's own time limit (at most the run's --time)
 WARMUP_STEPS = 2  # untimed steps before the timed ones (cuDNN autotuning, DALI's first prefetch, compilation)
-HEADROOM = (
-    1.2  # the --time suggested: the projected wall time × this (the measured rate comes from a few steps)
-)
+# the --time suggested: the projected wall time × this (the measured rate comes from a few steps)
+HEADROOM = 1.2
 LOW_BUSBW = 0.5  # a bus bandwidth below this fraction of its reference is a problem
-# all-reduce message: large enough for bandwidth, not latency (nccl-tests' curves flatten from ~100 MB on NVLink)
+# all-reduce message: large, so the time measures bandwidth rather than latency (nccl-tests' doc/PERFORMANCE.md)
 NCCL_BYTES, NCCL_ITERS, NCCL_WARMUP = 256 * 2**20, 20, 5
 GLOO_BYTES, GLOO_ITERS, GLOO_WARMUP = 16 * 2**20, 5, 1
 
@@ -615,12 +614,6 @@ class Checks:
         return {"weights": weights.name, "images": counts.n, "top1_err": counts.top1_err,
                 "torchvision_top1_err": expected, "sigma": sigma, "val_resize": cfg.data.val_resize,
                 "val_crop": cfg.data.val_crop, "backend": cfg.data.backend}  # fmt: skip
-
-
-def _gather_if(info: Any, value: list[Any]) -> list[list[Any]]:
-    from train import distributed
-
-    return distributed.all_gather_object(value) if info.distributed else [value]
 
 
 def _reference(backend: str, link: tuple[float, str] | None, net: tuple[float, str] | None) -> dict[str, Any]:
