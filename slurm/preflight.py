@@ -659,16 +659,18 @@ def format_time(minutes: int) -> str:
     return (f"{days}-" if days else "") + f"{rest // 60:02d}:{rest % 60:02d}:00"
 
 
-def suggest_minutes(need_s: float) -> int:
-    """A --time for ``need_s`` of work: × HEADROOM, then up to 15 minutes (over 10 minutes: submitit counts every
-    signal of a shorter job as a timeout), to the next half hour past an hour."""
-    minutes = math.ceil(need_s * HEADROOM / 60)
+def suggest_minutes(work_s: float, overhead_s: float = 0.0) -> int:
+    """A --time for one job that trains ``work_s`` (× HEADROOM) after ``overhead_s`` (start-up, and the stop
+    signal's lead): up to 15 minutes at least (a job of 10 minutes or less has every signal counted as a timeout
+    by submitit), to the next quarter hour up to an hour, to the next half hour past it."""
+    minutes = math.ceil((work_s * HEADROOM + overhead_s) / 60)
     step = 30 if minutes > 60 else 15
     return max(15, math.ceil(minutes / step) * step)
 
 
 def project(cfg: Any, report: dict[str, Any], gpus: int) -> dict[str, Any]:
-    """Epoch time, wall time and GPU-hours of the recipe at the measured rate, and the --time to ask for."""
+    """Epoch time, wall time and GPU-hours of the recipe at the measured rate, and the --time to ask for: one job
+    for the whole run where the partition allows it, else its limit and the jobs (requeues) that takes."""
     from slurm.submit import parse_time_min
 
     t, d = report.get("training") or {}, report.get("data") or {}
@@ -677,40 +679,42 @@ def project(cfg: Any, report: dict[str, Any], gpus: int) -> dict[str, Any]:
     train_s = d["steps_per_epoch"] * t["step_s"]
     val_s = d["val_batches"] * t["val_step_s"]
     epoch_s = train_s + val_s
-    startup_s = t["startup_s"] + t["warmup_s"]
+    startup_s = t["startup_s"] + t["warmup_s"]  # each job (start) pays it again
     epochs = cfg.sched.epochs
-    total_s = startup_s + epochs * epoch_s
+    work_s = epochs * epoch_s
     la = cfg.launch
+    overhead_s = startup_s + la.signal_delay_s  # per job: start-up, and the stop signal's lead on the limit
+
+    def jobs(minutes: int) -> int:
+        return math.ceil(work_s * HEADROOM / max(60.0, minutes * 60 - overhead_s))
+
     asked = parse_time_min(la.time)
     limit = partition_limit_min(la.partition)
-    per_job_s = lambda minutes: max(60.0, minutes * 60 - la.signal_delay_s - startup_s)  # noqa: E731
-    jobs_needed = lambda minutes: math.ceil(total_s * HEADROOM / per_job_s(minutes))  # noqa: E731
-    suggest = suggest_minutes(total_s + startup_s)
+    suggest = suggest_minutes(work_s, overhead_s)
     if limit and suggest > limit:
         suggest = limit
-    out = {
+    used = (report.get("tasks_seen") or [{}])[0].get("device", "cpu")
+    return {
         "epochs": epochs,
         "steps_per_epoch": d["steps_per_epoch"],
         "train_epoch_s": train_s,
         "val_epoch_s": val_s,
         "epoch_s": epoch_s,
         "startup_s": startup_s,
-        "total_s": total_s,
-        "gpu_hours": total_s / 3600 * gpus,
+        "total_s": startup_s + work_s,  # in one job; each requeue adds a start-up
+        "gpu_hours": (startup_s + work_s) / 3600 * gpus,
         "gpus": gpus,
-        "device_hours_what": "GPU-hours"
-        if report.get("tasks_seen", [{}])[0].get("gpus")
-        else "CPU-process-hours",
+        "device_hours_what": "GPU-hours" if used.startswith("cuda") else "CPU-process-hours",
         "time_asked": la.time,
         "time_asked_min": asked,
         "max_num_timeout": la.max_num_timeout,
+        "signal_delay_s": la.signal_delay_s,
         "partition_limit_min": limit,
-        "jobs_at_time_asked": jobs_needed(asked),
+        "jobs_at_time_asked": jobs(asked),
         "time_suggested": format_time(suggest),
-        "jobs_at_time_suggested": jobs_needed(suggest),
+        "jobs_at_time_suggested": jobs(suggest),
         "headroom": HEADROOM,
     }
-    return out
 
 
 def problems(cfg: Any, r: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ bandwidth references and the --time projection as functions.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -102,6 +103,8 @@ def test_preflight_one_node(slurm_env: SlurmCluster, small_tree: Path, tmp_path:
     longer = {**report, "projection": project(cfg, report, 2)}
     p = longer["projection"]
     assert p["total_s"] == pytest.approx(p["startup_s"] + 400 * p["epoch_s"]) and p["jobs_at_time_asked"] > 1
+    useful_s = 15 * 60 - p["startup_s"] - p["signal_delay_s"]  # of each 15-minute job
+    assert p["jobs_at_time_asked"] == math.ceil(400 * p["epoch_s"] * 1.2 / useful_s)
     found = problems(cfg, longer)
     assert found == [
         f"--time 00:15:00 needs {p['jobs_at_time_asked']} jobs (requeues) for the projected "
@@ -186,10 +189,10 @@ def test_bandwidth_references(tmp_path: Path) -> None:
 
 
 def test_suggested_time_has_headroom_and_no_short_limit() -> None:
-    assert (
-        suggest_minutes(60) == 15
-    )  # over 10 minutes: submitit counts a shorter job's every signal as a timeout
+    # at least 15 minutes: submitit counts every signal of a job of 10 minutes or less as a timeout
+    assert suggest_minutes(60) == 15
     assert suggest_minutes(50 * 60) == 60 and suggest_minutes(51 * 60) == 90  # 1.2 × 51 min = 61.2 → 1:30
+    assert suggest_minutes(40 * 60, 120 + 60) == 60  # 48 min of training + 3 min start-up and signal lead
 
 
 def test_released_weights_not_cached_is_skipped_with_the_command(
