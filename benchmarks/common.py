@@ -320,7 +320,7 @@ def publish(result: dict, name_parts: Sequence[str], table: str, args: Any, smok
 def write_result(result: dict, out: Path, readme: Path, table: str) -> None:
     """Write ``result`` as JSON to ``out`` (atomically) and append ``table`` to ``readme`` (created with a
     header when missing)."""
-    from train.checkpoint import atomic_write_text
+    from train.files import atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")

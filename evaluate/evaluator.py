@@ -36,8 +36,8 @@ from evaluate.loading import LoadedModel, describe, load_model
 from evaluate.protocols import PROTOCOLS, default_scales, evaluate_protocol
 from evaluate.reference import DEMO_BAND, PAPER_CONFIG, TORCHVISION, TORCHVISION_SOURCE, paper_row
 from train import distributed
-from train.checkpoint import atomic_write_text
 from train.config import Config, from_dict, to_dict, with_overrides
+from train.files import atomic_write_text
 from train.report import format_duration
 
 __all__ = [

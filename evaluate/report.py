@@ -517,7 +517,7 @@ def format_console(rows: list[RunRow]) -> str:
 
 def write_report(rows: list[RunRow], out_dir: Path, title: str) -> dict[str, Path]:
     """report.md, report.json and report.png in ``out_dir``."""
-    from train.checkpoint import atomic_write_text
+    from train.files import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     md = atomic_write_text(out_dir / "report.md", format_markdown(rows, title))

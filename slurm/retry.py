@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from train.files import atomic_write_text
+
 RETRIES = "retries.jsonl"
 FAULTS = "faults"
 NOT_RETRIED = (
@@ -55,9 +57,7 @@ def write_fault(
     path = fault_path(run_dir, job_id, restart, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "host": socket.gethostname(), **record}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record) + "\n")
 
 
 def read_faults(run_dir: str | os.PathLike[str], job_id: str, restart: int) -> list[dict[str, Any]]:
@@ -218,21 +218,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def teardown_lines(run_dir: str, max_failures: int, python: str | None = None) -> list[str]:
-    """The sbatch script's lines after srun (submitit's ``teardown``): srun's status first, then the decision,
-    by ``python`` (the tasks' interpreter, ``launch.python``; default this one)."""
+def teardown_lines(
+    run_dir: str, max_failures: int, python: str | None = None, container: str | None = None
+) -> list[str]:
+    """The sbatch script's lines after srun (submitit's ``teardown``): srun's status first, then the decision.
+
+    They run in the batch script, on the job's first node and outside any container, so the interpreter is the
+    tasks' one (``python``: ``launch.python``, default this one) only where that is a path on the node itself.
+    Where the tasks run in a container (``container``: ``launch.container_image``, pyxis) or ``python`` is a
+    command (``apptainer exec --nv vgg.sif python``), that interpreter does not exist outside the container: the
+    node's own ``python3`` runs this module from this repository (``PYTHONPATH``), which it can, as the module and
+    what it imports (``train.watchdog``) use the standard library only."""
     import shlex
 
-    cmd = [
-        python or sys.executable,
-        "-m",
-        "slurm.retry",
-        "--run-dir",
-        run_dir,
-        "--max-failures",
-        str(max_failures),
-    ]
-    return ["rc=$?", f"{shlex.join(cmd)} --rc $rc", "exit $rc"]
+    args = ["-m", "slurm.retry", "--run-dir", run_dir, "--max-failures", str(max_failures)]
+    python = python or sys.executable
+    if container or len(shlex.split(python)) > 1:
+        root = str(Path(__file__).resolve().parents[1])
+        cmd = f"PYTHONPATH={shlex.quote(root)} python3 {shlex.join(args)}"
+    else:
+        cmd = shlex.join([python, *args])
+    return ["rc=$?", f"{cmd} --rc $rc", "exit $rc"]
 
 
 if __name__ == "__main__":

@@ -336,7 +336,8 @@ def retry_teardown(plan: Plan) -> list[str]:
     """The sbatch script's lines after srun: ``slurm.retry`` decides whether a failed job requeues itself."""
     from slurm.retry import teardown_lines
 
-    return teardown_lines(plan.cfg.run_dir, plan.cfg.launch.max_failures, plan.cfg.launch.python)
+    la = plan.cfg.launch
+    return teardown_lines(plan.cfg.run_dir, la.max_failures, la.python, la.container_image)
 
 
 class _PlanOnlySlurmExecutor(SlurmExecutor):
@@ -785,6 +786,8 @@ def data_problem(cfg: Config) -> str | None:
     """What makes ``data.root`` unusable for this config, in one line naming the fix, or None. Cheap at ImageNet
     scale: the class folders of ``train/`` and ``val/`` are listed (one directory each) and one class folder of
     each is looked into, never the 1.28 M files; a pack (``data.format=shards``) is judged by its manifest."""
+    from torchvision.datasets.folder import find_classes
+
     from data_pipeline.layout import DataError, class_folders_differ
     from data_pipeline.shard_reader import MANIFEST, is_pack, load_manifest
 
@@ -820,8 +823,10 @@ def data_problem(cfg: Config) -> str | None:
                     " (give the folder that holds train/ and val/)" if root.name in ("train", "val") else ""
                 )
                 return f"{folder} is missing: expected {root}/{split}/<class>/<image>{hint}"
-            with os.scandir(folder) as entries:
-                found[split] = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+            try:  # the loaders' own listing (ImageFolder's): a hidden folder is a class to them too
+                found[split] = find_classes(str(folder))[0]
+            except FileNotFoundError:  # raised for no class folders
+                found[split] = []
             if not found[split]:
                 return f"{folder} has no class folders: expected {folder}/<class>/<image>"
             first = folder / found[split][0]

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from train.checkpoint import atomic_write_text
+from train.files import atomic_write_text
 
 USAGE_DIR = "usage"
 HEARTBEAT_S = 30.0

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import submitit
 
 from slurm import retry
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.slurm_cluster import SlurmCluster
 from tests.test_launch import LAUNCH, STEPS, assert_same_weights, clean_env, small, submitted, val_metrics
 from train.watchdog import HANG_EXIT, Heartbeat
@@ -243,3 +244,43 @@ def test_the_sbatch_script_ends_the_step_on_a_bad_exit_and_decides_the_retry(tmp
     body = [line for line in after if line.strip() and not line.startswith("#")]
     assert body[0] == "rc=$?" and body[-1] == "exit $rc"
     assert body[1].endswith(f"-m slurm.retry --run-dir {run_dir} --max-failures 5 --rc $rc")
+
+
+@pytest.mark.parametrize(
+    "site",
+    [
+        ["launch.container_image=nvcr.io#nvidia/pytorch:25.01-py3", "launch.python=/usr/bin/python"],  # pyxis
+        [
+            "launch.python='apptainer exec --nv /shared/vgg.sif python'"
+        ],  # apptainer: the interpreter is a command
+    ],
+    ids=["pyxis", "apptainer"],
+)
+def test_the_retry_step_runs_outside_the_container_with_the_nodes_python3(
+    tmp_path: Path, site: list[str]
+) -> None:
+    """The batch script's retry step runs on the node, outside the tasks' container: not with the container's
+    interpreter (absent there, or a command quoted into one word), but with the node's python3 from this
+    repository. The rendered lines, run in an environment without the project's venv, decide and record."""
+    from slurm.submit import make_plan, sbatch_script
+    from train.config import load_config
+
+    run_dir = tmp_path / "run"
+    cfg = load_config("demo", [f"run_dir={run_dir}", f"data.root={tmp_path}", "launch.cluster=slurm",
+                               "launch.gpus=2", "launch.max_failures=2", *site])  # fmt: skip
+    lines = sbatch_script(make_plan(cfg)).splitlines()
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    body = [line for line in lines[lines.index(srun) + 1 :] if line.strip() and not line.startswith("#")]
+    assert (
+        body[1] == f"PYTHONPATH={REPO} python3 -m slurm.retry --run-dir {run_dir} --max-failures 2 --rc $rc"
+    )
+    run_dir.mkdir()
+    # srun failed with 3 in job 999999 (no such job): the step names no rank, records a retry, and keeps srun's 3
+    # as the job's status where scontrol cannot requeue it
+    script = "\n".join(["cd /", "false || (exit 3)", *body])
+    out = subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", "SLURM_JOB_ID": "999999"},
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 3, out.stderr
+    (row,) = [json.loads(line) for line in (run_dir / "retries.jsonl").read_text().splitlines()]
+    assert (row["job_id"], row["rc"], row["action"]) == ("999999", 3, "requeued"), row
+    assert "job 999999 failed (srun exited 3)" in out.stdout

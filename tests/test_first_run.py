@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,22 @@ def test_data_problems_are_found_before_submitting(tmp_path, small_tree):
     assert data_problem(_cfg(differ, "model.num_classes=4")) == (
         f"train/ and val/ class folders differ under {differ}: 1 only in train ['n04'], 1 only in val ['n99']"
     )
+    # a hidden folder (a notebook's checkpoints) is a class to ImageFolder, so to the loaders, which refuse it
+    # empty when the job starts: found here (it sorts first), and counted once it holds a file
+    (ok / "train" / ".ipynb_checkpoints").mkdir()
+    (ok / "val" / ".ipynb_checkpoints").mkdir()
+    assert (
+        data_problem(_cfg(ok, "model.num_classes=4"))
+        == f"class folder {ok}/train/.ipynb_checkpoints is empty"
+    )
+    for split in ("train", "val"):
+        (ok / split / ".ipynb_checkpoints" / "a.JPEG").write_bytes(b"")
+    assert data_problem(_cfg(ok, "model.num_classes=4")) == (
+        f"{ok} has 5 class folders in train/ and val/ but model.num_classes=4: set model.num_classes=5, or check "
+        "--data"
+    )
+    for split in ("train", "val"):
+        shutil.rmtree(ok / split / ".ipynb_checkpoints")
     empty = _tree(tmp_path / "empty", four, four, empty=True)
     assert data_problem(_cfg(empty, "model.num_classes=4")) == f"class folder {empty}/train/n01 is empty"
     # a pack (python -m data_pipeline pack): judged by its manifest, not by listing its shards

@@ -12,12 +12,14 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from train.files import atomically
 
 if TYPE_CHECKING:
     from train.config import Config
@@ -26,7 +28,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "atomic_save",
-    "atomic_write_text",
     "check_resumable",
     "extract_state_dict",
     "load_checkpoint_file",
@@ -212,27 +213,9 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
-    """``write`` a temporary file in the same folder, then os.replace it onto ``path``: a reader never sees a
-    partial file, and a failed write leaves no temporary file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """torch.save, atomically (see ``_atomically``)."""
-    return _atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """A text file (a JSON result), atomically (see ``_atomically``)."""
-    return _atomically(path, lambda tmp: tmp.write_text(text))
+    """torch.save, atomically (``train.files.atomically``)."""
+    return atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

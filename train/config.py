@@ -28,6 +28,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from train.files import atomic_write_text
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_FAMILY = "torchvision"  # `--config vgg16_bn` means configs/torchvision/vgg16_bn.yaml
 
@@ -684,10 +686,7 @@ def save_yaml(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config atomically; ``load_config(path)`` gives it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, to_yaml(cfg))
 
 
 def per_process_batch(cfg: Config, world_size: int) -> int:

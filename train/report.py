@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from train.checkpoint import _atomically, atomic_write_text
+from train.files import atomic_write_text, atomically
 
 LOGGER_NAME = "train"
 
@@ -179,7 +179,7 @@ def _save_figure(fig: Any, axes: tuple[Any, ...], title: str, path: Path, legend
     fig.suptitle(title)
     fig.tight_layout()
     try:
-        return _atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        return atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
 

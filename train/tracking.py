@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from train.config import Config, to_dict
+from train.files import atomic_write_text
 
 __all__ = [
     "ID_FILE",
@@ -113,9 +114,7 @@ def read_run_id(run_dir: Path) -> str | None:
 
 def write_run_id(run_dir: Path, run_id: str) -> None:
     """Store ``run_id`` in ``run_dir/wandb_id.txt`` (atomically: a job may read it while the launcher writes)."""
-    tmp = run_dir / (ID_FILE + ".tmp")
-    tmp.write_text(run_id + "\n")
-    tmp.replace(run_dir / ID_FILE)
+    atomic_write_text(run_dir / ID_FILE, run_id + "\n")
 
 
 def new_run_id() -> str:

@@ -20,6 +20,7 @@ The files are written with one ``os.replace`` each, on the run folder every node
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +30,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from train.files import atomic_write_text
 
 HANG_EXIT = 75  # a stalled rank's exit status (EX_TEMPFAIL: retry may help)
 
@@ -131,12 +134,9 @@ class Heartbeat:
         record = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "log": self.log,
                   "step": self.step, "phase": self.phase, "progress": self.progress, "beat": time.time()}  # fmt: skip
         path = self.folder / f"rank{self.rank}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a full or vanished folder must not stop training; a peer then sees this rank as frozen
+        # a full or vanished folder must not stop training; a peer then sees this rank as frozen
+        with contextlib.suppress(OSError):
+            atomic_write_text(path, json.dumps(record))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
