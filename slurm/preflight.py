@@ -297,7 +297,7 @@ class PreflightJob:
     def __call__(self) -> dict[str, Any]:
         import torch
 
-        from slurm.job import cpu_affinity, cpu_threads, export_distributed_env, rank_place, torch_threads
+        from slurm.job import cpu_affinity, cpu_threads, export_distributed_env, rank_place
         from train import distributed
         from train.config import from_dict
 
@@ -311,7 +311,7 @@ class PreflightJob:
             torch.set_num_threads(threads)
         print(
             f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}; "
-            f"{cpu_affinity()}, {threads or torch_threads()} intra-op thread(s)",
+            f"{cpu_affinity()}, {torch.get_num_threads()} intra-op thread(s)",
             flush=True,
         )
         info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min, device=cfg.dist.device)
@@ -805,7 +805,7 @@ def _hours(seconds: float) -> str:
 
 def write_report(folder: Path, r: dict[str, Any]) -> dict[str, Any]:
     """preflight.json and preflight.md in ``folder``; returns what the launcher prints."""
-    from train.checkpoint import atomic_write_text
+    from train.files import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "preflight.json", folder / "preflight.md"
