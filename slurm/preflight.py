@@ -579,7 +579,9 @@ class Checks:
 
         cfg, info = self.cfg, self.info
         arch, why = cfg.model.arch, None
-        if arch not in ARCHS or not ARCHS[arch].in_torchvision:
+        if self.options.images == 0:
+            why = "--preflight-images 0"
+        elif arch not in ARCHS or not ARCHS[arch].in_torchvision:
             why = f"torchvision released no weights for {arch}"
         elif cfg.model.num_classes != 1000 or cfg.model.classifier_width != 4096:
             why = f"model.num_classes={cfg.model.num_classes}: not ImageNet's 1,000 classes"
