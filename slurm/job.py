@@ -110,12 +110,6 @@ def cpu_affinity() -> str:
     return text
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 class StopOnSignal(StopOnSignals):
     """:class:`train.engine.StopOnSignals` inside a submitit job, with submitit's requeue signal too.
 
@@ -208,14 +202,14 @@ class TrainJob(submitit.helpers.Checkpointable):
             # continue this run instead of starting again from scratch / from the initial checkpoint.
             cfg.ckpt.resume = "auto"
         dist_env = export_distributed_env()
+        import torch
+
         threads = cpu_threads(dist_env.local_world_size) if job_env.cluster != "debug" else None
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
         print(
             f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}; "
-            f"{cpu_affinity()}, {threads or torch_threads()} intra-op thread(s)",
+            f"{cpu_affinity()}, {torch.get_num_threads()} intra-op thread(s)",
             flush=True,
         )
         if job_env.global_rank == 0:

@@ -7,6 +7,7 @@
     python slurm/launch.py --config demo --cluster slurm --wait          # the same job through sbatch, followed
     python slurm/launch.py --arch all --gpus 8 --data /datasets/imagenet --run-dir /shared/table   # a sweep:
     python slurm/launch.py --arch vgg11_bn,vgg13_bn --recipe demo --cluster local --run-dir runs/demo-table
+    python slurm/launch.py --arch vgg16_bn --gpus 16 --data /datasets/imagenet --partition gpu --preflight
 
 A sweep (``--arch all`` or a comma list; ``slurm/sweep.py``) is one job per arch, each in
 ``<run-dir>/<recipe>-<arch>``, requeued and resumed on its own; ``--init-from-a`` (``--recipe paper``) starts B–E
@@ -44,6 +45,11 @@ node-local storage (``/tmp``) is refused whatever ``--force`` says. CPUs and mem
 says does not fit, with a warning). ``--setup``, ``--sbatch``, ``--srun``, ``--container-image`` and ``--python``
 (``launch.*`` keys) add what a site needs around the job. Familiar flags from other trainers (``--epochs``,
 ``--lr``, ``--output-dir``, ...) are answered with the key or flag to use instead.
+
+``--preflight`` (``slurm/preflight.py``): the same flags submit a short job on the same resources instead of the
+training, which checks the stack (builds, CPUs and GPUs per task, all-reduce bandwidth, the run folder across nodes,
+the data, a few timed training steps) and projects the run's epoch time, GPU-hours and ``--time``; it waits for it
+and prints one verdict line and ``<run_dir>/preflight/preflight.md`` (exit 0 OK, 1 problems, 2 bad input).
 """
 
 from __future__ import annotations
@@ -143,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
         "still refuses to run two at once, and the job still checks the rest when it starts; a node-local run "
         "folder or interpreter is refused even so)",
     )
+    p.add_argument(
+        "--preflight",
+        action="store_true",
+        help="submit a short preflight job on the same resources instead: checks builds, CPUs/GPUs per task, "
+        "all-reduce bandwidth, the run folder on every node, the data and N timed steps; projects epoch time, "
+        "GPU-hours and --time; waits and prints a verdict and <run_dir>/preflight/preflight.md (slurm/preflight.py)",
+    )
+    p.add_argument(
+        "--preflight-steps", type=int, default=20, metavar="N", help="--preflight: timed steps [20]"
+    )
+    p.add_argument(
+        "--preflight-images",
+        type=int,
+        default=500,
+        metavar="K",
+        help="--preflight: val images for torchvision's released weights of the arch, when cached [500]",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p
 
@@ -226,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
                 "them; to change the arch of a recipe file, add model.arch=...)"
             )
         sweep = args.arch is not None and ("," in args.arch or args.arch.strip() == "all")
+        if args.preflight and (sweep or args.dry_run):
+            raise ConfigError(
+                "--preflight checks one launch: give one --arch"
+                if sweep
+                else "--preflight submits a short job; --dry-run submits nothing: choose one"
+            )
+        if args.preflight and (args.preflight_steps < 1 or args.preflight_images < 0):
+            raise ConfigError("--preflight-steps must be >= 1 and --preflight-images >= 0")
         if sweep:
             return _sweep(args)
         if args.init_from_a:
@@ -242,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return dry_run(plan, force=args.force)
     try:
+        if args.preflight:
+            from slurm.preflight import Options, run_preflight
+
+            options = Options(steps=args.preflight_steps, images=args.preflight_images)
+            return run_preflight(plan, options, force=args.force)
         return launch(plan, wait=args.wait, force=args.force)
     except LaunchError as e:  # no sbatch; sbatch refused it (bad partition, ...); run_dir unwritable or busy
         print(f"error: {e}", file=sys.stderr)

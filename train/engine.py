@@ -26,7 +26,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,21 @@ def register_grad_compression(ddp: DistributedDataParallel, mode: str, device: t
         f"dist.grad_compression={mode}: DDP all-reduces gradients as {dtype} over "
         f"{torch.distributed.get_backend()} (torch {hook.__name__}: cast, ÷ world size, sum, cast back to fp32)"
     )
+
+
+class _Ticking:
+    """An iterable over ``loader``'s batches (and its length) that calls ``tick`` before each batch."""
+
+    def __init__(self, loader: Any, tick: Callable[[], None]) -> None:
+        self.loader, self.tick = loader, tick
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self.tick()
+            yield batch
 
 
 class Trainer:
@@ -589,20 +604,9 @@ class Trainer:
         distributed.barrier()
         self._tick("save")
 
-    def _ticking(self, loader: Any, phase: str):
+    def _ticking(self, loader: Any, phase: str) -> _Ticking:
         """``loader`` (its length too), with a heartbeat tick at each batch."""
-        trainer = self
-
-        class Ticking:
-            def __len__(self) -> int:
-                return len(loader)
-
-            def __iter__(self):
-                for batch in loader:
-                    trainer._tick(phase)
-                    yield batch
-
-        return Ticking()
+        return _Ticking(loader, lambda: self._tick(phase))
 
     def _save_interrupt(self, why: str = "stop requested") -> None:
         self._tick("save")
