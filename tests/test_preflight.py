@@ -117,10 +117,14 @@ def test_preflight_one_node(slurm_env: SlurmCluster, small_tree: Path, tmp_path:
 def test_preflight_that_slurm_never_starts_is_cancelled(
     slurm_env: SlurmCluster, small_tree: Path, tmp_path: Path, capsys
 ) -> None:
-    """16 tasks on the one-node cluster: pending for a partition limit, which the launch would wait on forever;
-    the preflight cancels it and says so (exit 1)."""
-    code, out, err = preflight(capsys, small_tree, tmp_path / "run", "--partition", slurm_env.partition,
-                               "--gpus", "16", "data.batch_size=16")  # fmt: skip
+    """16 tasks on the one-node cluster: refused before submission (sinfo: one node; exit 2); with --force,
+    pending for a partition limit, which the launch would wait on forever; the preflight cancels it and says so
+    (exit 1)."""
+    args = ("--partition", slurm_env.partition, "--gpus", "16", "data.batch_size=16")
+    code, out, err = preflight(capsys, small_tree, tmp_path / "run", *args)
+    assert (code, out, err) == (2, "", (
+        "error: the job needs 2 nodes with 8+ GPUs, but partition debug has 1: use --gpus 8 or fewer\n"))  # fmt: skip
+    code, out, err = preflight(capsys, small_tree, tmp_path / "run", *args, "--force")
     assert code == 1, out + err
     job_id = re.search(r"^submitted preflight job (\d+) to SLURM", out, re.M)[1]
     last = out.strip().splitlines()[-1]
