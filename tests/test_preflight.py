@@ -98,13 +98,17 @@ def test_preflight_one_node(slurm_env: SlurmCluster, small_tree: Path, tmp_path:
     assert within["reference"]["gbs"] is None and across == {"skipped": "1 node"}
     check_leaves_the_run_folder_to_the_launch(run_dir)
 
-    # the same measurements, a longer recipe: 400 epochs do not fit in 15 minutes without requeues
-    cfg = load_config("demo", ["sched.epochs=400", "launch.time=00:15:00", "launch.max_num_timeout=0"])
+    # the same measurements, a longer recipe: epochs for about 45 minutes (at the measured epoch time, whatever the
+    # machine's speed) do not fit in 15 minutes without requeues
+    epochs = math.ceil(45 * 60 / report["projection"]["epoch_s"])
+    cfg = load_config("demo", [f"sched.epochs={epochs}", "launch.time=00:15:00", "launch.max_num_timeout=0"])
     longer = {**report, "projection": project(cfg, report, 2)}
     p = longer["projection"]
-    assert p["total_s"] == pytest.approx(p["startup_s"] + 400 * p["epoch_s"]) and p["jobs_at_time_asked"] > 1
+    assert (
+        p["total_s"] == pytest.approx(p["startup_s"] + epochs * p["epoch_s"]) and p["jobs_at_time_asked"] > 1
+    )
     useful_s = 15 * 60 - p["startup_s"] - p["signal_delay_s"]  # of each 15-minute job
-    assert p["jobs_at_time_asked"] == math.ceil(400 * p["epoch_s"] * 1.2 / useful_s)
+    assert p["jobs_at_time_asked"] == math.ceil(epochs * p["epoch_s"] * 1.2 / useful_s)
     found = problems(cfg, longer)
     assert found == [
         f"--time 00:15:00 needs {p['jobs_at_time_asked']} jobs (requeues) for the projected "
