@@ -293,7 +293,9 @@ def _sweep(args: argparse.Namespace) -> int:
     archs = parse_archs(args.arch, recipe)
     run_dir = args.run_dir or "runs"
     flags = [f for f in _overrides(args) if not f.startswith("run_dir=")]
-    jobs = plan_sweep(archs, recipe, run_dir, flags, list(args.overrides), init_from_a=args.init_from_a)
+    jobs = plan_sweep(
+        archs, recipe, run_dir, flags, list(args.overrides), init_from_a=args.init_from_a, force=args.force
+    )
     if args.dry_run:
         return dry_run_sweep(jobs, force=args.force)
     try:

@@ -102,9 +102,11 @@ def plan_sweep(
     flags: list[str],
     overrides: list[str],
     init_from_a: bool = False,
+    force: bool = False,
 ) -> list[SweepJob]:
     """One plan per arch (each validated as a single launch would be), the W&B group set, the paper's
-    dependency resolved. ConfigError / LaunchError (one line) for bad input."""
+    dependency resolved. ConfigError / LaunchError (one line) for bad input. ``force``: resources that sinfo says
+    cannot fit are a warning, as for a single launch."""
     if _key(overrides, "run_dir") is not None:
         raise ConfigError(
             "run_dir=... names one run folder; a sweep puts each run in <--run-dir>/<recipe>-<arch>"
@@ -145,7 +147,9 @@ def plan_sweep(
             raise ConfigError(f"{arch}: {e}") from None
         jobs.append(
             SweepJob(
-                arch, make_plan(cfg, given={o.partition("=")[0].strip() for o in [*flags, *user]}), after
+                arch,
+                make_plan(cfg, given={o.partition("=")[0].strip() for o in [*flags, *user]}, force=force),
+                after,
             )
         )
     if init_from_a and NET_A in archs:  # A first: the others' dependency needs its job id
