@@ -73,8 +73,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shards, val_shard
-from data_pipeline.layout import DataError
+from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shard, val_shard
+from data_pipeline.layout import DataError, SampleTable
 from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex, parse_labels
 from data_pipeline.transforms import TransformSpec, load_rgb, open_rgb
 
@@ -83,6 +83,7 @@ __all__ = ["DaliLoader", "build_pipeline"]
 log = logging.getLogger(__name__)
 
 READER = "Reader"
+READER_LAYOUT = "rank-list"  # DaliLoader's reader reads this rank's own list as its only shard (_identity)
 PREFETCH = 2  # DALI prefetch_queue_depth: batches prepared ahead
 
 # GPU decoding. Fraction of the JPEGs sent to the hardware JPEG decoder (A100/H100; ignored elsewhere): DALI's
@@ -363,6 +364,9 @@ class DaliLoader(Loader):
             "seed": self.seed,
             "dataset_size": self.dataset_size,
             "format": "shards" if self._pack is not None else "folder",
+            # what the reader holds: this rank's list only, as one DALI shard (issue 28). A state saved while
+            # every rank's list was one DALI shard each (no such key) has another reader position: refused.
+            "reader": READER_LAYOUT,
         }
 
     def _unusable(self, state: dict[str, Any] | None, start: int) -> str | None:
@@ -424,22 +428,28 @@ class DaliLoader(Loader):
         return tars, indices
 
     def _epoch_lists(self) -> tuple[list[str], list[int]]:
-        samples = self.index.samples
-        # val: this rank's block only, read as one shard (DALI's own sharding needs >= 1 image a rank)
+        """This rank's files and labels for the pass: val its block, train its share of the epoch's order
+        (``epoch_shard``: DistributedSampler's split), from batch k on unless restored (DALI's checkpoint skips
+        them). Only this rank's N // W paths are decoded from the table (issue 28: not all N, every epoch)."""
+        table = self.index.samples
         if self.split == "val":
-            order: list[int] = list(val_shard(len(samples), self.rank, self.world_size))
-            self._shard_files = [samples[i][0] for i in order]
+            block = val_shard(len(table), self.rank, self.world_size)
+            order = np.arange(block.start, block.stop, dtype=np.int64)
+            skip = 0
         else:
+            order = epoch_shard(len(table), self.world_size, self.seed, self.epoch, self.rank)
             skip = (
                 self._start * self.batch_size
             )  # each rank's list from batch k on (unless restored: DALI skips)
-            shards = epoch_shards(len(samples), self.world_size, self.seed, self.epoch)
             if self._restore is None:
-                shards = [s[skip:] for s in shards]
+                order = order[skip:]
                 skip = 0
-            order = [i for s in shards for i in s]  # equal lengths: DALI's contiguous shard r == shards[r]
-            self._shard_files = [samples[i][0] for i in shards[self.rank][skip:]]
-        return [samples[i][0] for i in order], [samples[i][1] for i in order]
+        if isinstance(table, SampleTable):
+            files, labels = [table.path(i) for i in order.tolist()], table.labels[order].tolist()
+        else:  # a list of (path, label) pairs
+            files, labels = [table[i][0] for i in order.tolist()], [table[i][1] for i in order.tolist()]
+        self._shard_files = files[skip:]
+        return files, labels
 
     def _seed(self) -> int:
         entropy = [self.seed, self.rank, self.epoch, self.split == "val"]
@@ -465,8 +475,8 @@ class DaliLoader(Loader):
             tar_indices=tar_indices,
             split=self.split,
             batch_size=self.batch_size,
-            shard_id=self.rank if self.split == "train" and not pack else 0,
-            num_shards=self.world_size if self.split == "train" and not pack else 1,
+            shard_id=0,  # this rank's own list (issue 28: not every rank's, sharded by DALI)
+            num_shards=1,
             gpu=self.gpu,
             device_id=self._device_id,
             num_threads=self.workers,
