@@ -62,8 +62,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,6 +86,7 @@ __all__ = ["DaliLoader", "build_pipeline"]
 log = logging.getLogger(__name__)
 
 READER = "Reader"
+AHEAD_BATCHES = 16  # train: the next epoch's pipeline is built while the last this many batches are consumed
 READER_LAYOUT = "rank-list"  # DaliLoader's reader reads this rank's own list as its only shard (_identity)
 PREFETCH = 2  # DALI prefetch_queue_depth: batches prepared ahead
 
@@ -307,6 +311,17 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+@dataclass
+class _Built:
+    """A built pipeline and its iterator, for pass ``key`` = (epoch, start batch, restored)."""
+
+    key: tuple[int, int, bool]
+    pipe: Any
+    iterator: DALIGenericIterator
+    shard_files: list[str]  # this rank's files from the start batch on (error messages)
+    shard_ids: np.ndarray  # a pack: this rank's sample ids from the start batch on
+
+
 class DaliLoader(Loader):
     """DALI pipeline + ``DALIGenericIterator`` behind the ``Loader`` interface; see the module docstring."""
 
@@ -328,7 +343,6 @@ class DaliLoader(Loader):
         self._built_for: tuple[int, int, bool] | None = (
             None  # (epoch, start batch, restored from a checkpoint)
         )
-        self._start = 0  # the start batch of the pipeline being built
         self._restore: bytes | None = (
             None  # the DALI checkpoint the next pass (set_epoch's start batch) resumes
         )
@@ -339,6 +353,10 @@ class DaliLoader(Loader):
         self._pack: ShardIndex | None = self.index if isinstance(self.index, ShardIndex) else None
         self._shard_ids = np.empty(0, dtype=np.int64)
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._passes = 0  # pack index folders written (one a pass)
+        # train: the next epoch's pipeline, built in a thread while this one's last batches are consumed
+        self.build_ahead = True
+        self._ahead: tuple[threading.Thread, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------------------------------ resuming
 
@@ -397,75 +415,80 @@ class DaliLoader(Loader):
 
     # -------------------------------------------------------------------------------------------- building
 
-    def _pack_lists(self) -> tuple[list[str], list[str]]:
-        """(tars, index files) for this pass of a pack: one (tar, index) pair per run of this rank's ids from one
-        shard, the index listing them in order (written under a private temporary folder)."""
+    def _pack_lists(self, epoch: int, start: int, restore: bool) -> tuple[list[str], list[str], np.ndarray]:
+        """(tars, index files, this rank's sample ids from batch ``start`` on) for a pass of a pack: one
+        (tar, index) pair per run of this rank's ids from one shard, the index listing them in order (written
+        under a private temporary folder, one sub-folder a pass; DALI reads them when the pipeline is built)."""
         pack = self._pack
         assert pack is not None
         if self.split == "val":
             block = val_shard(len(pack), self.rank, self.world_size)
-            ids = self._shard_ids = np.arange(block.start, block.stop, dtype=np.int64)
+            ids = shard_ids = np.arange(block.start, block.stop, dtype=np.int64)
         else:
-            ids = pack.epoch_order(self.seed, self.epoch, self.world_size)[self.rank]
-            skip = self._start * self.batch_size
-            if self._restore is None:  # fast-forwarded (or from 0): the list starts at batch k
+            ids = pack.epoch_order(self.seed, epoch, self.world_size)[self.rank]
+            skip = start * self.batch_size
+            if not restore:  # fast-forwarded (or from 0): the list starts at batch k
                 ids = ids[skip:]
                 skip = 0
-            self._shard_ids = ids[skip:]
+            shard_ids = ids[skip:]
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="vgg-pack-index-")
-        for old in os.listdir(
-            self._tmp.name
-        ):  # the previous pass's: its pipeline, closed, read them when built
-            os.unlink(os.path.join(self._tmp.name, old))
+        self._passes += 1
+        folder = os.path.join(self._tmp.name, f"pass{self._passes:06d}")
+        for old in os.listdir(self._tmp.name):  # earlier passes': their pipelines read them when built
+            shutil.rmtree(os.path.join(self._tmp.name, old), ignore_errors=True)
+        os.mkdir(folder)
         tars, indices = [], []
         for n, (shard, run) in enumerate(pack.runs(ids)):
-            path = os.path.join(self._tmp.name, f"{n:06d}.idx")
+            path = os.path.join(folder, f"{n:06d}.idx")
             with open(path, "w") as f:
                 f.write(pack.index_text(run))
             tars.append(pack.tar_paths[shard])
             indices.append(path)
-        return tars, indices
+        return tars, indices, shard_ids
 
-    def _epoch_lists(self) -> tuple[list[str], list[int]]:
-        """This rank's files and labels for the pass: val its block, train its share of the epoch's order
-        (``epoch_shard``: DistributedSampler's split), from batch k on unless restored (DALI's checkpoint skips
-        them). Only this rank's N // W paths are decoded from the table (issue 28: not all N, every epoch)."""
+    def _epoch_lists(self, epoch: int, start: int, restore: bool) -> tuple[list[str], list[int], list[str]]:
+        """(files, labels, this rank's files from batch ``start`` on) for a pass: val this rank's block, train
+        its share of the epoch's order (``epoch_shard``: DistributedSampler's split), from batch ``start`` on unless
+        restored (DALI's checkpoint skips those). Only this rank's N // W paths are read from the file table
+        (issue 28: not all N, every epoch)."""
         table = self.index.samples
+        skip = 0
         if self.split == "val":
             block = val_shard(len(table), self.rank, self.world_size)
             order = np.arange(block.start, block.stop, dtype=np.int64)
-            skip = 0
         else:
-            order = epoch_shard(len(table), self.world_size, self.seed, self.epoch, self.rank)
-            skip = (
-                self._start * self.batch_size
-            )  # each rank's list from batch k on (unless restored: DALI skips)
-            if self._restore is None:
+            order = epoch_shard(len(table), self.world_size, self.seed, epoch, self.rank)
+            skip = start * self.batch_size
+            if not restore:
                 order = order[skip:]
                 skip = 0
         if isinstance(table, SampleTable):
             files, labels = [table.path(i) for i in order.tolist()], table.labels[order].tolist()
         else:  # a list of (path, label) pairs
             files, labels = [table[i][0] for i in order.tolist()], [table[i][1] for i in order.tolist()]
-        self._shard_files = files[skip:]
-        return files, labels
+        return files, labels, files[skip:]
 
-    def _seed(self) -> int:
-        entropy = [self.seed, self.rank, self.epoch, self.split == "val"]
-        if self._start and self._restore is None:  # a fast-forwarded pass draws its own augmentation
-            entropy.append(self._start)
+    def _seed(self, epoch: int, start: int, restore: bool) -> int:
+        entropy = [self.seed, self.rank, epoch, self.split == "val"]
+        if start and not restore:  # a fast-forwarded pass draws its own augmentation
+            entropy.append(start)
         state = np.random.SeedSequence(entropy).generate_state(1)
         return int(state[0] % (2**31 - 1))
 
-    def _build(self) -> None:
-        self.close()
+    def _make(self, epoch: int, start: int, restore: bytes | None) -> _Built:
+        """The pipeline and iterator of the pass of ``epoch`` from batch ``start`` (restored from the DALI
+        checkpoint ``restore``, or fast-forwarded): this rank's own list as DALI's only shard. Touches no state
+        that a pass under way reads, so it also runs in the build-ahead thread."""
         pack = self._pack is not None
-        if pack:  # this rank's samples only, as one DALI shard
+        restored = restore is not None
+        shard_files: list[str] = []
+        shard_ids = np.empty(0, dtype=np.int64)
+        if pack:
             files, labels = [], []
-            tars, tar_indices = self._pack_lists()
+            tars, tar_indices, shard_ids = self._pack_lists(epoch, start, restored)
         else:
-            files, labels = self._epoch_lists()
+            files, labels, shard_files = self._epoch_lists(epoch, start, restored)
             tars = tar_indices = None
         pipe = build_pipeline(
             self.spec,
@@ -480,10 +503,10 @@ class DaliLoader(Loader):
             gpu=self.gpu,
             device_id=self._device_id,
             num_threads=self.workers,
-            seed=self._seed(),
+            seed=self._seed(epoch, start, restored),
             channels_last=self.channels_last,
             checkpointing=self.split == "train",
-            checkpoint=self._restore,
+            checkpoint=restore,
             nvjpeg_prealloc=self.nvjpeg_prealloc,
         )
         try:
@@ -499,25 +522,66 @@ class DaliLoader(Loader):
         except RuntimeError as e:
             raise DataError(f"DALI could not build the {self.split} pipeline: {_one_line(e)}") from None
         # a restored iterator counts the whole epoch (its counter restored at batch k), a fast-forwarded one the rest
-        restored = self._restore is not None
-        expected = self.steps - (0 if restored else self._start) if self.split == "train" else None
+        expected = self.steps - (0 if restored else start) if self.split == "train" else None
         if expected is not None and len(it) != expected:
             raise AssertionError(f"DALI iterator has {len(it)} batches, expected {expected}")
         log.debug(
             "built the DALI %s pipeline (%s, epoch %d from batch %d%s, %d files)",
             self.split,
             self.backend,
-            self.epoch,
-            self._start,
+            epoch,
+            start,
             ", restored from its checkpoint" if restored else "",
-            len(self._shard_ids) if pack else len(files),
+            len(shard_ids) if pack else len(files),
         )
-        self._pipe, self._iter = pipe, it
-        self._built_for = (self.epoch if self.split == "train" else 0, self._start, restored)
+        key = (epoch if self.split == "train" else 0, start, restored)
+        return _Built(key, pipe, it, shard_files, shard_ids)
+
+    def _use(self, built: _Built) -> None:
+        self.close()
+        self._pipe, self._iter = built.pipe, built.iterator
+        self._shard_files, self._shard_ids = built.shard_files, built.shard_ids
+        self._built_for = built.key
         self._ready = True
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Start building the pipeline of the next pass, ``epoch`` from batch 0, in a thread (train): taken by
+        that pass if ``set_epoch`` asks for it (the usual next epoch), dropped otherwise (a resume elsewhere)."""
+        self._drop_ahead()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["built"] = self._make(epoch, 0, None)
+            except BaseException as e:  # raised again by the main thread's own build
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name="dali-build-ahead", daemon=True)
+        thread.start()
+        self._ahead = (thread, box)
+
+    def _take_ahead(self, key: tuple[int, int, bool]) -> _Built | None:
+        """The build-ahead's pipeline if it is for ``key`` (waiting for it to finish); else None (dropped)."""
+        if self._ahead is None:
+            return None
+        thread, box = self._ahead
+        self._ahead = None
+        thread.join()
+        built = box.get("built")
+        if built is not None and built.key == key:
+            return built
+        return (
+            None  # another pass (dropped with `built`), or it failed: the caller builds (and raises) itself
+        )
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[0].join()
+            self._ahead = None
 
     def close(self) -> None:
         """Drop the pipeline (its threads and buffers); the next iteration builds a new one."""
+        self._drop_ahead()
         self._iter = None
         self._pipe = None
         self._ready = False
@@ -536,16 +600,20 @@ class DaliLoader(Loader):
             self._restore = None  # set_epoch's state is for the pass from its start batch
         want = (self.epoch if self.split == "train" else 0, start, self._restore is not None)
         if not self._ready or self._built_for != want:
-            self._start = start
-            self._build()
+            ahead = self._take_ahead(want)
+            self._use(ahead if ahead is not None else self._make(self.epoch, start, self._restore))
         assert self._iter is not None
         self._ready = False  # a pass is under way; a second pass (or a broken-off one) rebuilds
         self._restore = None  # used: a later pass of this epoch starts over
         it, yielded = self._iter, 0
         self._position = start
+        # the next epoch's pipeline is built while the last AHEAD_BATCHES of this one are consumed (train)
+        ahead_at = max(0, steps - AHEAD_BATCHES) if self.split == "train" and self.build_ahead else -1
         # Val runs until DALI's StopIteration (which rewinds the iterator, auto_reset); train stops at `steps`
-        # (its pipeline is rebuilt for the next epoch anyway).
+        # (the next epoch reads another list: another pipeline, built ahead).
         while self.split == "val" or yielded < steps:
+            if yielded == ahead_at:
+                self._build_ahead(self.epoch + 1)
             try:
                 out = next(it)
             except StopIteration:

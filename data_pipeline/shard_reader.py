@@ -243,6 +243,21 @@ class ShardIndex:
         )
         self.shard_of = ShardOf(self.starts)  # shard_of[ids]: the shard of sample id(s) ids
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A table mapped from a file (``open_shards``' cache) reaches a worker process as the file's name, and
+        the worker maps the same pages; an in-memory one is copied."""
+        state = dict(self.__dict__)
+        filename = getattr(self.rows, "filename", None)
+        if filename:
+            state["rows"] = ("mapped", filename)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rows = state["rows"]
+        if isinstance(rows, tuple):
+            state["rows"] = np.load(rows[1], mmap_mode="r")
+        self.__dict__.update(state)
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 
