@@ -4,18 +4,21 @@
     loader = build_loader(cfg, "train", rank, world_size, device)   # cfg.data.backend=dali (data_pipeline.loader)
     pipe = build_pipeline(spec, files, labels, split="val", batch_size=64, gpu=False, num_threads=4)  # raw
 
-Reader: explicit ``files``/``labels`` lists from ``data_pipeline.layout`` (the file set and label order of
-torchvision's ImageFolder; DALI's own directory walk filters extensions differently), train ``shard_id=rank,
-num_shards=world_size`` (the GLOBAL rank), ``pad_last_batch=True``, ``stick_to_shard=True``, no DALI shuffle:
+Reader: explicit ``files``/``labels`` lists from the split's file table (``layout.file_table``: the file set and
+label order of torchvision's ImageFolder; DALI's own directory walk filters extensions differently), each rank's
+OWN list read as DALI's only shard (``shard_id=0, num_shards=1``; issue 28: a rank's pipeline holds N // W paths,
+not every rank's N), ``pad_last_batch=True``, ``stick_to_shard=True``, no DALI shuffle:
 
 * val: rank r reads only its block ``[N·r // W, N·(r+1) // W)`` of the sorted list (``loader.val_shard``), as a
   single DALI shard (DALI's own sharding refuses more shards than images; a rank with an empty block builds no
   pipeline and counts nothing); the iterator's ``LastBatchPolicy.PARTIAL`` with ``reader_name`` ends at the block's
   end, so each image is seen exactly once over all ranks. One pipeline serves every epoch.
-* train: the epoch's order is ``loader.epoch_shards`` (DistributedSampler's permutation for (seed, epoch)),
-  laid out so DALI's contiguous shard r is rank r's list; every shard has N // W images and the iterator stops
-  after ``(N // W) // batch`` full batches (``LastBatchPolicy.DROP``) on every rank. A pipeline is built per
-  epoch: ~0.02 s on the demo tree; 1.6 s for ImageNet's 1.28 M files, measured on 2 shared CPU cores.
+* train: rank r's list is its share of the epoch's order (``base.epoch_shard``: DistributedSampler's permutation
+  for (seed, epoch), every W-th index from r); every rank's list has N // W images and the iterator stops after
+  ``(N // W) // batch`` full batches (``LastBatchPolicy.DROP``) on every rank. A pipeline is built per epoch (its
+  list differs), ahead of time: while the last ``AHEAD_BATCHES`` batches of epoch e are consumed, a thread builds
+  epoch e + 1's pipeline (from batch 0), which the next pass takes when ``set_epoch`` asked for e + 1 (anything
+  else, a resume at batch k, drops it and builds its own); the epoch boundary does not wait for a build.
 * train resumed mid-epoch (``set_epoch(epoch, start_batch=k, state=...)``), exactly: train pipelines are built
   with ``enable_checkpointing=True``; ``state_dict()`` takes DALI's checkpoint of the pass under way
   (``DALIGenericIterator.checkpoints()``: the file reader's position and the state of every random operator —
@@ -23,11 +26,13 @@ num_shards=world_size`` (the GLOBAL rank), ``pad_last_batch=True``, ``stick_to_s
   A resumed pass builds epoch e's full list with the same seed and ``checkpoint=`` that state: the batches from
   k on are bitwise those of the uninterrupted pass (tests/test_train.py). The state is used only when it was
   taken by this backend (dali-cpu and dali-gpu pipelines differ), this DALI version, at (epoch, k), by this rank of
-  the same world size, batch, seed and dataset size; otherwise (another process count, an older checkpoint)
+  the same world size, batch, seed and dataset size, with this reader layout (``reader``: a state saved when every
+  rank's list was one DALI shard of all N, before issue 28, is refused); otherwise (another process count, an
+  older checkpoint)
   ``set_epoch`` returns why and the pass is fast-forwarded: every rank's list starts at its position
-  ``k × batch`` (the first image of batch k), so every shard still has the same length, ``N // W - k × batch``,
-  DALI's contiguous shard r is still rank r's list, and every rank yields exactly ``steps - k`` full batches
-  (``stick_to_shard``, ``pad_last_batch`` and ``DROP`` unchanged); the skipped images are never read. Those are
+  ``k × batch`` (the first image of batch k), so every list has the same length, ``N // W - k × batch``, and
+  every rank yields exactly ``steps - k`` full batches (``stick_to_shard``, ``pad_last_batch`` and ``DROP``
+  unchanged); the skipped images are never read. Those are
   the same images in the same order as batches k.. of an uninterrupted pass with fresh augmentation: a
   fast-forwarded pipeline is seeded from (seed, rank, epoch, k). ``k = steps`` (stopped after the epoch's last
   batch) yields nothing and builds no pipeline. (GPU training is not bitwise reproducible anyway, the input is.)

@@ -45,6 +45,14 @@ epoch order of its own — shard order, then each shard's samples, permuted by (
 ``(N // W) // batch`` steps on every rank; val the same blocks of the same images as the folder). A format is a
 reader inside each backend: DALI's ``fn.readers.webdataset``, the torchvision backend's ``os.pread``.
 
+File tables (issue 28): a split is listed once per job, not once per rank. ``layout.file_table`` (folders) and
+``shard_reader.open_shards`` (a pack's index files) write the split's table as numpy arrays to the run folder's
+``file_tables/`` (the first rank to take its lock lists, with every check of ``index_split`` / ``open_shards``;
+the others wait, then map it, or raise the same ``DataError``); a rank then reads only its share of it. The table
+is reused while the tree is as it was listed (the (inode, mtime_ns) of the split folder, every class folder and
+every folder holding images; for a pack the manifest's, every tar's and index file's) and rebuilt otherwise.
+Without a run folder on disk every rank lists by itself.
+
 Per-process batch = ``data.batch_size // world_size``. Labels are indices into the sorted class folders
 (``data_pipeline.layout``: torchvision ImageFolder's order). Bad input (missing root, empty class folder,
 train/val class mismatch, an unreadable image) raises ``DataError`` with one line naming what is wrong.
@@ -192,9 +200,10 @@ def build_loader(
             f"data.batch_size={d.batch_size} (global) is not divisible by the world size {world_size}"
         )
     batch = d.batch_size // world_size
-    # the file table is listed once per job and shared through the run folder (issue 28: not once per rank)
+    # The file table is listed once per job and shared through the run folder (issue 28: not once per rank), when
+    # there is one (the trainer makes it before its loaders; an evaluation of a copied checkpoint may have none).
     run_dir = getattr(cfg, "run_dir", "")
-    cache = Path(run_dir) / TABLE_DIR if run_dir else None
+    cache = Path(run_dir) / TABLE_DIR if run_dir and Path(run_dir).is_dir() else None
     index = _index(d.root, split, getattr(d, "format", "folder"), cache)
     if split == "train" and train_steps(len(index), world_size, batch) == 0:
         raise DataError(

@@ -134,6 +134,9 @@ def test_dali_reader_holds_this_rank_only_builds_ahead_and_refuses_old_states(sm
     """Rank 0 of 2: DALI's reader holds its own N // W files; the next epoch's pipeline is built during the
     last batches and used, bitwise what a pipeline built then gives; a pipeline state without the reader
     layout (saved when every rank's list was one DALI shard each) is refused and the pass fast-forwarded."""
+    (
+        tmp_path / "run"
+    ).mkdir()  # a run folder (the trainer makes it): the loaders share their table through it
     cfg = make_cfg(small_tree, "dali", "data.train_crop=32", f"run_dir={tmp_path / 'run'}", batch=8)
     loader = build_loader(cfg, "train", 0, 2)
     steps = len(loader)
