@@ -561,7 +561,9 @@ class DaliLoader(Loader):
             except BaseException as e:  # raised again by the main thread's own build
                 box["error"] = e
 
-        thread = threading.Thread(target=run, name="dali-build-ahead", daemon=True)
+        # not a daemon: an interpreter that exits meanwhile (after the last epoch) waits for the build to end
+        # instead of killing the thread inside DALI
+        thread = threading.Thread(target=run, name="dali-build-ahead")
         thread.start()
         self._ahead = (thread, box)
 
