@@ -14,7 +14,10 @@ ImageNet's proportion, 50,000 at 1,281,000), reused when its record matches, and
   rank, each in a fresh child process: start to first batch (wall and the process's CPU-s, after imports), the
   epoch-boundary stall (last batch of epoch 0 to the first of epoch 1, wall and CPU-s), the process's peak RSS
   above its RSS after imports (and the worker processes' peak RSS, summed), and the files and directories opened
-  to the first batch (a second child under ``strace -f``; skipped, and said so, without strace);
+  to the first batch (a second child under ``strace -f``; skipped, and said so, without strace). The file
+  tables are listed once per job into the run folder (``runs/scale/run_<files>_w<W>/file_tables``): a first
+  child with that folder emptied is the rank that lists (its start to first batch and peak RSS are reported
+  apart, ``the_rank_that_lists``); the figures above are those of the ranks that map its table;
 * ``check --quick``, ``check`` (full decode) and ``pack``: wall and CPU-s (this process and its workers).
 
 The loaders run with 64-pixel crops: the figures are about listing, indexing and building, not decoding. The
@@ -183,6 +186,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "batches_per_epoch": len(loader),
     }
     if spec.get("first_batch_only"):
+        out["peak_rss_above_base_mb"] = round((_status()["VmHWM"] - base) / 1e6, 1)
         loader.close()
         return out
     n = 1
@@ -356,16 +360,26 @@ def main(argv: list[str] | None = None) -> int:
                 f"launch.gpus={args.world_size}",
                 *CROPS,
             ]
+            # The file tables are listed once per job into the run folder (issue 28 item 1): the rank that lists
+            # (a fresh run folder: "cold") is timed apart from the ranks that map its table (the rest).
+            run_dir = runs / f"run_{args.files}_w{args.world_size}"
+            tables = run_dir / "file_tables"
             spec = {
-                "overrides": overrides,
+                "overrides": [*overrides, f"run_dir={run_dir}"],
                 "world_size": args.world_size,
                 "root": str(Path(data_root).resolve()),
             }
             print(f"loader {key} (rank 0 of {args.world_size}) ...", flush=True)
+            shutil.rmtree(tables, ignore_errors=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
             if args.smoke:  # one child, under strace: its times are not the point
                 row, opened = _run_child({**spec, "first_batch_only": True}, strace=strace)
             else:
+                cold, _ = _run_child({**spec, "first_batch_only": True})
                 row, _ = _run_child(spec)
+                row["the_rank_that_lists"] = {
+                    k: cold.get(k) for k in ("start_to_first_batch", "peak_rss_above_base_mb", "error")
+                }
                 opened = _run_child({**spec, "first_batch_only": True}, strace=strace)[1] if strace else None
             row["opened_to_first_batch"] = opened or {"skipped": "strace not found"}
             result["loaders"][key] = row
@@ -381,6 +395,13 @@ def argparse_hidden() -> str:
     return argparse.SUPPRESS
 
 
+def _lister(cold: dict[str, Any] | None) -> str:
+    if not cold or not cold.get("start_to_first_batch"):
+        return "-" if not cold else f"error: {cold.get('error')}"
+    first = cold["start_to_first_batch"]
+    return f"{first['wall_s']:.2f} ({first['cpu_s']:.2f}), {cold.get('peak_rss_above_base_mb', '-')}"
+
+
 def _table(r: dict[str, Any]) -> str:
     def f(d: dict | None, k: str = "wall_s") -> str:
         return "-" if not d or k not in d else f"{d[k]:.2f}"
@@ -389,12 +410,13 @@ def _table(r: dict[str, Any]) -> str:
         f"### scale.py {r['date']}: {r['tree']['files']:,} files, rank 0 of W = {r['world_size']} "
         f"(load {r['machine']['load_average_at_start']} -> {r['load_average_at_end']})",
         "",
-        "| loader | first batch s (CPU-s) | stall s (CPU-s) | peak RSS +MB | workers' peak MB | opened files/dirs |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| loader | first batch s (CPU-s) | stall s (CPU-s) | peak RSS +MB | workers' peak MB | opened files/dirs "
+        "| the rank that lists: first batch s (CPU-s), peak RSS +MB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for key, row in r["loaders"].items():
         if "error" in row:
-            lines.append(f"| {key} | error: {row['error']} | | | | |")
+            lines.append(f"| {key} | error: {row['error']} | | | | | |")
             continue
         o = row.get("opened_to_first_batch", {})
         opened = f"{o['files']:,} / {o['directories']:,}" if "files" in o else o.get("skipped", "-")
@@ -402,11 +424,11 @@ def _table(r: dict[str, Any]) -> str:
             f"| {key} | {f(row['start_to_first_batch'])} ({f(row['start_to_first_batch'], 'cpu_s')}) | "
             f"{f(row.get('epoch_boundary_stall'))} ({f(row.get('epoch_boundary_stall'), 'cpu_s')}) | "
             f"{row.get('peak_rss_above_base_mb', '-')} | {row.get('workers', {}).get('peak_rss_sum_mb', '-')} | "
-            f"{opened} |"
+            f"{opened} | {_lister(row.get('the_rank_that_lists'))} |"
         )
     for k in ("pack", "pack_rerun_nothing_to_do", "check_quick", "check_full"):
         if k in r:
-            lines.append(f"| {k} | {f(r[k])} ({f(r[k], 'cpu_s')}) | | | | |")
+            lines.append(f"| {k} | {f(r[k])} ({f(r[k], 'cpu_s')}) | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ import operator
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from data_pipeline.layout import SplitIndex
@@ -22,6 +23,7 @@ __all__ = [
     "SPLITS",
     "Loader",
     "decode_error_reason",
+    "epoch_shard",
     "epoch_shards",
     "train_steps",
     "val_shard",
@@ -53,6 +55,15 @@ def epoch_shards(n: int, world_size: int, seed: int, epoch: int) -> list[list[in
     total = (n // world_size) * world_size
     perm = torch.randperm(n, generator=g)[:total]
     return [perm[r:total:world_size].tolist() for r in range(world_size)]
+
+
+def epoch_shard(n: int, world_size: int, seed: int, epoch: int, rank: int) -> np.ndarray:
+    """``epoch_shards(n, world_size, seed, epoch)[rank]`` as an int64 array, without the other ranks' lists
+    (N // W Python ints, not N)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    total = (n // world_size) * world_size
+    return torch.randperm(n, generator=g)[rank:total:world_size].numpy()
 
 
 # ---------------------------------------------------------------------------------------------- the API

@@ -4,18 +4,22 @@
     loader = build_loader(cfg, "train", rank, world_size, device)   # cfg.data.backend=dali (data_pipeline.loader)
     pipe = build_pipeline(spec, files, labels, split="val", batch_size=64, gpu=False, num_threads=4)  # raw
 
-Reader: explicit ``files``/``labels`` lists from ``data_pipeline.layout`` (the file set and label order of
-torchvision's ImageFolder; DALI's own directory walk filters extensions differently), train ``shard_id=rank,
-num_shards=world_size`` (the GLOBAL rank), ``pad_last_batch=True``, ``stick_to_shard=True``, no DALI shuffle:
+Reader: explicit ``files``/``labels`` lists from the split's file table (``layout.file_table``: the file set and
+label order of torchvision's ImageFolder; DALI's own directory walk filters extensions differently), each rank's
+OWN list read as DALI's only shard (``shard_id=0, num_shards=1``; issue 28: a rank's pipeline holds N // W paths,
+not every rank's N), ``pad_last_batch=True``, ``stick_to_shard=True``, no DALI shuffle:
 
 * val: rank r reads only its block ``[N·r // W, N·(r+1) // W)`` of the sorted list (``loader.val_shard``), as a
   single DALI shard (DALI's own sharding refuses more shards than images; a rank with an empty block builds no
   pipeline and counts nothing); the iterator's ``LastBatchPolicy.PARTIAL`` with ``reader_name`` ends at the block's
   end, so each image is seen exactly once over all ranks. One pipeline serves every epoch.
-* train: the epoch's order is ``loader.epoch_shards`` (DistributedSampler's permutation for (seed, epoch)),
-  laid out so DALI's contiguous shard r is rank r's list; every shard has N // W images and the iterator stops
-  after ``(N // W) // batch`` full batches (``LastBatchPolicy.DROP``) on every rank. A pipeline is built per
-  epoch: ~0.02 s on the demo tree; 1.6 s for ImageNet's 1.28 M files, measured on 2 shared CPU cores.
+* train: rank r's list is its share of the epoch's order (``base.epoch_shard``: DistributedSampler's permutation
+  for (seed, epoch), every W-th index from r); every rank's list has N // W images and the iterator stops after
+  ``(N // W) // batch`` full batches (``LastBatchPolicy.DROP``) on every rank. A pipeline is built per epoch (its
+  list differs), ahead of time: once half of epoch e's batches are handed out, a thread builds epoch e + 1's
+  pipeline (from batch 0) and starts its first batches, which the next pass takes when ``set_epoch`` asked for
+  e + 1 (anything else, a resume at batch k, drops it and builds its own); the epoch boundary does not wait for a
+  build, and the previous pipeline is torn down in a thread.
 * train resumed mid-epoch (``set_epoch(epoch, start_batch=k, state=...)``), exactly: train pipelines are built
   with ``enable_checkpointing=True``; ``state_dict()`` takes DALI's checkpoint of the pass under way
   (``DALIGenericIterator.checkpoints()``: the file reader's position and the state of every random operator —
@@ -23,11 +27,13 @@ num_shards=world_size`` (the GLOBAL rank), ``pad_last_batch=True``, ``stick_to_s
   A resumed pass builds epoch e's full list with the same seed and ``checkpoint=`` that state: the batches from
   k on are bitwise those of the uninterrupted pass (tests/test_train.py). The state is used only when it was
   taken by this backend (dali-cpu and dali-gpu pipelines differ), this DALI version, at (epoch, k), by this rank of
-  the same world size, batch, seed and dataset size; otherwise (another process count, an older checkpoint)
+  the same world size, batch, seed and dataset size, with this reader layout (``reader``: a state saved when every
+  rank's list was one DALI shard of all N, before issue 28, is refused); otherwise (another process count, an
+  older checkpoint)
   ``set_epoch`` returns why and the pass is fast-forwarded: every rank's list starts at its position
-  ``k × batch`` (the first image of batch k), so every shard still has the same length, ``N // W - k × batch``,
-  DALI's contiguous shard r is still rank r's list, and every rank yields exactly ``steps - k`` full batches
-  (``stick_to_shard``, ``pad_last_batch`` and ``DROP`` unchanged); the skipped images are never read. Those are
+  ``k × batch`` (the first image of batch k), so every list has the same length, ``N // W - k × batch``, and
+  every rank yields exactly ``steps - k`` full batches (``stick_to_shard``, ``pad_last_batch`` and ``DROP``
+  unchanged); the skipped images are never read. Those are
   the same images in the same order as batches k.. of an uninterrupted pass with fresh augmentation: a
   fast-forwarded pipeline is seeded from (seed, rank, epoch, k). ``k = steps`` (stopped after the epoch's last
   batch) yields nothing and builds no pipeline. (GPU training is not bitwise reproducible anyway, the input is.)
@@ -62,8 +68,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,8 +82,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shards, val_shard
-from data_pipeline.layout import DataError
+from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shard, val_shard
+from data_pipeline.layout import DataError, SampleTable
 from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex, parse_labels
 from data_pipeline.transforms import TransformSpec, load_rgb, open_rgb
 
@@ -83,6 +92,7 @@ __all__ = ["DaliLoader", "build_pipeline"]
 log = logging.getLogger(__name__)
 
 READER = "Reader"
+READER_LAYOUT = "rank-list"  # DaliLoader's reader reads this rank's own list as its only shard (_identity)
 PREFETCH = 2  # DALI prefetch_queue_depth: batches prepared ahead
 
 # GPU decoding. Fraction of the JPEGs sent to the hardware JPEG decoder (A100/H100; ignored elsewhere): DALI's
@@ -234,6 +244,10 @@ def build_pipeline(
                 index_paths=tar_indices,
                 ext=["jpg", "cls"],
                 missing_component_behavior="error",
+                # plain reads: a mapped tar stays resident as far as it was read, so a rank's RSS grew with the
+                # data of its epoch (383 -> 223 MB above base at 200,000 files, W = 8); NVIDIA also advises it on
+                # network filesystems
+                dont_use_mmap=True,
                 **sharding,
             )
             label = fn.slice(cls, 0, CLS_WIDTH, axes=[0], out_of_bounds_policy="pad", fill_values=0)
@@ -306,6 +320,17 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+@dataclass
+class _Built:
+    """A built pipeline and its iterator, for pass ``key`` = (epoch, start batch, restored)."""
+
+    key: tuple[int, int, bool]
+    pipe: Any
+    iterator: DALIGenericIterator
+    shard_files: list[str]  # this rank's files from the start batch on (error messages)
+    shard_ids: np.ndarray  # a pack: this rank's sample ids from the start batch on
+
+
 class DaliLoader(Loader):
     """DALI pipeline + ``DALIGenericIterator`` behind the ``Loader`` interface; see the module docstring."""
 
@@ -327,7 +352,6 @@ class DaliLoader(Loader):
         self._built_for: tuple[int, int, bool] | None = (
             None  # (epoch, start batch, restored from a checkpoint)
         )
-        self._start = 0  # the start batch of the pipeline being built
         self._restore: bytes | None = (
             None  # the DALI checkpoint the next pass (set_epoch's start batch) resumes
         )
@@ -338,6 +362,10 @@ class DaliLoader(Loader):
         self._pack: ShardIndex | None = self.index if isinstance(self.index, ShardIndex) else None
         self._shard_ids = np.empty(0, dtype=np.int64)
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._passes = 0  # pack index folders written (one a pass)
+        # train: the next epoch's pipeline, built in a thread while this one's last batches are consumed
+        self.build_ahead = True
+        self._ahead: tuple[threading.Thread, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------------------------------ resuming
 
@@ -363,6 +391,9 @@ class DaliLoader(Loader):
             "seed": self.seed,
             "dataset_size": self.dataset_size,
             "format": "shards" if self._pack is not None else "folder",
+            # what the reader holds: this rank's list only, as one DALI shard (issue 28). A state saved while
+            # every rank's list was one DALI shard each (no such key) has another reader position: refused.
+            "reader": READER_LAYOUT,
         }
 
     def _unusable(self, state: dict[str, Any] | None, start: int) -> str | None:
@@ -393,69 +424,80 @@ class DaliLoader(Loader):
 
     # -------------------------------------------------------------------------------------------- building
 
-    def _pack_lists(self) -> tuple[list[str], list[str]]:
-        """(tars, index files) for this pass of a pack: one (tar, index) pair per run of this rank's ids from one
-        shard, the index listing them in order (written under a private temporary folder)."""
+    def _pack_lists(self, epoch: int, start: int, restore: bool) -> tuple[list[str], list[str], np.ndarray]:
+        """(tars, index files, this rank's sample ids from batch ``start`` on) for a pass of a pack: one
+        (tar, index) pair per run of this rank's ids from one shard, the index listing them in order (written
+        under a private temporary folder, one sub-folder a pass; DALI reads them when the pipeline is built)."""
         pack = self._pack
         assert pack is not None
         if self.split == "val":
             block = val_shard(len(pack), self.rank, self.world_size)
-            ids = self._shard_ids = np.arange(block.start, block.stop, dtype=np.int64)
+            ids = shard_ids = np.arange(block.start, block.stop, dtype=np.int64)
         else:
-            ids = pack.epoch_order(self.seed, self.epoch, self.world_size)[self.rank]
-            skip = self._start * self.batch_size
-            if self._restore is None:  # fast-forwarded (or from 0): the list starts at batch k
+            ids = pack.epoch_order(self.seed, epoch, self.world_size)[self.rank]
+            skip = start * self.batch_size
+            if not restore:  # fast-forwarded (or from 0): the list starts at batch k
                 ids = ids[skip:]
                 skip = 0
-            self._shard_ids = ids[skip:]
+            shard_ids = ids[skip:]
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="vgg-pack-index-")
-        for old in os.listdir(
-            self._tmp.name
-        ):  # the previous pass's: its pipeline, closed, read them when built
-            os.unlink(os.path.join(self._tmp.name, old))
+        self._passes += 1
+        folder = os.path.join(self._tmp.name, f"pass{self._passes:06d}")
+        for old in os.listdir(self._tmp.name):  # earlier passes': their pipelines read them when built
+            shutil.rmtree(os.path.join(self._tmp.name, old), ignore_errors=True)
+        os.mkdir(folder)
         tars, indices = [], []
         for n, (shard, run) in enumerate(pack.runs(ids)):
-            path = os.path.join(self._tmp.name, f"{n:06d}.idx")
+            path = os.path.join(folder, f"{n:06d}.idx")
             with open(path, "w") as f:
                 f.write(pack.index_text(run))
             tars.append(pack.tar_paths[shard])
             indices.append(path)
-        return tars, indices
+        return tars, indices, shard_ids
 
-    def _epoch_lists(self) -> tuple[list[str], list[int]]:
-        samples = self.index.samples
-        # val: this rank's block only, read as one shard (DALI's own sharding needs >= 1 image a rank)
+    def _epoch_lists(self, epoch: int, start: int, restore: bool) -> tuple[list[str], list[int], list[str]]:
+        """(files, labels, this rank's files from batch ``start`` on) for a pass: val this rank's block, train
+        its share of the epoch's order (``epoch_shard``: DistributedSampler's split), from batch ``start`` on unless
+        restored (DALI's checkpoint skips those). Only this rank's N // W paths are read from the file table
+        (issue 28: not all N, every epoch)."""
+        table = self.index.samples
+        skip = 0
         if self.split == "val":
-            order: list[int] = list(val_shard(len(samples), self.rank, self.world_size))
-            self._shard_files = [samples[i][0] for i in order]
+            block = val_shard(len(table), self.rank, self.world_size)
+            order = np.arange(block.start, block.stop, dtype=np.int64)
         else:
-            skip = (
-                self._start * self.batch_size
-            )  # each rank's list from batch k on (unless restored: DALI skips)
-            shards = epoch_shards(len(samples), self.world_size, self.seed, self.epoch)
-            if self._restore is None:
-                shards = [s[skip:] for s in shards]
+            order = epoch_shard(len(table), self.world_size, self.seed, epoch, self.rank)
+            skip = start * self.batch_size
+            if not restore:
+                order = order[skip:]
                 skip = 0
-            order = [i for s in shards for i in s]  # equal lengths: DALI's contiguous shard r == shards[r]
-            self._shard_files = [samples[i][0] for i in shards[self.rank][skip:]]
-        return [samples[i][0] for i in order], [samples[i][1] for i in order]
+        if isinstance(table, SampleTable):
+            files, labels = [table.path(i) for i in order.tolist()], table.labels[order].tolist()
+        else:  # a list of (path, label) pairs
+            files, labels = [table[i][0] for i in order.tolist()], [table[i][1] for i in order.tolist()]
+        return files, labels, files[skip:]
 
-    def _seed(self) -> int:
-        entropy = [self.seed, self.rank, self.epoch, self.split == "val"]
-        if self._start and self._restore is None:  # a fast-forwarded pass draws its own augmentation
-            entropy.append(self._start)
+    def _seed(self, epoch: int, start: int, restore: bool) -> int:
+        entropy = [self.seed, self.rank, epoch, self.split == "val"]
+        if start and not restore:  # a fast-forwarded pass draws its own augmentation
+            entropy.append(start)
         state = np.random.SeedSequence(entropy).generate_state(1)
         return int(state[0] % (2**31 - 1))
 
-    def _build(self) -> None:
-        self.close()
+    def _make(self, epoch: int, start: int, restore: bytes | None) -> _Built:
+        """The pipeline and iterator of the pass of ``epoch`` from batch ``start`` (restored from the DALI
+        checkpoint ``restore``, or fast-forwarded): this rank's own list as DALI's only shard. Touches no state
+        that a pass under way reads, so it also runs in the build-ahead thread."""
         pack = self._pack is not None
-        if pack:  # this rank's samples only, as one DALI shard
+        restored = restore is not None
+        shard_files: list[str] = []
+        shard_ids = np.empty(0, dtype=np.int64)
+        if pack:
             files, labels = [], []
-            tars, tar_indices = self._pack_lists()
+            tars, tar_indices, shard_ids = self._pack_lists(epoch, start, restored)
         else:
-            files, labels = self._epoch_lists()
+            files, labels, shard_files = self._epoch_lists(epoch, start, restored)
             tars = tar_indices = None
         pipe = build_pipeline(
             self.spec,
@@ -465,15 +507,15 @@ class DaliLoader(Loader):
             tar_indices=tar_indices,
             split=self.split,
             batch_size=self.batch_size,
-            shard_id=self.rank if self.split == "train" and not pack else 0,
-            num_shards=self.world_size if self.split == "train" and not pack else 1,
+            shard_id=0,  # this rank's own list (issue 28: not every rank's, sharded by DALI)
+            num_shards=1,
             gpu=self.gpu,
             device_id=self._device_id,
             num_threads=self.workers,
-            seed=self._seed(),
+            seed=self._seed(epoch, start, restored),
             channels_last=self.channels_last,
             checkpointing=self.split == "train",
-            checkpoint=self._restore,
+            checkpoint=restore,
             nvjpeg_prealloc=self.nvjpeg_prealloc,
         )
         try:
@@ -489,25 +531,74 @@ class DaliLoader(Loader):
         except RuntimeError as e:
             raise DataError(f"DALI could not build the {self.split} pipeline: {_one_line(e)}") from None
         # a restored iterator counts the whole epoch (its counter restored at batch k), a fast-forwarded one the rest
-        restored = self._restore is not None
-        expected = self.steps - (0 if restored else self._start) if self.split == "train" else None
+        expected = self.steps - (0 if restored else start) if self.split == "train" else None
         if expected is not None and len(it) != expected:
             raise AssertionError(f"DALI iterator has {len(it)} batches, expected {expected}")
         log.debug(
             "built the DALI %s pipeline (%s, epoch %d from batch %d%s, %d files)",
             self.split,
             self.backend,
-            self.epoch,
-            self._start,
+            epoch,
+            start,
             ", restored from its checkpoint" if restored else "",
-            len(self._shard_ids) if pack else len(files),
+            len(shard_ids) if pack else len(files),
         )
-        self._pipe, self._iter = pipe, it
-        self._built_for = (self.epoch if self.split == "train" else 0, self._start, restored)
+        key = (epoch if self.split == "train" else 0, start, restored)
+        return _Built(key, pipe, it, shard_files, shard_ids)
+
+    def _use(self, built: _Built) -> None:
+        self._drop_ahead()
+        # the previous pipeline is torn down (its threads joined, its buffers freed) in a thread: not a stall
+        old = [self._iter, self._pipe]
+        threading.Thread(target=old.clear, name="dali-close").start()
+        self._pipe, self._iter = built.pipe, built.iterator
+        self._shard_files, self._shard_ids = built.shard_files, built.shard_ids
+        self._built_for = built.key
         self._ready = True
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Start building the pipeline of the next pass, ``epoch`` from batch 0, in a thread (train), and its
+        first batches: taken by that pass if ``set_epoch`` asks for it (the usual next epoch), dropped otherwise (a resume elsewhere)."""
+        self._drop_ahead()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                built = box["built"] = self._make(epoch, 0, None)
+                # Its first PREFETCH batches are prepared now, as the first next() would have them prepared
+                # (DALI's own step, run earlier: the same batches, and checkpoints, as a pipeline started then).
+                built.iterator._schedule_runs(False)
+            except BaseException as e:  # raised again by the main thread's own build
+                box["error"] = e
+
+        # not a daemon: an interpreter that exits meanwhile (after the last epoch) waits for the build to end
+        # instead of killing the thread inside DALI
+        thread = threading.Thread(target=run, name="dali-build-ahead")
+        thread.start()
+        self._ahead = (thread, box)
+
+    def _take_ahead(self, key: tuple[int, int, bool]) -> _Built | None:
+        """The build-ahead's pipeline if it is for ``key`` (waiting for it to finish); else None (dropped)."""
+        if self._ahead is None:
+            return None
+        thread, box = self._ahead
+        self._ahead = None
+        thread.join()
+        built = box.get("built")
+        if built is not None and built.key == key:
+            return built
+        return (
+            None  # another pass (dropped with `built`), or it failed: the caller builds (and raises) itself
+        )
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead[0].join()
+            self._ahead = None
 
     def close(self) -> None:
         """Drop the pipeline (its threads and buffers); the next iteration builds a new one."""
+        self._drop_ahead()
         self._iter = None
         self._pipe = None
         self._ready = False
@@ -526,16 +617,22 @@ class DaliLoader(Loader):
             self._restore = None  # set_epoch's state is for the pass from its start batch
         want = (self.epoch if self.split == "train" else 0, start, self._restore is not None)
         if not self._ready or self._built_for != want:
-            self._start = start
-            self._build()
+            ahead = self._take_ahead(want)
+            self._use(ahead if ahead is not None else self._make(self.epoch, start, self._restore))
         assert self._iter is not None
         self._ready = False  # a pass is under way; a second pass (or a broken-off one) rebuilds
         self._restore = None  # used: a later pass of this epoch starts over
         it, yielded = self._iter, 0
         self._position = start
+        # train: the next epoch's pipeline is built (and its first batches prepared) once half of this pass is
+        # handed out, so it is ready at the boundary even when batches come fast (a build of 25,000 paths took
+        # 0.23 s on 2 loaded cores, 16 benchmark batches 0.07 s); the two pipelines coexist meanwhile (+2-13 MB)
+        ahead_at = steps // 2 if self.split == "train" and self.build_ahead else -1
         # Val runs until DALI's StopIteration (which rewinds the iterator, auto_reset); train stops at `steps`
-        # (its pipeline is rebuilt for the next epoch anyway).
+        # (the next epoch reads another list: another pipeline, built ahead).
         while self.split == "val" or yielded < steps:
+            if yielded == ahead_at:
+                self._build_ahead(self.epoch + 1)
             try:
                 out = next(it)
             except StopIteration:

@@ -6,10 +6,20 @@ between backends, with torchvision's released weights, and with ``imagenet_class
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
-from collections.abc import Iterable
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -20,7 +30,8 @@ class DataError(ValueError):
 class SplitIndex:
     root: Path
     classes: list[str]  # sorted wnids; index = label
-    samples: list[tuple[str, int]]  # (path, label), sorted by class then file name
+    # (path, label), sorted by class then file name: a list (index_split) or a SampleTable (file_table)
+    samples: Sequence[tuple[str, int]]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -163,3 +174,275 @@ def index_split(root: str | Path, split: str) -> SplitIndex:
         raise DataError(f"{folder}: {str(e).splitlines()[0]}") from None
     _check_nested_dirs(folder, classes, samples)
     return SplitIndex(folder, classes, samples)
+
+
+# ------------------------------------------------------------------------------------- the shared file table
+
+
+class SampleTable:
+    """``(path, label)`` pairs held in three numpy arrays: the paths below their common prefix as one byte string
+    (os.fsencode's encoding, each ended by a NUL), the offsets of those ends, the labels. ``table[i]`` is the pair
+    the list held (same order), so resume and every bitwise test see the same samples.
+
+    Built from a listing (``SampleTable(samples)``) or opened from files written by ``file_table`` (memory-mapped:
+    a process touches only the pages of the samples it reads). What a DataLoader worker receives with the dataset:
+    a mapped table pickles as its file names (each worker maps the same pages), an in-memory one as three buffers,
+    where the list of tuples was 1.28 M Python objects to pickle and unpickle in every worker (issue 28)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]] = ()) -> None:
+        paths = [p for p, _ in samples]
+        self.prefix = os.path.commonprefix(paths) if paths else ""  # noqa: RUF071 - a string, cut and put back
+        cut = len(self.prefix)
+        # each path ends with a NUL (never in a path), so the ends are found in the bytes, whatever the encoding
+        data = ("\0".join(p[cut:] for p in paths) + "\0").encode("utf-8", "surrogateescape") if paths else b""
+        self.blob = np.frombuffer(data, dtype=np.uint8)
+        self.ends = np.flatnonzero(self.blob == 0)
+        self.labels = np.array([label for _, label in samples], dtype=np.int64)
+        self.files: dict[str, str] | None = None  # the .npy files it was opened from (None: built in memory)
+
+    @classmethod
+    def open(cls, prefix: str, files: dict[str, str]) -> SampleTable:
+        """The table written to ``files`` (``{"blob", "ends", "labels"}`` → .npy paths), memory-mapped."""
+        table = cls.__new__(cls)
+        table.prefix = prefix
+        table.blob, table.ends, table.labels = (
+            np.load(files[k], mmap_mode="r") for k in ("blob", "ends", "labels")
+        )
+        if len(table.ends) != len(table.labels):
+            raise ValueError(f"{files['ends']}: {len(table.ends)} ends for {len(table.labels)} labels")
+        table.files = dict(files)
+        return table
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"blob": self.blob, "ends": self.ends, "labels": self.labels}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        if self.files is not None:  # a worker maps the same files (the pages are shared, nothing is copied)
+            return (SampleTable.open, (self.prefix, self.files))
+        return super().__reduce__()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> str:
+        i = range(len(self.labels))[i]  # an IndexError past the end, negative indices as a list's
+        start = int(self.ends[i - 1]) + 1 if i else 0
+        return self.prefix + bytes(self.blob[start : int(self.ends[i])]).decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return self.path(i), int(self.labels[range(len(self.labels))[i]])
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:  # compares as the list of pairs it holds
+        if isinstance(other, SampleTable | list | tuple):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+TABLE_DIR = "file_tables"  # under the run folder: the cached file tables (``file_table``)
+LOCK_WAIT_S = (
+    600.0  # a rank waits this long for another's build before listing by itself; an older lock is stale
+)
+_POLL_S = 0.05
+
+
+def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _lock_stale(lock: str) -> bool:
+    """Whether the build lock ``lock`` was left by a process that is gone (this host) or is older than
+    ``LOCK_WAIT_S`` (any host: a build never takes that long)."""
+    try:
+        with open(lock) as f:
+            text = f.read().split()
+        age = time.time() - os.stat(lock).st_mtime
+    except (OSError, ValueError):
+        return False  # gone meanwhile (or being written): look again
+    if age > LOCK_WAIT_S:
+        return True
+    if len(text) == 2 and text[0] == socket.gethostname() and text[1].isdigit():
+        try:
+            os.kill(int(text[1]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return False
+
+
+def cached_arrays(
+    folder: str | os.PathLike | None,
+    name: str,
+    valid: Callable[[dict[str, Any]], bool],
+    build: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``build()``'s (arrays, meta), made once and shared through ``folder`` by every process that asks for the
+    same ``name``: memory-mapped from ``folder/name-<token>-<key>.npy`` while ``valid(meta)`` holds.
+
+    Who builds: the first process to create ``folder/name.lock`` (``O_EXCL``); the others wait for it to go and
+    then map what it wrote (or raise the same ``DataError`` it raised, from ``name.error``). The arrays are written
+    first, each to a temporary file then ``os.replace``d, and the meta (which names them) last, so a reader sees a
+    whole table or none. A lock left by a process that died is taken over; a rank that waited ``LOCK_WAIT_S``
+    builds by itself. ``folder=None``, or a folder that cannot be written: built in memory, not shared."""
+    if folder is None:
+        return build()
+    folder = os.fspath(folder)
+    meta_path, lock, error = (os.path.join(folder, f"{name}.{ext}") for ext in ("json", "lock", "error"))
+    for _ in range(3):
+        found = _open_cached(folder, meta_path, valid)
+        if found is not None:
+            return found
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _wait_for_build(lock, error):  # waited LOCK_WAIT_S: list by ourselves
+                break
+            continue
+        except OSError as e:  # a read-only run folder, ...: every process lists by itself
+            log.warning("cannot share the file table %s in %s (%s): listing in this process", name, folder, e)
+            return build()
+        try:
+            os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+            os.close(fd)
+            found = _open_cached(folder, meta_path, valid)  # built by another while we looked
+            if found is not None:
+                return found
+            try:
+                arrays, meta = build()
+            except DataError as e:
+                _write_text(error, json.dumps({"message": str(e)}))
+                raise
+            return _write_cached(folder, name, meta_path, arrays, meta)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+    return build()
+
+
+def _wait_for_build(lock: str, error: str) -> bool:
+    """Wait while another process holds ``lock`` (building); False after ``LOCK_WAIT_S``. Raises the DataError
+    that build raised (recorded at ``error``); a stale lock is removed (and the caller takes it)."""
+    since = time.time()
+    while os.path.exists(lock):
+        if time.time() - since > LOCK_WAIT_S:
+            return False
+        if _lock_stale(lock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            return True
+        time.sleep(_POLL_S)
+    failed = _build_error(error, since - 1)
+    if failed:  # the builder we waited for failed: the same error here
+        raise DataError(failed)
+    return True
+
+
+def _write_text(path: str, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text), "w")
+
+
+def _build_error(path: str, since: float) -> str | None:
+    """The message of the DataError a build raised, recorded at ``path`` after ``since`` (time.time())."""
+    try:
+        if os.stat(path).st_mtime < since:
+            return None
+        with open(path) as f:
+            return str(json.load(f)["message"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _open_cached(
+    folder: str, meta_path: str, valid: Callable[[dict[str, Any]], bool]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not valid(meta):
+            return None
+        return {k: np.load(os.path.join(folder, f), mmap_mode="r") for k, f in meta["arrays"].items()}, meta
+    except (OSError, ValueError, KeyError, TypeError):  # none, half gone (rebuilt meanwhile), not ours
+        return None
+
+
+def _write_cached(
+    folder: str, name: str, meta_path: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    try:
+        token = f"{os.getpid()}{time.time_ns()}"
+        files = {k: f"{name}-{token}-{k}.npy" for k in arrays}
+        for k, a in arrays.items():
+            _write_atomic(os.path.join(folder, files[k]), lambda f, a=a: np.save(f, a, allow_pickle=False))
+        meta = {**meta, "arrays": files}
+        _write_text(meta_path, json.dumps(meta))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, f"{name}.error"))
+        for old in os.listdir(
+            folder
+        ):  # the tables this one replaces (a process that mapped one keeps its pages)
+            if old.startswith(f"{name}-") and old.endswith(".npy") and old not in files.values():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, old))
+        return {k: np.load(os.path.join(folder, f), mmap_mode="r") for k, f in files.items()}, meta
+    except OSError as e:
+        log.warning("cannot write the file table %s in %s (%s): using it from memory", name, folder, e)
+        return arrays, meta
+
+
+def _dir_stat(path: str) -> list[int]:
+    st = os.stat(path)  # follows links, as the listing (os.walk(followlinks=True)) does
+    return [st.st_ino, st.st_mtime_ns]
+
+
+def file_table(root: str | Path, split: str, cache: str | os.PathLike | None = None) -> SplitIndex:
+    """``index_split(root, split)`` with its samples as a ``SampleTable``: listed once and shared through the
+    folder ``cache`` (``cached_arrays``: one process of a job lists, the others map its table) while the tree is
+    as it was listed, i.e. while the split folder, every class folder and every folder below one holding images
+    has the (inode, mtime_ns) it had before the listing (a file added, removed or renamed changes its folder's
+    mtime; a class folder added or removed, the split folder's). The same files in the same order with the same
+    labels as ``index_split``, whose checks (and ``DataError``s) apply when the table is built. ``cache=None``:
+    listed here, not shared."""
+    folder = str(Path(root) / split)
+
+    def current_classes() -> list[str]:
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir())  # torchvision's find_classes
+
+    def valid(meta: dict[str, Any]) -> bool:
+        if meta.get("folder") != folder or meta.get("classes") != current_classes():
+            return False
+        return all(_dir_stat(os.path.join(folder, rel)) == st for rel, st in meta["dirs"].items())
+
+    def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        dirs: dict[str, list[int]] = {}
+        with contextlib.suppress(OSError):  # before listing: a change made while it lists invalidates it
+            dirs = {rel: _dir_stat(os.path.join(folder, rel)) for rel in ["", *current_classes()]}
+        index = index_split(root, split)
+        cut = len(folder) + 1
+        nested = {p.rpartition(os.sep)[0][cut:] for p, _ in index.samples} - set(dirs)
+        dirs.update({rel: _dir_stat(os.path.join(folder, rel)) for rel in sorted(nested)})
+        table = SampleTable(index.samples)
+        meta = {"folder": folder, "classes": index.classes, "prefix": table.prefix, "dirs": dirs}
+        return table.arrays(), meta
+
+    arrays, meta = cached_arrays(cache, f"{split}-folder", valid, build)
+    table = SampleTable.__new__(SampleTable)
+    table.prefix, table.blob, table.ends, table.labels = (
+        meta["prefix"],
+        arrays["blob"],
+        arrays["ends"],
+        arrays["labels"],
+    )
+    files = meta.get("arrays")
+    table.files = (
+        {k: os.path.join(os.fspath(cache), f) for k, f in files.items()} if files and cache else None
+    )
+    return SplitIndex(Path(folder), list(meta["classes"]), table)

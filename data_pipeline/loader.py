@@ -45,6 +45,14 @@ epoch order of its own — shard order, then each shard's samples, permuted by (
 ``(N // W) // batch`` steps on every rank; val the same blocks of the same images as the folder). A format is a
 reader inside each backend: DALI's ``fn.readers.webdataset``, the torchvision backend's ``os.pread``.
 
+File tables (issue 28): a split is listed once per job, not once per rank. ``layout.file_table`` (folders) and
+``shard_reader.open_shards`` (a pack's index files) write the split's table as numpy arrays to the run folder's
+``file_tables/`` (the first rank to take its lock lists, with every check of ``index_split`` / ``open_shards``;
+the others wait, then map it, or raise the same ``DataError``); a rank then reads only its share of it. The table
+is reused while the tree is as it was listed (the (inode, mtime_ns) of the split folder, every class folder and
+every folder holding images; for a pack the manifest's, every tar's and index file's) and rebuilt otherwise.
+Without a run folder on disk every rank lists by itself.
+
 Per-process batch = ``data.batch_size // world_size``. Labels are indices into the sorted class folders
 (``data_pipeline.layout``: torchvision ImageFolder's order). Bad input (missing root, empty class folder,
 train/val class mismatch, an unreadable image) raises ``DataError`` with one line naming what is wrong.
@@ -69,7 +77,7 @@ from data_pipeline.base import (
     val_shard,
     worker_error_line,
 )
-from data_pipeline.layout import DataError, SplitIndex, class_folders_differ, index_split
+from data_pipeline.layout import TABLE_DIR, DataError, SplitIndex, class_folders_differ, file_table
 from data_pipeline.shard_reader import MANIFEST, ShardIndex, is_pack, open_shards
 from data_pipeline.transforms import TransformSpec
 
@@ -89,16 +97,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _index(root: str, split: str, fmt: str = "folder") -> SplitIndex | ShardIndex:
+def _index(
+    root: str, split: str, fmt: str = "folder", cache: str | Path | None = None
+) -> SplitIndex | ShardIndex:
     """Index the split; when the other split's folder exists too, its class folders must be the same. A pack
-    (``fmt="shards"``) has one class list for both splits (its manifest's)."""
+    (``fmt="shards"``) has one class list for both splits (its manifest's). ``cache``: the folder where one
+    process of the job writes the split's file table and the others map it (``layout.file_table``,
+    ``shard_reader.open_shards``)."""
     if fmt == "shards":
-        return open_shards(root, split)
+        return open_shards(root, split, cache)
     if fmt != "folder":
         raise DataError(f"data.format={fmt!r} is not one of: folder, shards")
     if is_pack(root):
         raise DataError(f"{root} is a pack (it holds {MANIFEST}): set data.format=shards to read it")
-    index = index_split(root, split)
+    index = file_table(root, split, cache)
     other = Path(root) / ("val" if split == "train" else "train")
     if other.is_dir():
         try:
@@ -188,7 +200,11 @@ def build_loader(
             f"data.batch_size={d.batch_size} (global) is not divisible by the world size {world_size}"
         )
     batch = d.batch_size // world_size
-    index = _index(d.root, split, getattr(d, "format", "folder"))
+    # The file table is listed once per job and shared through the run folder (issue 28: not once per rank), when
+    # there is one (the trainer makes it before its loaders; an evaluation of a copied checkpoint may have none).
+    run_dir = getattr(cfg, "run_dir", "")
+    cache = Path(run_dir) / TABLE_DIR if run_dir and Path(run_dir).is_dir() else None
+    index = _index(d.root, split, getattr(d, "format", "folder"), cache)
     if split == "train" and train_steps(len(index), world_size, batch) == 0:
         raise DataError(
             f"{index.root} has {len(index)} images: not one full batch of {batch} for each of {world_size} "

@@ -39,6 +39,7 @@ its tar (cut mid-member), a shard whose size or sample count is not the manifest
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -46,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data_pipeline.layout import DataError
+from data_pipeline.layout import DataError, cached_arrays
 
 if TYPE_CHECKING:  # imported where used: `check` reads packs in worker processes that need no torch (seconds)
     import torch
@@ -187,6 +188,20 @@ class ShardFiles:
         return {"paths": self.paths, "_fds": {}, "opened": 0}
 
 
+class ShardOf:
+    """``shard_of[ids]``: the shard of sample id(s) ``ids`` (an int or an array), found in the shards' first ids
+    (``starts``) instead of a per-sample array (10 MB at ImageNet's 1.28 M, built by every rank)."""
+
+    def __init__(self, starts: np.ndarray) -> None:
+        self.starts = starts
+
+    def __getitem__(self, ids: Any) -> Any:
+        n = int(self.starts[-1])
+        if np.any((np.asarray(ids) < 0) | (np.asarray(ids) >= n)):
+            raise IndexError(f"sample id out of range [0, {n})")
+        return np.searchsorted(self.starts, ids, side="right") - 1
+
+
 class ShardIndex:
     """One split of a pack: quacks like ``layout.SplitIndex`` for the loaders (``root``, ``classes``, ``len``)
     and adds the sample table (shard of each sample, offsets) and the epoch order (module docstring)."""
@@ -194,16 +209,54 @@ class ShardIndex:
     def __init__(
         self, root: Path, split: str, classes: list[str], names: list[str], shard_rows: list[np.ndarray]
     ) -> None:
+        rows = np.concatenate(shard_rows) if shard_rows else np.empty((0, 4), np.int64)
+        self._set(root, split, classes, names, rows, np.array([len(r) for r in shard_rows], dtype=np.int64))
+
+    @classmethod
+    def from_table(
+        cls, root: Path, split: str, classes: list[str], names: list[str], rows: np.ndarray, sizes: np.ndarray
+    ) -> ShardIndex:
+        """The split from its sample table (``rows``, possibly memory-mapped) and the shards' sample counts."""
+        index = cls.__new__(cls)
+        index._set(root, split, classes, names, rows, np.asarray(sizes, dtype=np.int64))
+        return index
+
+    def _set(
+        self,
+        root: Path,
+        split: str,
+        classes: list[str],
+        names: list[str],
+        rows: np.ndarray,
+        sizes: np.ndarray,
+    ) -> None:
         self.root = root
         self.split = split
         self.classes = classes
         self.names = names  # tar file names, manifest order
         self.tar_paths = [str(root / split / n) for n in names]
         self.index_paths = [str(root / split / (n[: -len(".tar")] + ".idx")) for n in names]
-        self.sizes = np.array([len(r) for r in shard_rows], dtype=np.int64)
+        self.sizes = sizes
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])  # sample id of each shard's first sample
-        self.rows = np.concatenate(shard_rows) if shard_rows else np.empty((0, 4), np.int64)
-        self.shard_of = np.repeat(np.arange(len(names), dtype=np.int64), self.sizes)
+        self.rows = (
+            rows  # (N, 4): jpg offset, jpg size, cls offset, cls size; a rank reads only its samples' rows
+        )
+        self.shard_of = ShardOf(self.starts)  # shard_of[ids]: the shard of sample id(s) ids
+
+    def __getstate__(self) -> dict[str, Any]:
+        """A table mapped from a file (``open_shards``' cache) reaches a worker process as the file's name, and
+        the worker maps the same pages; an in-memory one is copied."""
+        state = dict(self.__dict__)
+        filename = getattr(self.rows, "filename", None)
+        if filename:
+            state["rows"] = ("mapped", filename)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rows = state["rows"]
+        if isinstance(rows, tuple):
+            state["rows"] = np.load(rows[1], mmap_mode="r")
+        self.__dict__.update(state)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -272,12 +325,49 @@ class ShardIndex:
         return jpg, int(text)
 
 
-def open_shards(root: str | os.PathLike, split: str) -> ShardIndex:
+def _file_stat(path: str | os.PathLike) -> list[int]:
+    st = os.stat(path)
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
+def open_shards(root: str | os.PathLike, split: str, cache: str | os.PathLike | None = None) -> ShardIndex:
     """The ``split`` of the pack at ``root``, checked: manifest complete, every shard and index file present,
     sizes and sample counts as the manifest says, every index line with a .jpg and a .cls member inside its tar.
     Raises ``DataError`` (one line naming the shard and member) otherwise. Labels are checked as samples are read.
-    """
+
+    ``cache`` (a folder, the run folder's ``file_tables/``): the index files are read and checked by one process
+    of the job, which writes the sample table there (``layout.cached_arrays``); the others map it (each touches
+    only its samples' rows) while the manifest, every tar and every index file have the (inode, mtime_ns, size)
+    they had when it was read. ``None``: read here, not shared."""
     root = Path(root)
+
+    def valid(meta: dict[str, Any]) -> bool:
+        if meta.get("root") != str(root) or meta["manifest"] != _file_stat(root / MANIFEST):
+            return False
+        return all(_file_stat(root / split / name) == st for name, st in meta["files"].items())
+
+    def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        files: dict[str, list[int]] = {}
+        manifest_stat = None
+        with contextlib.suppress(OSError, DataError, KeyError, TypeError, AttributeError):  # before reading
+            manifest_stat = _file_stat(root / MANIFEST)
+            for rec in load_manifest(root)["splits"][split]["shards"]:
+                for name in (rec["name"], rec["index"]):
+                    files[name] = _file_stat(root / split / name)
+        index = _read_shards(root, split)
+        meta = {"root": str(root), "classes": index.classes, "names": index.names, "manifest": manifest_stat}
+        return {"rows": index.rows, "sizes": index.sizes}, {**meta, "files": files}
+
+    if cache is None:
+        return _read_shards(root, split)
+    arrays, meta = cached_arrays(cache, f"{split}-pack", valid, build)
+    return ShardIndex.from_table(
+        root, split, list(meta["classes"]), list(meta["names"]), arrays["rows"], arrays["sizes"]
+    )
+
+
+def _read_shards(root: Path, split: str) -> ShardIndex:
+    """``open_shards`` without a cache: every index file read and checked here."""
     manifest = load_manifest(root)
     classes = list(manifest["classes"])
     entry = manifest["splits"].get(split)

@@ -47,11 +47,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, val_shard, worker_error_line
-from data_pipeline.layout import DataError
+from data_pipeline.layout import DataError, SampleTable
 from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex
 from data_pipeline.transforms import open_rgb
 
-__all__ = ["DECODERS", "TorchvisionLoader", "decode"]
+__all__ = ["DECODERS", "SampleTable", "TorchvisionLoader", "decode"]
 
 DECODERS = ("pil", "torchvision.io")
 
@@ -131,33 +131,6 @@ def _serve_owner(owner: int) -> None:
                 os._exit(0)
 
 
-class SampleTable:
-    """``(path, label)`` pairs held in three numpy arrays: the paths below their common prefix as one byte string
-    (os.fsencode's encoding, each ended by a NUL), the offsets of those ends, the labels. What a DataLoader worker receives with the dataset (pickled once
-    per worker): at ImageNet's 1.28 M files tens of MB copied as three buffers, where the list of tuples was
-    1.28 M Python objects to pickle and unpickle in every worker (issue 28). ``table[i]`` is the pair the list
-    held, so the order, resume and every bitwise test see the same samples."""
-
-    def __init__(self, samples: list[tuple[str, int]]) -> None:
-        paths = [p for p, _ in samples]
-        self.prefix = os.path.commonprefix(paths) if paths else ""  # noqa: RUF071 - a string, cut and put back
-        cut = len(self.prefix)
-        # each path ends with a NUL (never in a path), so the ends are found in the bytes, whatever the encoding
-        data = ("\0".join(p[cut:] for p in paths) + "\0").encode("utf-8", "surrogateescape") if paths else b""
-        self.blob = np.frombuffer(data, dtype=np.uint8)
-        self.ends = np.flatnonzero(self.blob == 0)
-        self.labels = np.array([label for _, label in samples], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[str, int]:
-        i = range(len(self.labels))[i]  # an IndexError past the end, negative indices as a list's
-        start = int(self.ends[i - 1]) + 1 if i else 0
-        path = self.blob[start : int(self.ends[i])].tobytes().decode("utf-8", "surrogateescape")
-        return self.prefix + path, int(self.labels[i])
-
-
 class ImageFiles(Dataset):
     """(uint8 (3, h, w) tensor, label) for each (path, label) of ``samples``, decoded with ``decoder``.
 
@@ -169,11 +142,16 @@ class ImageFiles(Dataset):
     """
 
     def __init__(
-        self, samples: list[tuple[str, int]], transform: Any, decoder: str = "pil", seed: int | None = None
+        self,
+        samples: SampleTable | list[tuple[str, int]],
+        transform: Any,
+        decoder: str = "pil",
+        seed: int | None = None,
     ) -> None:
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-        self.samples = SampleTable(samples)
+        # a table mapped from the run folder's file_tables/ reaches each worker as its file names (shared pages)
+        self.samples = samples if isinstance(samples, SampleTable) else SampleTable(samples)
         self.transform = transform
         self.decoder = decoder
         self.seed = seed
