@@ -55,7 +55,10 @@ with ``--full``, ILSVRC2012's sizes as for folders. Counts are per split the sam
 samples with that label (the manifest's one class list for both splits): for a pack of a tree, the folder
 check's counts of it. Each shard is read once: hashed as a mapped file while its header blocks are walked
 (``_walk``: a plain ustar file as ``pack`` writes it; anything else is read again with ``tarfile``, which names
-what is wrong), by ``--workers`` processes from ``PROCESS_MIN_BYTES`` (256 MiB) of tar on. ``--quick`` on a
+what is wrong), by ``--workers`` processes from ``PROCESS_MIN_BYTES`` (256 MiB) of tar on. The samples are then
+decoded as a folder's images are: by ``--workers`` processes from ``PROCESS_MIN`` samples on, ``CHUNK`` consecutive
+samples a task (``_decode_pack_here``: each process opens the pack's index once and reads its samples with
+``ShardIndex.read``), by threads of this process below it. ``--quick`` on a
 pack: each shard's size against the manifest (no sha256) and its header blocks against its index, every
 sample's label and header looked at as above, one sample per class decoded.
 """
@@ -679,6 +682,53 @@ def _decode_files_here(root: str, rels: Sequence[str]) -> tuple[list[str], list[
     return _decode_all(rels, partial(_read, Path(root)), 1, decoder=_worker_decoder())
 
 
+def _read_sample(index: Any, files: Any, i: int, name: str, quick: bool) -> tuple[_Read, int | None]:
+    """Sample ``i`` of a pack's split (``index``: a ``ShardIndex``; ``files``: its open tars) read as the loaders
+    read it (``ShardIndex.read``: the label checked), then looked at (``quick``: the header only); with its label,
+    None where it could not be read."""
+    from data_pipeline.layout import DataError
+
+    try:
+        jpg, label = index.read(i, files)
+    except DataError as e:  # a label out of range (or a tar cut since open_shards looked)
+        return _Read(name, problem=str(e)), None
+    except OSError as e:
+        return _Read(name, problem=f"{name}: cannot be read: {e.strerror}"), None
+    if quick:
+        return _quick_look(name, len(jpg), lambda n, off: jpg[off : off + n], what="member"), label
+    return _inspect(name, jpg, what="member"), label
+
+
+def _decode_pack_here(
+    root: str, items: Sequence[tuple[str, int, str]], classes: int
+) -> tuple[list[str], list[Note], int, dict[str, list[int]]]:
+    """A worker process's task in a full check of a pack: read (``_read_sample``), look at and decode ``items``
+    (split, sample id, name), with this process's decoder and its own open of each split's index (once per process).
+    Returns ``_decode_all``'s (problems, notes, decoded) and the label counts per split."""
+    from data_pipeline.shard_reader import ShardFiles, open_shards
+
+    labels: dict[str, list[int]] = {}
+    tars: dict[tuple[str, int], ShardFiles] = {}  # this task's few shards (its items are consecutive)
+
+    def read(item: tuple[str, int, str]) -> _Read:
+        split, i, name = item
+        index = _HERE.get(("pack", root, split))
+        if index is None:
+            index = _HERE["pack", root, split] = open_shards(root, split)
+        files = tars.setdefault((split, int(index.shard_of[i])), ShardFiles(index.tar_paths))
+        r, label = _read_sample(index, files, i, name, quick=False)
+        if label is not None:
+            labels.setdefault(split, [0] * classes)[label] += 1
+        return r
+
+    try:
+        found = _decode_all(items, read, 1, decoder=_worker_decoder())
+    finally:
+        for files in tars.values():
+            files.close()
+    return (*found, labels)
+
+
 def _merge(results: Sequence[tuple[list[str], list[Note], int]]) -> tuple[list[str], list[Note], int]:
     problems = [p for r in results for p in r[0]]
     return problems, [n for r in results for n in r[1]], sum(r[2] for r in results)
@@ -1032,21 +1082,15 @@ def check_pack(
             local.files, local.shard = ShardFiles(index.tar_paths), shard
             with lock:
                 opened.append(local.files)
-        try:
-            jpg, label = index.read(i, local.files)
-        except DataError as e:  # a label out of range (or a tar cut since open_shards looked)
-            return _Read(name, problem=str(e))
-        except OSError as e:
-            return _Read(name, problem=f"{name}: cannot be read: {e.strerror}")
+        r, label = _read_sample(index, local.files, i, name, quick)
+        if label is None:
+            return r
         with lock:
             labels[split][label] += 1
-        if quick:
-            r = _quick_look(name, len(jpg), lambda n, off: jpg[off : off + n], what="member")
-            if not r.problem:
-                with lock:  # the lowest sample id: the same sample whatever the threads' order
-                    firsts[split, label] = min(firsts.get((split, label), item), item)
-            return r
-        return _inspect(name, jpg, what="member")
+        if quick and not r.problem:
+            with lock:  # the lowest sample id: the same sample whatever the threads' order
+                firsts[split, label] = min(firsts.get((split, label), item), item)
+        return r
 
     firsts: dict[tuple[str, int], tuple[str, int, str]] = {}  # --quick: the first sample of each class
     if items and quick:
@@ -1077,7 +1121,18 @@ def check_pack(
         start = time.perf_counter()
         progress = Progress("check: decoded", len(items), stream=stream)
         try:
-            problems, notes, report.decoded = _decode_all(items, read, report.workers, progress=progress)
+            # every sample decoded: by every core (processes), as a folder's from PROCESS_MIN images on
+            if report.workers > 1 and len(items) >= PROCESS_MIN:
+                report.processes = True
+                chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+                results = _in_chunks(_decode_pack_here, [(str(root), c, len(classes)) for c in chunks],
+                                     [len(c) for c in chunks], report.workers, progress)  # fmt: skip
+                problems, notes, report.decoded = _merge([r[:3] for r in results])
+                for r in results:
+                    for split, counts in r[3].items():
+                        labels[split] = [a + b for a, b in zip(labels[split], counts, strict=True)]
+            else:
+                problems, notes, report.decoded = _decode_all(items, read, report.workers, progress=progress)
         finally:
             for files in opened:
                 files.close()

@@ -122,3 +122,31 @@ def test_quick_on_a_damaged_pack_names_the_damage(packed, tmp_path):
     quick = check_pack(out, workers=2, quick=True, stream=io.StringIO())
     full = check_pack(out, workers=2, stream=io.StringIO())
     assert quick.problems == full.problems and any("cut mid-member" in p for p in quick.problems)
+
+
+def test_a_packs_full_check_in_worker_processes_gives_what_threads_give(packed, tmp_path, monkeypatch):
+    """Every sample of a pack decoded by worker processes (each opening the pack's index once): the same problems,
+    notes, decoded count and label counts as this process's threads."""
+    out = tmp_path / "pack"
+    shutil.copytree(packed, out)
+    tar = sorted((out / "train").glob("shard-*.tar"))[0]
+    with tarfile.open(tar) as t:
+        a, b = [m for m in t.getmembers() if m.name.endswith(".jpg")][:2]
+    data = bytearray(tar.read_bytes())
+    data[a.offset_data : a.offset_data + a.size] = bytes(a.size)  # not an image
+    data[b.offset_data + 3 : b.offset_data + b.size] = bytes(b.size - 3)  # a JPEG's first bytes, then zeros
+    tar.write_bytes(bytes(data))
+    threads = check_pack(out, workers=2, stream=io.StringIO())
+    monkeypatch.setattr(check, "PROCESS_MIN", 1)
+    procs = check_pack(out, workers=2, stream=io.StringIO())
+    assert procs.processes and not threads.processes
+    assert (procs.problems, procs.notes, procs.decoded, procs.per_class) == (
+        threads.problems,
+        threads.notes,
+        threads.decoded,
+        threads.per_class,
+    )
+    assert any(a.name in p for p in procs.problems) and any(b.name in p for p in procs.problems), (
+        procs.problems
+    )
+    assert procs.decoded == sum(procs.counts.values()) - 2 and procs.notes
