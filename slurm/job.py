@@ -110,6 +110,24 @@ def cpu_affinity() -> str:
     return text
 
 
+def start_task(job_env: Any) -> tuple[Any, int | None]:
+    """A task's start: the distributed environment exported from SLURM's (``export_distributed_env``), torch's
+    intra-op threads set to the task's CPUs (not under ``--cluster debug``), and the rank line printed (host,
+    node, rendezvous, CPUs, threads). Returns (the environment, the threads set or None)."""
+    import torch
+
+    dist_env = export_distributed_env()
+    threads = cpu_threads(dist_env.local_world_size) if job_env.cluster != "debug" else None
+    if threads:
+        torch.set_num_threads(threads)
+    print(
+        f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}; "
+        f"{cpu_affinity()}, {torch.get_num_threads()} intra-op thread(s)",
+        flush=True,
+    )
+    return dist_env, threads
+
+
 class StopOnSignal(StopOnSignals):
     """:class:`train.engine.StopOnSignals` inside a submitit job, with submitit's requeue signal too.
 
@@ -201,17 +219,7 @@ class TrainJob(submitit.helpers.Checkpointable):
             # SLURM restarted the original submission (node failure, or a preemption requeued by SLURM):
             # continue this run instead of starting again from scratch / from the initial checkpoint.
             cfg.ckpt.resume = "auto"
-        dist_env = export_distributed_env()
-        import torch
-
-        threads = cpu_threads(dist_env.local_world_size) if job_env.cluster != "debug" else None
-        if threads:
-            torch.set_num_threads(threads)
-        print(
-            f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}; "
-            f"{cpu_affinity()}, {torch.get_num_threads()} intra-op thread(s)",
-            flush=True,
-        )
+        dist_env, threads = start_task(job_env)
         if job_env.global_rank == 0:
             print(
                 f"job {job_env.job_id} ({job_env.cluster}): {dist_env.world_size} task(s) on {job_env.num_nodes} "

@@ -295,9 +295,8 @@ class PreflightJob:
         self.config, self.options = config, options
 
     def __call__(self) -> dict[str, Any]:
-        import torch
 
-        from slurm.job import cpu_affinity, cpu_threads, export_distributed_env, rank_place
+        from slurm.job import start_task
         from train import distributed
         from train.config import from_dict
 
@@ -305,15 +304,7 @@ class PreflightJob:
         age = _process_age_s() or 0.0
         cfg = from_dict(self.config)
         job_env = submitit.JobEnvironment()
-        dist_env = export_distributed_env()
-        threads = cpu_threads(dist_env.local_world_size) if job_env.cluster != "debug" else None
-        if threads:
-            torch.set_num_threads(threads)
-        print(
-            f"rank {dist_env.rank}/{dist_env.world_size}: {rank_place(dist_env.master_addr)}; "
-            f"{cpu_affinity()}, {torch.get_num_threads()} intra-op thread(s)",
-            flush=True,
-        )
+        start_task(job_env)
         info = distributed.setup(cfg.dist.backend, cfg.dist.timeout_min, device=cfg.dist.device)
         try:
             return Checks(cfg, info, self.options, job_env, age, started).run()
