@@ -69,7 +69,8 @@ def cpu_details() -> dict:
 # memory hints.
 OPERATIONAL_KEYS = ("dist.device", "dist.hang_timeout_s", "ckpt.every_steps", "ckpt.every_minutes",
                     "launch.max_failures", "launch.setup", "launch.sbatch_args", "launch.srun_args",
-                    "launch.container_image", "launch.python", "data.dali_nvjpeg_prealloc")  # fmt: skip
+                    "launch.container_image", "launch.python", "data.dali_nvjpeg_prealloc",
+                    "data.dali_build_ahead")  # fmt: skip
 
 
 def recipe_digest() -> str:

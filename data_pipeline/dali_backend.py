@@ -363,7 +363,7 @@ class DaliLoader(Loader):
         self._shard_ids = np.empty(0, dtype=np.int64)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._passes = 0  # pack index folders written (one a pass)
-        # train: the next epoch's pipeline, built in a thread while this one's last batches are consumed
+        # train: the next epoch's pipeline, built in a thread from half of this one (data.dali_build_ahead)
         self.build_ahead = True
         self._ahead: tuple[threading.Thread, dict[str, Any]] | None = None
 

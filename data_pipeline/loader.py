@@ -244,6 +244,7 @@ def build_loader(
                 "data.backend=torchvision"
             ) from None
         loader = DaliLoader(**common, gpu=gpu, nvjpeg_prealloc=getattr(d, "dali_nvjpeg_prealloc", False))
+        loader.build_ahead = getattr(d, "dali_build_ahead", True)
     else:
         raise DataError(f"data.backend={d.backend!r} is not one of: dali, torchvision")
     log.info(loader.describe())

@@ -154,11 +154,13 @@ def test_dali_reader_holds_this_rank_only_builds_ahead_and_refuses_old_states(sm
     assert loader._pipe is ahead.pipe  # the pass runs the pipeline built ahead
     state = loader.state_dict()
     rest = list(it)
-    fresh = build_loader(cfg, "train", 0, 2)
-    fresh.build_ahead = False
+    fresh = build_loader(make_cfg(small_tree, "dali", "data.train_crop=32", f"run_dir={tmp_path / 'run'}",
+                                  "data.dali_build_ahead=false", batch=8), "train", 0, 2)  # fmt: skip
+    assert fresh.build_ahead is False
     fresh.set_epoch(1)
     for (x, y), (fx, fy) in zip(batches + rest, list(fresh), strict=True):
         assert torch.equal(x, fx) and torch.equal(y, fy)
+    assert fresh._ahead is None  # data.dali_build_ahead=false: a whole pass, nothing built ahead
     assert fresh.set_epoch(1, start_batch=3, state=state) is None  # today's state: exact
     assert all(torch.equal(x, rx) for (x, _), (rx, _) in zip(list(fresh), rest, strict=True))
     old = {k: v for k, v in state.items() if k != "reader"}

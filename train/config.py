@@ -54,6 +54,9 @@ class DataConfig:
     # nvJPEG preallocation hints of NVIDIA's older DALI example (~200 MiB of GPU and ~270 MiB of pinned memory per
     # decoder thread, per process); off as in NVIDIA's current example (data_pipeline/dali_backend.py)
     dali_nvjpeg_prealloc: bool = False
+    # DALI train: the next epoch's pipeline built in a thread from half of each epoch, so none is built at the
+    # boundary (data_pipeline/dali_backend.py); false builds it at the boundary (not yet run on a GPU: the switch)
+    dali_build_ahead: bool = True
     batch_size: int = 256  # global: summed over all processes (GPUs)
     workers: int = 8  # loader threads (DALI) or worker processes (torchvision) per process
     augment: str = "rrc"  # rrc: torchvision RandomResizedCrop | scale: the paper's rescale-to-S + random crop
