@@ -50,20 +50,22 @@ def epoch_shards(n: int, world_size: int, seed: int, epoch: int) -> list[list[in
     """Per-rank index lists of one training epoch, identical to what
     ``DistributedSampler(shuffle=True, drop_last=True, seed=seed)`` gives each rank after ``set_epoch(epoch)``
     (one ``torch.randperm`` seeded with ``seed + epoch``, cut to a multiple of ``world_size``, strided)."""
+    perm, total = _epoch_perm(n, world_size, seed, epoch)
+    return [perm[r:total:world_size].tolist() for r in range(world_size)]
+
+
+def _epoch_perm(n: int, world_size: int, seed: int, epoch: int) -> tuple[torch.Tensor, int]:
+    """DistributedSampler's permutation for (seed, epoch) and the samples it keeps (a multiple of world_size)."""
     g = torch.Generator()
     g.manual_seed(seed + epoch)
-    total = (n // world_size) * world_size
-    perm = torch.randperm(n, generator=g)[:total]
-    return [perm[r:total:world_size].tolist() for r in range(world_size)]
+    return torch.randperm(n, generator=g), (n // world_size) * world_size
 
 
 def epoch_shard(n: int, world_size: int, seed: int, epoch: int, rank: int) -> np.ndarray:
     """``epoch_shards(n, world_size, seed, epoch)[rank]`` as an int64 array, without the other ranks' lists
     (N // W Python ints, not N)."""
-    g = torch.Generator()
-    g.manual_seed(seed + epoch)
-    total = (n // world_size) * world_size
-    return torch.randperm(n, generator=g)[rank:total:world_size].numpy()
+    perm, total = _epoch_perm(n, world_size, seed, epoch)
+    return perm[rank:total:world_size].numpy()
 
 
 # ---------------------------------------------------------------------------------------------- the API

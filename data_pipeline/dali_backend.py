@@ -83,7 +83,7 @@ from nvidia.dali import math as dmath
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from data_pipeline.base import CHECK_HINT, Loader, decode_error_reason, epoch_shard, val_shard
-from data_pipeline.layout import DataError, SampleTable
+from data_pipeline.layout import DataError
 from data_pipeline.shard_reader import SHARD_CHECK_HINT, ShardFiles, ShardIndex, parse_labels
 from data_pipeline.transforms import TransformSpec, load_rgb, open_rgb
 
@@ -472,10 +472,7 @@ class DaliLoader(Loader):
             if not restore:
                 order = order[skip:]
                 skip = 0
-        if isinstance(table, SampleTable):
-            files, labels = [table.path(i) for i in order.tolist()], table.labels[order].tolist()
-        else:  # a list of (path, label) pairs
-            files, labels = [table[i][0] for i in order.tolist()], [table[i][1] for i in order.tolist()]
+        files, labels = [table.path(i) for i in order.tolist()], table.labels[order].tolist()
         return files, labels, files[skip:]
 
     def _seed(self, epoch: int, start: int, restore: bool) -> int:

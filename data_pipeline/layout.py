@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from train.files import atomic_write_text, atomically
+
 log = logging.getLogger(__name__)
 
 
@@ -201,17 +203,22 @@ class SampleTable:
         self.files: dict[str, str] | None = None  # the .npy files it was opened from (None: built in memory)
 
     @classmethod
-    def open(cls, prefix: str, files: dict[str, str]) -> SampleTable:
-        """The table written to ``files`` (``{"blob", "ends", "labels"}`` → .npy paths), memory-mapped."""
+    def from_arrays(
+        cls, prefix: str, arrays: dict[str, np.ndarray], files: dict[str, str] | None = None
+    ) -> SampleTable:
+        """The table of ``arrays`` (``arrays()``'s), mapped from ``files`` (the same keys → .npy paths) if given."""
         table = cls.__new__(cls)
         table.prefix = prefix
-        table.blob, table.ends, table.labels = (
-            np.load(files[k], mmap_mode="r") for k in ("blob", "ends", "labels")
-        )
+        table.blob, table.ends, table.labels = (arrays[k] for k in ("blob", "ends", "labels"))
         if len(table.ends) != len(table.labels):
-            raise ValueError(f"{files['ends']}: {len(table.ends)} ends for {len(table.labels)} labels")
-        table.files = dict(files)
+            raise ValueError(f"{prefix}: {len(table.ends)} path ends for {len(table.labels)} labels")
+        table.files = dict(files) if files else None
         return table
+
+    @classmethod
+    def open(cls, prefix: str, files: dict[str, str]) -> SampleTable:
+        """The table written to ``files`` (``{"blob", "ends", "labels"}`` → .npy paths), memory-mapped."""
+        return cls.from_arrays(prefix, {k: np.load(f, mmap_mode="r") for k, f in files.items()}, files)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"blob": self.blob, "ends": self.ends, "labels": self.labels}
@@ -250,11 +257,14 @@ LOCK_WAIT_S = (
 _POLL_S = 0.05
 
 
-def _write_atomic(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-    os.replace(tmp, path)
+def _save_npy(path: str, a: np.ndarray) -> None:
+    """``a`` as a .npy file at ``path``, atomically (``train.files.atomically``)."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a temporary name
+            np.save(f, a, allow_pickle=False)
+
+    atomically(path, save)
 
 
 def _lock_stale(lock: str) -> bool:
@@ -319,7 +329,7 @@ def cached_arrays(
             try:
                 arrays, meta = build()
             except DataError as e:
-                _write_text(error, json.dumps({"message": str(e)}))
+                atomic_write_text(error, json.dumps({"message": str(e)}))
                 raise
             return _write_cached(folder, name, meta_path, arrays, meta)
         finally:
@@ -344,10 +354,6 @@ def _wait_for_build(lock: str, error: str) -> bool:
     if failed:  # the builder we waited for failed: the same error here
         raise DataError(failed)
     return True
-
-
-def _write_text(path: str, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text), "w")
 
 
 def _build_error(path: str, since: float) -> str | None:
@@ -381,9 +387,9 @@ def _write_cached(
         token = f"{os.getpid()}{time.time_ns()}"
         files = {k: f"{name}-{token}-{k}.npy" for k in arrays}
         for k, a in arrays.items():
-            _write_atomic(os.path.join(folder, files[k]), lambda f, a=a: np.save(f, a, allow_pickle=False))
+            _save_npy(os.path.join(folder, files[k]), a)
         meta = {**meta, "arrays": files}
-        _write_text(meta_path, json.dumps(meta))
+        atomic_write_text(meta_path, json.dumps(meta))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, f"{name}.error"))
         for old in os.listdir(
@@ -413,8 +419,10 @@ def file_table(root: str | Path, split: str, cache: str | os.PathLike | None = N
     listed here, not shared."""
     folder = str(Path(root) / split)
 
-    def current_classes() -> list[str]:
-        return sorted(e.name for e in os.scandir(folder) if e.is_dir())  # torchvision's find_classes
+    def current_classes() -> list[str]:  # ImageFolder's class folders (FileNotFoundError for none: rebuilt)
+        from torchvision.datasets.folder import find_classes
+
+        return find_classes(folder)[0]
 
     def valid(meta: dict[str, Any]) -> bool:
         if meta.get("folder") != folder or meta.get("classes") != current_classes():
@@ -434,15 +442,8 @@ def file_table(root: str | Path, split: str, cache: str | os.PathLike | None = N
         return table.arrays(), meta
 
     arrays, meta = cached_arrays(cache, f"{split}-folder", valid, build)
-    table = SampleTable.__new__(SampleTable)
-    table.prefix, table.blob, table.ends, table.labels = (
-        meta["prefix"],
-        arrays["blob"],
-        arrays["ends"],
-        arrays["labels"],
-    )
     files = meta.get("arrays")
-    table.files = (
-        {k: os.path.join(os.fspath(cache), f) for k, f in files.items()} if files and cache else None
+    mapped = {k: os.path.join(os.fspath(cache), f) for k, f in files.items()} if files and cache else None
+    return SplitIndex(
+        Path(folder), list(meta["classes"]), SampleTable.from_arrays(meta["prefix"], arrays, mapped)
     )
-    return SplitIndex(Path(folder), list(meta["classes"]), table)

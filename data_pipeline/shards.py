@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from data_pipeline.layout import DataError, index_split
+from train.files import atomic_write_text
 
 __all__ = ["FORMAT_VERSION", "PackError", "PackSummary", "default_workers", "pack", "parse_size"]
 
@@ -217,7 +218,7 @@ def _pack_shard(folder: Path, i: int, shard: Sequence[_Sample]) -> dict[str, Any
     name, idx_name = f"shard-{i:06d}.tar", f"shard-{i:06d}.idx"
     tmp = folder / f".{name}.tmp"
     sha = _write_shard(shard, tmp)
-    _write_atomic(folder / idx_name, _index_text(shard))
+    atomic_write_text(folder / idx_name, _index_text(shard))
     os.replace(tmp, folder / name)
     st = (folder / name).stat()
     return {
@@ -237,12 +238,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -267,7 +262,7 @@ def _record(
     entry["shards"] = [recorded[i] for i in sorted(recorded)]
     entry["bytes"] = sum(r["bytes"] for r in entry["shards"])
     entry["complete"] = len(recorded) == planned
-    _write_atomic(mpath, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(mpath, json.dumps(manifest, indent=1) + "\n")
 
 
 def _load_manifest(out: Path) -> dict[str, Any] | None:
@@ -428,7 +423,7 @@ def pack(
                         file=stream,
                         flush=True,
                     )
-                    _write_atomic(idx, text)
+                    atomic_write_text(idx, text)
                 recorded[i] = rec
                 summary.skipped[split] += 1
                 summary.trusted[split] += trusted
