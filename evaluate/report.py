@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluate.reference import PAPER_CONFIG, TORCHVISION
+from train.files import read_json_lines
 from train.report import best_epoch, format_duration, plot_runs
 
 log = logging.getLogger("evaluate")
@@ -144,19 +145,6 @@ def _checkpoint_epoch(path: Path) -> int | None:
     except Exception:
         return None
     return epoch if isinstance(epoch, int) else None
-
-
-def _records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 def _slurm_jobs(run: Path) -> list[tuple[str, str, str]]:
@@ -365,7 +353,7 @@ def build_row(
 
     cfg = _load_config(run)
     arch, recipe = _arch_recipe(run, cfg)
-    curve = _records(run / "metrics.jsonl")
+    curve = read_json_lines(run / "metrics.jsonl")
     last_epoch = _checkpoint_epoch(run / "last.pth")
     epochs_done = last_epoch if last_epoch is not None else (curve[-1]["epoch"] if curve else 0)
     state, progress = _state(run, cfg, epochs_done, last_epoch)

@@ -36,11 +36,10 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import submitit
+
+from train.files import atomic_write_text
 
 PREFLIGHT_DIR = "preflight"  # <run_dir>/preflight: this job's folder, outputs and node files
 PREFLIGHT_TIME_MIN = 30  # the preflight job's own time limit (at most the run's --time)
@@ -141,8 +142,6 @@ def builds(backend: str) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
     }
     if torch.cuda.is_available():
-        driver = torch._C._cuda_getDriverVersion()  # e.g. 12040
-        out["driver_cuda"] = f"{driver // 1000}.{driver % 1000 // 10}"
         with contextlib.suppress(Exception):
             v = torch.cuda.nccl.version()  # (2, 21, 5); an int (2708) in older torch
             out["nccl"] = (
@@ -257,9 +256,7 @@ def check_shared_folder(folder: Path, job_id: str, node: int, is_node_main: bool
     if is_node_main:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = mine.with_suffix(".tmp")
-            tmp.write_text(f"{socket.gethostname()} {token}\n")
-            os.replace(tmp, mine)
+            atomic_write_text(mine, f"{socket.gethostname()} {token}\n")
         except OSError as e:
             problems.append(f"{socket.gethostname()} cannot write {mine}: {e.strerror or e}")
     tokens = distributed.all_gather_object((node, token) if is_node_main else None)
@@ -384,7 +381,6 @@ class Checks:
             report["weights"] = {"skipped": "the data check failed"}
         if not info.is_main:
             return {"rank": info.rank}
-        report["startup_s"] = report.get("training", {}).get("startup_s")
         report["projection"] = project(cfg, report, info.world_size)
         report["problems"] = problems(cfg, report)
         report["verdict"] = verdict(report["problems"])
@@ -473,10 +469,9 @@ class Checks:
 
     def training(self, train_loader: Any, val_loader: Any) -> dict[str, Any]:
         import torch
-        from torch.nn.parallel import DistributedDataParallel
 
         from train import distributed
-        from train.engine import autocast, set_backend_flags, train_step
+        from train.engine import autocast, set_backend_flags, train_step, wrap_for_training
         from train.models import build_model_from_config
         from train.optim import build_optimizer
         from train.report import max_memory_gb
@@ -490,12 +485,8 @@ class Checks:
         )
         optimizer = build_optimizer(cfg, model)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-        ddp = (
-            DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-            if info.distributed
-            else model
-        )
-        forward = torch.compile(ddp) if cfg.train.compile else ddp
+        # the trainer's own wrapping: DDP, dist.grad_compression's hook, torch.compile
+        _, forward = wrap_for_training(cfg, model, device, info.distributed, logging.getLogger(__name__))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         startup_s = self.age_s + time.perf_counter() - self.started
@@ -633,16 +624,16 @@ def _one_line(e: BaseException) -> str:
 
 def partition_limit_min(partition: str | None) -> int | None:
     """The partition's time limit in minutes (``sinfo -h -o %l``), or None: unlimited, or SLURM cannot say."""
+    from slurm.resources import SINFO_TIMEOUT_S, SinfoUnavailable, run_sinfo
     from slurm.submit import LaunchError, parse_time_min
 
     part = partition or os.environ.get("SLURM_JOB_PARTITION")
-    if not part or shutil.which("sinfo") is None:
+    if not part:
         return None
     try:
-        text = subprocess.run(["sinfo", "-h", "-p", part, "-o", "%l"], capture_output=True, text=True,
-                              timeout=30).stdout.split()  # fmt: skip
+        text = run_sinfo(["sinfo", "-h", "-p", part, "-o", "%l"], SINFO_TIMEOUT_S).split()
         return parse_time_min(text[0]) if text and text[0] not in ("infinite", "n/a") else None
-    except (OSError, subprocess.SubprocessError, LaunchError):
+    except (SinfoUnavailable, LaunchError):
         return None
 
 
@@ -798,7 +789,6 @@ def _hours(seconds: float) -> str:
 
 def write_report(folder: Path, r: dict[str, Any]) -> dict[str, Any]:
     """preflight.json and preflight.md in ``folder``; returns what the launcher prints."""
-    from train.files import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "preflight.json", folder / "preflight.md"
@@ -915,7 +905,6 @@ def markdown(r: dict[str, Any]) -> str:
         dali = f"DALI {b['dali']} ({b['dali_cuda']})" if b.get("dali") else f"DALI {b.get('dali_missing')}"
         lines.append(
             f"- {', '.join(hosts)}: {b['driver']}"
-            + (f", driver CUDA {b['driver_cuda']}" if b.get("driver_cuda") else "")
             + f"; torch {b['torch']} (CUDA {b['torch_cuda'] or 'none: CPU build'}, cuDNN {b['cudnn'] or 'n/a'}, "
             f"NCCL {b['nccl'] or 'n/a'}); torchvision {b['torchvision']}; {dali}; Python {b['python']}"
         )

@@ -51,9 +51,7 @@ __all__ = [
     "SinfoUnavailable",
     "fit",
     "format_mb",
-    "parse_cpus",
     "parse_gres_gpus",
-    "parse_mem_mb",
     "parse_sinfo",
     "plan_resources",
     "read_nodes",
@@ -86,9 +84,6 @@ class Node:
     def usable(self) -> bool:
         return not any(self.state.startswith(s) for s in UNUSABLE_STATES)
 
-    def shape(self) -> str:
-        return f"{self.cpus} CPUs, {format_mb(self.mem_mb)}, {self.gpus} GPUs"
-
 
 @dataclass(frozen=True)
 class Resources:
@@ -105,13 +100,9 @@ class Resources:
 # ------------------------------------------------------------------------------------------------ parsing
 
 
-def parse_cpus(text: str) -> int:
-    """sinfo's ``%c``: ``64``; an aggregate over nodes of different sizes reads ``64+`` (the smallest)."""
-    return int(text.strip().rstrip("+"))
-
-
-def parse_mem_mb(text: str) -> int:
-    """sinfo's ``%m`` (MB): ``515000``, ``515000+`` (aggregate: the smallest)."""
+def _smallest(text: str) -> int:
+    """sinfo's ``%c`` (CPUs) or ``%m`` (MB): ``64``; an aggregate over nodes of different sizes reads ``64+``
+    (the smallest)."""
     return int(text.strip().rstrip("+"))
 
 
@@ -166,8 +157,8 @@ def parse_sinfo(text: str) -> list[Node]:
                 Node(
                     name=name,
                     partition=partition.rstrip("*"),
-                    cpus=parse_cpus(cpus),
-                    mem_mb=parse_mem_mb(mem),
+                    cpus=_smallest(cpus),
+                    mem_mb=_smallest(mem),
                     gpus=parse_gres_gpus(gres),
                     state=state.lower().rstrip("*~#!%$@^-+"),
                     features=tuple(f for f in features.split(",") if f and f != "(null)"),
@@ -183,10 +174,16 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", re.IGNORECASE)
 _MB_PER_UNIT = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}  # SLURM: no unit means MB
 
 
-def size_mb(text: str) -> int | None:
-    """``64G``, ``500M``, ``1.5T``, ``4096`` (MB) → MB, rounded up; None when it is not a size."""
+def size_mb_exact(text: str) -> float | None:
+    """``64G``, ``500M``, ``1.5T``, ``4096`` (MB) → MB; None when it is not a size."""
     m = _SIZE.fullmatch(text)
-    return math.ceil(float(m[1]) * _MB_PER_UNIT[m[2].upper()]) if m else None
+    return float(m[1]) * _MB_PER_UNIT[m[2].upper()] if m else None
+
+
+def size_mb(text: str) -> int | None:
+    """``size_mb_exact`` rounded up to whole MB."""
+    mb = size_mb_exact(text)
+    return math.ceil(mb) if mb is not None else None
 
 
 def format_mb(mb: int) -> str:
@@ -213,7 +210,7 @@ def read_nodes(partition: str | None, timeout_s: float = SINFO_TIMEOUT_S) -> lis
 
     ResourceError when a partition does not exist or has no nodes; SinfoUnavailable when sinfo cannot answer."""
     cmd = ["sinfo", "-N", "-h", "-o", SINFO_FORMAT, *(["-p", partition] if partition else [])]
-    nodes = parse_sinfo(_sinfo(cmd, timeout_s))
+    nodes = parse_sinfo(run_sinfo(cmd, timeout_s))
     if partition:
         names = [p.strip() for p in partition.split(",") if p.strip()]
     else:
@@ -226,7 +223,7 @@ def read_nodes(partition: str | None, timeout_s: float = SINFO_TIMEOUT_S) -> lis
             found[n.partition].setdefault(n.name, n)
     empty = [name for name in names if not found[name]]
     if empty:
-        lines = _sinfo(["sinfo", "-h", "-o", "%P"], timeout_s).split()
+        lines = run_sinfo(["sinfo", "-h", "-o", "%P"], timeout_s).split()
         known = list(dict.fromkeys(p.strip() for p in lines if p.strip()))
         for name in empty:
             if name not in {k.rstrip("*") for k in known}:
@@ -242,7 +239,8 @@ def read_nodes(partition: str | None, timeout_s: float = SINFO_TIMEOUT_S) -> lis
     return [(name, list(found[name].values())) for name in names]
 
 
-def _sinfo(cmd: list[str], timeout_s: float) -> str:
+def run_sinfo(cmd: list[str], timeout_s: float) -> str:
+    """sinfo's output; ``SinfoUnavailable`` (one line) when it is missing, slow or fails."""
     if shutil.which(cmd[0]) is None:
         raise SinfoUnavailable("sinfo not found on PATH")
     try:

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.files import atomic_write_text
+from train.files import atomic_write_text, read_json_lines
 
 RETRIES = "retries.jsonl"
 FAULTS = "faults"
@@ -72,15 +72,7 @@ def read_faults(run_dir: str | os.PathLike[str], job_id: str, restart: int) -> l
 
 def read_retries(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The rows of ``<run_dir>/retries.jsonl`` (a torn last line is skipped)."""
-    path = Path(run_dir) / RETRIES
-    rows = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
+    return read_json_lines(Path(run_dir) / RETRIES)
 
 
 def _scontrol_job(job_id: str) -> dict[str, str]:

@@ -140,17 +140,14 @@ def parse_time_min(text: str) -> int:
     return minutes
 
 
-_MEM = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", re.IGNORECASE)
-_MB_PER_UNIT = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}  # SLURM: no unit means MB
-
-
 def memory_per_node(per_gpu: str, tasks_per_node: int) -> str:
     """``launch.mem_per_gpu`` (``64G``, ``500M``) × tasks per node, as sbatch's ``--mem`` (per node)."""
-    m = _MEM.fullmatch(per_gpu)
-    if not m:
+    from slurm.resources import format_mb, size_mb_exact
+
+    mb = size_mb_exact(per_gpu)
+    if mb is None:
         raise LaunchError(f"launch.mem_per_gpu={per_gpu!r} is not a size like 64G or 500M")
-    mb = math.ceil(float(m.group(1)) * _MB_PER_UNIT[m.group(2).upper()] * tasks_per_node)
-    return f"{mb // 1024}G" if mb % 1024 == 0 else f"{mb}M"
+    return format_mb(math.ceil(mb * tasks_per_node))
 
 
 def node_local_storage(path: str | Path) -> str | None:
@@ -258,18 +255,19 @@ def make_plan(cfg: Config, given: Collection[str] = (), force: bool = False) -> 
     cfg = replace(cfg, launch=replace(la, cpus_per_gpu=res.cpus_per_gpu, mem_per_gpu=res.mem_per_gpu))
     notes.extend(res.notes)
     warnings.extend(res.warnings)
+    mem = memory_per_node(res.mem_per_gpu, tasks)
     return Plan(
         cfg=cfg,
         nodes=nodes,
         tasks_per_node=tasks,
         timeout_min=timeout_min,
-        mem=memory_per_node(res.mem_per_gpu, tasks),
+        mem=mem,
         folder=Path(cfg.run_dir) / "slurm" / "%j",
         notes=tuple(notes),
         warnings=tuple(warnings),
         resources=(
             f"cpus per task: {res.cpus_per_gpu} ({res.cpus_source})",
-            f"memory: {res.mem_per_gpu} per GPU, {memory_per_node(res.mem_per_gpu, tasks)} per node ({res.mem_source})",
+            f"memory: {res.mem_per_gpu} per GPU, {mem} per node ({res.mem_source})",
         ),
     )
 

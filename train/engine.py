@@ -175,6 +175,24 @@ class _Ticking:
             yield batch
 
 
+def wrap_for_training(
+    cfg: Config, model: nn.Module, device: torch.device, distributed: bool, log: Any
+) -> tuple:
+    """(ddp, forward) of ``model`` for a training step: DDP when ``distributed``, with ``dist.grad_compression``'s
+    hook, and ``torch.compile`` when ``train.compile``; what the trainer and the preflight's timed steps run."""
+    ddp = (
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if distributed
+        else model
+    )
+    compression = cfg.dist.grad_compression
+    if compression != "none" and distributed:
+        log.info("%s", register_grad_compression(ddp, compression, device))
+    elif compression != "none":
+        log.info("dist.grad_compression=%s has no effect: one process, no DDP all-reduce", compression)
+    return ddp, torch.compile(ddp) if cfg.train.compile else ddp
+
+
 class Trainer:
     """One training run on this process (one of world_size)."""
 
@@ -231,19 +249,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, model)
         self.schedule = Schedule(cfg, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
-        self.ddp = (
-            DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            if dist_info.distributed
-            else model
-        )
-        compression = cfg.dist.grad_compression
-        if compression != "none" and dist_info.distributed:
-            self.log.info("%s", register_grad_compression(self.ddp, compression, self.device))
-        elif compression != "none":
-            self.log.info(
-                "dist.grad_compression=%s has no effect: one process, no DDP all-reduce", compression
-            )
-        self.forward = torch.compile(self.ddp) if cfg.train.compile else self.ddp
+        self.ddp, self.forward = wrap_for_training(cfg, model, self.device, dist_info.distributed, self.log)
         rank, world = dist_info.rank, dist_info.world_size
         self.train_loader = build_loader(cfg, "train", rank=rank, world_size=world, device=self.device)
         self.val_loader = build_loader(cfg, "val", rank=rank, world_size=world, device=self.device)
