@@ -78,7 +78,8 @@ def test_loader_throughput_smoke(tmp_path):
             if split == "train" and name == "dali-cpu":
                 # a pipeline per epoch, each opening every tar once: epoch 1's, then epoch 2's and 3's, each built
                 # ahead by a thread from half of the epoch before, so their opens land in that window or the next
-                assert one["distinct_files"] == two["distinct_files"] == shards[split]
+                # (epoch 3's may come after the second window: then it holds none)
+                assert one["distinct_files"] == shards[split] and two["distinct_files"] in (0, shards[split])
                 assert one["files"] % shards[split] == two["files"] % shards[split] == 0
                 assert 2 * shards[split] <= one["files"] + two["files"] <= 3 * shards[split], (one, two)
             else:
